@@ -1,0 +1,136 @@
+"""Global budgets and the numeric Problem that every searcher solves.
+
+A budget bounds one cost summed over layers: ``sparsity=0.5`` keeps at most half of the
+compressible weights, ``bits=3.5`` stores them in at most 3.5 bits per weight on average
+(scales and metadata included), ``bytes=5e7`` bounds their storage. Searchers see only the
+:class:`Problem`: cost and error matrices over (decision unit x level) and a limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from allocator.errors import AllocatorError
+from allocator.levels import Level
+from allocator.model import Inventory, Layer
+
+_KINDS = ("sparsity", "bits", "bytes")
+_REL_TOL = 1e-12  # float slack when comparing an exact integer cost to a float limit
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A global budget: ``kind`` in sparsity | bits | bytes and its target value."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse ``"sparsity=0.5"``, ``"bits=3.5"`` or ``"bytes=5e7"``."""
+        kind, sep, raw = text.partition("=")
+        kind = kind.strip().lower()
+        if not sep or kind not in _KINDS:
+            raise AllocatorError(f"unknown budget {text!r}: write KIND=VALUE with KIND one of {', '.join(_KINDS)}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise AllocatorError(f"budget {text!r}: {raw!r} is not a number") from None
+        return cls(kind, value).checked()
+
+    def checked(self) -> Budget:
+        """Return self if the value is in range for its kind, else raise naming the range."""
+        if self.kind == "sparsity" and not 0 <= self.value < 1:
+            raise AllocatorError(f"target sparsity must be in [0, 1), got {self.value}: e.g. --target sparsity=0.5")
+        if self.kind in ("bits", "bytes") and not self.value > 0:
+            raise AllocatorError(f"target {self.kind} must be > 0, got {self.value}")
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+    def cost(self, level: Level, layer: Layer) -> float:
+        """The budgeted cost of one layer at one level (kept weights, storage bits or bytes)."""
+        if self.kind == "sparsity":
+            return level.kept_params(layer.rows, layer.cols)
+        bits = level.storage_bits(layer.rows, layer.cols)
+        return bits if self.kind == "bits" else bits / 8
+
+    def limit(self, inventory: Inventory) -> float:
+        """The largest total cost allowed for this model."""
+        if self.kind == "sparsity":
+            return (1 - self.value) * inventory.params
+        if self.kind == "bits":
+            return self.value * inventory.params
+        return self.value
+
+    def achieved_value(self, stats: dict[str, float]) -> float:
+        """The budget's quantity read from :func:`summarize`'s output."""
+        return stats[self.kind]
+
+
+def summarize(assignment: dict[str, Level], inventory: Inventory) -> dict[str, float]:
+    """Exact achieved sparsity, average bits and bytes of an assignment (every budget kind)."""
+    kept = sum(assignment[lay.name].kept_params(lay.rows, lay.cols) for lay in inventory.layers)
+    bits = sum(assignment[lay.name].storage_bits(lay.rows, lay.cols) for lay in inventory.layers)
+    return {
+        "params": inventory.params,
+        "kept_params": kept,
+        "sparsity": 1 - kept / inventory.params,
+        "bits": bits / inventory.params,
+        "bytes": bits / 8,
+    }
+
+
+@dataclass
+class Problem:
+    """What a searcher sees: pick one level per unit so that the summed cost stays under ``limit``.
+
+    A unit is one layer, or one tie group whose layers share a level. ``cost[u, k]`` is +inf
+    where level k cannot compress unit u. ``error`` (profiles) and ``fitness`` (the real model)
+    are optional: uniform needs neither.
+    """
+
+    units: list[tuple[str, ...]]
+    levels: list[Level]
+    cost: np.ndarray  # [U, K]
+    limit: float
+    error: np.ndarray | None = None  # [U, K]
+    fitness: Callable[[np.ndarray], float] | None = None
+
+    def total_cost(self, choice: np.ndarray) -> float:
+        """Summed cost of a choice (one level index per unit)."""
+        return float(self.cost[np.arange(len(self.units)), choice].sum())
+
+    def feasible(self, choice: np.ndarray) -> bool:
+        """True when the choice keeps the budget."""
+        return self.total_cost(choice) <= self.limit * (1 + _REL_TOL) + 1e-9
+
+    def assignment(self, choice: np.ndarray) -> dict[str, Level]:
+        """Expand a unit choice to one level per layer."""
+        return {name: self.levels[k] for unit, k in zip(self.units, choice, strict=True) for name in unit}
+
+
+def build_problem(inventory: Inventory, levels: list[Level], budget: Budget, per: str = "layer") -> Problem:
+    """The cost matrix of every unit at every level under ``budget``.
+
+    ``per="tie-group"`` makes q/k/v and gate/up of a block one unit each, as vLLM requires.
+    """
+    if per not in ("layer", "tie-group"):
+        raise AllocatorError(f"--per must be 'layer' or 'tie-group', got {per!r}")
+    units = [(lay.name,) for lay in inventory.layers] if per == "layer" else list(inventory.groups)
+    cost = np.zeros((len(units), len(levels)))
+    for u, unit in enumerate(units):
+        for k, level in enumerate(levels):
+            layers = [inventory[name] for name in unit]
+            if any(level.applies_to(lay.rows, lay.cols) for lay in layers):
+                cost[u, k] = np.inf
+            else:
+                cost[u, k] = sum(budget.cost(level, lay) for lay in layers)
+    if np.isinf(cost).all(axis=1).any():
+        bad = [unit[0] for unit, row in zip(units, cost, strict=True) if np.isinf(row).all()]
+        raise AllocatorError(f"no level of the grid applies to {bad}: add a level such as 'dense' to the grid")
+    return Problem(units, list(levels), cost, budget.limit(inventory))

@@ -1,0 +1,130 @@
+"""Calibration and evaluation text, cut into fixed-length token sequences.
+
+A text source is a local ``.txt`` file (one record per line), a folder of ``.txt`` files, a
+``.parquet`` file (its ``text`` column), or a ``datasets`` name written ``NAME[:CONFIG][@SPLIT]``
+(``wikitext:wikitext-2-raw-v1@test``, ``allenai/c4@validation``).
+
+Calibration samples random windows from single documents with a seed (the GPTQ/SparseGPT/Wanda
+recipe); evaluation joins the records with ``"\\n\\n"`` and cuts consecutive windows (the usual
+WikiText-2 perplexity protocol).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from allocator.errors import AllocatorError
+
+_TEXT_COLUMN = "text"
+
+
+def shared_data_dir() -> Path:
+    """The offline data folder: ``$ALLOCATOR_DATA`` or ``../shared/data`` beside the project root."""
+    env = os.environ.get("ALLOCATOR_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def default_calibration() -> str:
+    """The C4 validation sample, as the papers calibrate on C4."""
+    return str(shared_data_dir() / "c4" / "validation-2k.parquet")
+
+
+def default_evaluation() -> str:
+    """The WikiText-2 raw test split, as the papers evaluate on it."""
+    return str(shared_data_dir() / "wikitext-2-raw" / "test.txt")
+
+
+def load_records(source: str) -> list[str]:
+    """Read the non-empty text records of a file, folder, Parquet file or ``datasets`` name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise AllocatorError(f"text folder {source!r} holds no .txt file: add some or pass a file")
+        records = [line for f in files for line in _read_lines(f)]
+    elif path.is_file():
+        records = _read_parquet(path) if path.suffix == ".parquet" else _read_lines(path)
+    elif path.suffix in (".txt", ".parquet") or source.startswith((".", "/", "~")):
+        raise AllocatorError(f"data file {source!r} does not exist: pass an existing file, folder or datasets name")
+    else:
+        records = _read_dataset(source)
+    records = [r for r in records if r.strip()]
+    if not records:
+        raise AllocatorError(f"text source {source!r} is empty: pass a source with some text")
+    return records
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if _TEXT_COLUMN not in table.column_names:
+        raise AllocatorError(f"Parquet file {path} has no {_TEXT_COLUMN!r} column (columns: {table.column_names})")
+    return [str(t) for t in table.column(_TEXT_COLUMN).to_pylist() if t is not None]
+
+
+def _read_dataset(spec: str) -> list[str]:
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:  # datasets raises many types for unreachable or unknown names
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AllocatorError(
+            f"cannot load dataset {spec!r} ({first}): pass a local .txt/.parquet file or folder, "
+            "or a datasets name that is reachable (this machine may be offline)"
+        ) from exc
+    if _TEXT_COLUMN not in ds.column_names:
+        raise AllocatorError(f"dataset {spec!r} has no {_TEXT_COLUMN!r} column (columns: {ds.column_names})")
+    return list(ds[_TEXT_COLUMN])
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # No BOS: SmolLM2's "BOS" is a chat token; the perplexity protocol feeds raw text.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def evaluation_sequences(tokenizer, records: list[str], seq_len: int, n_samples: int | None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of the joined text: ``[n, seq_len]`` (None: all windows)."""
+    ids = _encode(tokenizer, "\n\n".join(records))
+    available = len(ids) // seq_len
+    n = available if n_samples is None else n_samples
+    if n < 1 or n > available:
+        raise AllocatorError(
+            f"evaluation text has {len(ids)} tokens = {available} windows of {seq_len}; "
+            f"asked for {n_samples}: ask for at most {available} samples or a shorter --seq-len"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def calibration_sequences(tokenizer, records: list[str], seq_len: int, n_samples: int, seed: int) -> torch.Tensor:
+    """Random windows of ``seq_len`` tokens, each inside one document longer than the window.
+
+    Documents are drawn with a seeded generator, so the same seed gives the same tokens.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    samples: list[torch.Tensor] = []
+    tries = 0
+    while len(samples) < n_samples:
+        tries += 1
+        if tries > 200 * n_samples + 1000:
+            raise AllocatorError(
+                f"found only {len(samples)} of {n_samples} calibration documents longer than "
+                f"{seq_len} tokens: lower --seq-len or use a source with longer documents"
+            )
+        doc = records[int(torch.randint(len(records), (1,), generator=gen))]
+        ids = _encode(tokenizer, doc)
+        if len(ids) <= seq_len:
+            continue
+        start = int(torch.randint(len(ids) - seq_len, (1,), generator=gen))
+        samples.append(torch.tensor(ids[start : start + seq_len], dtype=torch.long))
+    return torch.stack(samples)

@@ -1,0 +1,185 @@
+"""Compression levels and their exact costs.
+
+A level says how one linear layer is compressed: unstructured sparsity, an N:M pattern,
+a weight bit-width with a group size, a sparse+quantized combination, or dropped.
+Levels are frozen values with a short readable name (``"s0.5"``, ``"2:4"``, ``"w4g128"``,
+``"s0.5+w4g128"``, ``"drop"``) so that plans serialise to plain JSON.
+
+Costs are exact integers for a given ``(rows, cols)`` weight shape, so budgets in kept
+parameters, bytes or average bits are exact. The storage model (documented in
+``Level.storage_bits``) counts values, sparsity metadata, scales and zero points.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from allocator.errors import AllocatorError
+
+DENSE_BITS = 16  # dense weights are stored in bf16/fp16
+SCALE_BITS = 16  # one fp16 scale per quantization group and row
+
+
+@dataclass(frozen=True)
+class Level:
+    """One compression level of a linear layer.
+
+    ``sparsity`` is the unstructured fraction removed (per layer); ``n``/``m`` keep n of every m
+    consecutive input weights; ``bits``/``group_size``/``sym`` describe weight quantization
+    (``group_size=0`` means one scale per output row); ``drop`` removes the layer's output.
+    """
+
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+    bits: int = DENSE_BITS
+    group_size: int = 0
+    sym: bool = True
+    drop: bool = False
+
+    # ---- names -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The canonical short name, the inverse of :func:`parse_level`."""
+        if self.drop:
+            return "drop"
+        parts = []
+        if self.m:
+            parts.append(f"{self.n}:{self.m}")
+        elif self.sparsity > 0:
+            parts.append(f"s{_fmt(self.sparsity)}")
+        if self.quantized:
+            g = f"g{self.group_size}" if self.group_size else ""
+            parts.append(f"w{self.bits}{g}{'' if self.sym else 'a'}")
+        return "+".join(parts) or "dense"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def quantized(self) -> bool:
+        """True when weights are stored with fewer than 16 bits."""
+        return self.bits < DENSE_BITS
+
+    @property
+    def kind(self) -> str:
+        """The level type: dense, sparsity, nm, bits, sparse+bits or drop."""
+        if self.drop:
+            return "drop"
+        sparse = "nm" if self.m else ("sparsity" if self.sparsity > 0 else "")
+        if sparse and self.quantized:
+            return "sparse+bits"
+        return sparse or ("bits" if self.quantized else "dense")
+
+    # ---- costs -------------------------------------------------------------------------
+    def pruned_per_row(self, cols: int) -> int:
+        """Weights removed in each output row (rounded up, so a level never misses its target)."""
+        if self.drop:
+            return cols
+        if self.m:
+            return cols // self.m * (self.m - self.n)
+        return min(cols, math.ceil(self.sparsity * cols - 1e-9))
+
+    def kept_params(self, rows: int, cols: int) -> int:
+        """Non-zero weights left in a ``rows x cols`` layer."""
+        return rows * (cols - self.pruned_per_row(cols))
+
+    def storage_bits(self, rows: int, cols: int) -> int:
+        """Exact storage of the compressed layer in bits.
+
+        values: kept weights x bits; unstructured sparsity: a 1-bit mask per weight; N:M: a
+        ceil(log2 m)-bit index per kept weight (the cuSPARSELt 2:4 layout); quantization: one
+        fp16 scale per (row, group) and, when asymmetric, one ``bits``-bit zero point per group.
+        """
+        if self.drop:
+            return 0
+        kept = self.kept_params(rows, cols)
+        total = kept * self.bits
+        if self.m:
+            total += kept * math.ceil(math.log2(self.m))
+        elif self.sparsity > 0:
+            total += rows * cols
+        if self.quantized:
+            groups = rows * (math.ceil(cols / self.group_size) if self.group_size else 1)
+            total += groups * (SCALE_BITS + (0 if self.sym else self.bits))
+        return total
+
+    def storage_bytes(self, rows: int, cols: int) -> float:
+        """Storage in bytes (bits / 8; may be fractional for odd sizes)."""
+        return self.storage_bits(rows, cols) / 8
+
+    def applies_to(self, rows: int, cols: int) -> str | None:
+        """Why this level cannot compress a ``rows x cols`` layer, or None if it can."""
+        if self.m and cols % self.m:
+            return f"{self.name} needs input columns divisible by {self.m}, got {cols}"
+        if self.quantized and self.group_size and cols % self.group_size:
+            return f"{self.name} needs input columns divisible by {self.group_size}, got {cols}"
+        return None
+
+
+DENSE = Level()
+_SPARSE = re.compile(r"^s(?P<s>\d*\.?\d+)$")
+_NM = re.compile(r"^(?P<n>\d+):(?P<m>\d+)$")
+_BITS = re.compile(r"^w(?P<b>\d+)(?:g(?P<g>\d+))?(?P<a>a?)$")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}".rstrip("0").rstrip(".") if x else "0"
+
+
+def parse_level(text: str) -> Level:
+    """Parse a level name such as ``s0.5``, ``2:4``, ``w4g128``, ``w3a``, ``s0.5+w4g128``, ``drop``."""
+    name = text.strip().lower()
+    if name in ("dense", "s0", "s0.0"):
+        return DENSE
+    if name == "drop":
+        return Level(drop=True)
+    fields: dict = {}
+    for part in name.split("+"):
+        if mt := _SPARSE.match(part):
+            s = float(mt["s"])
+            if not 0 <= s < 1:
+                raise AllocatorError(f"level {text!r}: sparsity must be in [0, 1), got {s}")
+            fields["sparsity"] = round(s, 6)
+        elif mt := _NM.match(part):
+            n, m = int(mt["n"]), int(mt["m"])
+            if not 0 < n < m:
+                raise AllocatorError(f"level {text!r}: N:M needs 0 < N < M, got {n}:{m}")
+            fields.update(n=n, m=m, sparsity=round(1 - n / m, 6))
+        elif mt := _BITS.match(part):
+            b = int(mt["b"])
+            if not 2 <= b <= 8:
+                raise AllocatorError(f"level {text!r}: bits must be in 2..8, got {b}")
+            fields.update(bits=b, group_size=int(mt["g"] or 0), sym=not mt["a"])
+        else:
+            raise AllocatorError(
+                f"unknown level {text!r}: use s<fraction> (s0.5), N:M (2:4), w<bits>[g<group>][a] "
+                "(w4g128, w3a), a sparse+bits pair (s0.5+w4g128) or drop"
+            )
+    return Level(**fields)
+
+
+def parse_grid(text: str) -> list[Level]:
+    """Parse a comma-separated level grid; ``a:b:step`` ranges expand to sparsity levels.
+
+    ``"0:0.9:0.1"`` is unstructured sparsity 0%..90% in 10% steps; ``"dense,2:4,w4g128"`` lists levels.
+    """
+    levels: list[Level] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if item.count(":") == 2:
+            lo, hi, step = (float(x) for x in item.split(":"))
+            if step <= 0 or hi < lo:
+                raise AllocatorError(f"grid range {item!r}: need start <= stop and step > 0")
+            count = int(round((hi - lo) / step)) + 1
+            levels += [parse_level(f"s{lo + i * step:.6f}") for i in range(count)]
+        else:
+            levels.append(parse_level(item))
+    unique = list(dict.fromkeys(levels))
+    if not unique:
+        raise AllocatorError(f"empty level grid {text!r}: give at least one level, e.g. 0:0.9:0.1")
+    return unique
+
+
+DEFAULT_GRID = "0:0.9:0.1"

@@ -1,0 +1,154 @@
+"""The main job end to end: load, allocate under a budget, compress, evaluate, write the run folder."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from allocator import data
+from allocator.backends import apply_, check_backend
+from allocator.budget import Budget, build_problem
+from allocator.errors import AllocatorError
+from allocator.evaluate import kl_divergence, log_probs, perplexity
+from allocator.io import write_json_atomic
+from allocator.levels import DEFAULT_GRID, parse_grid
+from allocator.model import Inventory, load_model
+from allocator.plan import Plan
+from allocator.search import get_searcher
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunConfig:
+    """Every knob of one run; saved as ``config.json`` beside the plan."""
+
+    target: str = "sparsity=0.5"
+    method: str = "uniform"
+    backend: str = "magnitude"
+    model: str | None = None  # None: the embedded SmolLM2-135M
+    calib: str | None = None  # None: the C4 validation sample
+    eval: str | None = None  # None: the WikiText-2 raw test split
+    levels: str = DEFAULT_GRID
+    per: str = "layer"
+    seq_len: int = 512
+    calib_samples: int = 128
+    kl_samples: int = 8
+    eval_samples: int | None = 32  # None: the whole evaluation text
+    batch_size: int = 4
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    output_dir: str | None = None
+    plan: str | None = None  # a saved plan.json to apply instead of searching
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the plan and its metrics (also written to the output folder)."""
+
+    plan: Plan
+    metrics: dict = field(default_factory=dict)
+    output_dir: Path | None = None
+
+
+def run(config: RunConfig) -> RunResult:
+    """Allocate, compress and evaluate as ``config`` says; write plan.json, metrics.json, config.json.
+
+    Inputs are validated before any heavy work, and nothing is written unless the run succeeds.
+    """
+    budget = Budget.parse(config.target)
+    grid = parse_grid(config.levels)
+    searcher = None if config.plan else get_searcher(config.method)
+    saved = Plan.load(config.plan) if config.plan else None
+    check_backend(config.backend, saved.grid if saved else grid)
+    if config.dtype not in _DTYPES:
+        raise AllocatorError(f"unknown --dtype {config.dtype!r}: choose one of {', '.join(_DTYPES)}")
+    calib_records = data.load_records(config.calib or data.default_calibration())
+    eval_records = data.load_records(config.eval or data.default_evaluation())
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loaded = load_model(config.model, dtype=_DTYPES[config.dtype], device=config.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    timings["load_s"] = time.perf_counter() - t0
+
+    eval_seqs = data.evaluation_sequences(tokenizer, eval_records, config.seq_len, config.eval_samples)
+    # One seeded draw, split: the first windows calibrate the backend, the last measure KL.
+    windows = data.calibration_sequences(
+        tokenizer, calib_records, config.seq_len, config.calib_samples + config.kl_samples, config.seed
+    )
+    kl_seqs = windows[config.calib_samples :]
+
+    t0 = time.perf_counter()
+    dense_ppl = perplexity(model, eval_seqs, config.batch_size, desc="dense perplexity")
+    teacher = log_probs(model, kl_seqs, config.batch_size)
+    timings["dense_eval_s"] = time.perf_counter() - t0
+    log.info("dense perplexity %.3f", dense_ppl)
+
+    inventory = Inventory.from_model(model)
+    t0 = time.perf_counter()
+    if saved is not None:
+        saved.check_against(inventory)
+        assignment, budget, grid, method = saved.assignment, saved.budget, saved.grid, f"plan:{saved.method}"
+    else:
+        problem = build_problem(inventory, grid, budget, config.per)
+        assignment, method = problem.assignment(searcher.search(problem, config.seed)), config.method
+    timings["search_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    apply_(model, assignment, config.backend)
+    timings["compress_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ppl = perplexity(model, eval_seqs, config.batch_size, desc="compressed perplexity")
+    kl = kl_divergence(model, kl_seqs, teacher, config.batch_size)
+    timings["eval_s"] = time.perf_counter() - t0
+
+    plan = Plan.create(assignment, inventory, loaded.model_id, budget, grid, method, config.seed, config.per, timings)
+    metrics = {
+        "model": loaded.model_id,
+        "budget": str(budget),
+        "method": method,
+        "backend": config.backend,
+        "dense_perplexity": dense_ppl,
+        "perplexity": ppl,
+        "kl_to_dense": kl,
+        "achieved": plan.achieved,
+        "eval_tokens": int(eval_seqs.numel()),
+        "kl_tokens": int(kl_seqs.numel()),
+        "timings": timings,
+    }
+    out = Path(config.output_dir) if config.output_dir else None
+    if out is not None:
+        write_json_atomic(out / "config.json", {**asdict(config), "versions": _versions()})
+        plan.save(out / "plan.json")
+        write_json_atomic(out / "metrics.json", metrics)
+    return RunResult(plan, metrics, out)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import allocator
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        sha = ""
+    return {
+        "allocator": allocator.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git_sha": sha,
+    }

@@ -1,0 +1,159 @@
+"""The Plan: one level per layer under a budget, the currency every part of allocator exchanges.
+
+Saved as versioned JSON. Loading checks the schema, and ``check_against`` refuses a plan made
+for another model (fingerprint), one naming unknown layers or levels outside its grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from allocator.budget import Budget, summarize
+from allocator.errors import AllocatorError
+from allocator.io import write_json_atomic
+from allocator.levels import Level, parse_level
+from allocator.model import Inventory
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """One level per layer, with what made it: model fingerprint, budget, grid, method, seed, timings."""
+
+    assignment: dict[str, Level]
+    model_id: str
+    fingerprint: str
+    shapes: dict[str, list[int]]
+    budget: Budget
+    grid: list[Level]
+    method: str
+    seed: int
+    per: str = "layer"
+    achieved: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        assignment: dict[str, Level],
+        inventory: Inventory,
+        model_id: str,
+        budget: Budget,
+        grid: list[Level],
+        method: str,
+        seed: int,
+        per: str = "layer",
+        timings: dict[str, float] | None = None,
+    ) -> Plan:
+        """Build a plan and record what it achieves exactly."""
+        plan = cls(
+            assignment=dict(assignment),
+            model_id=model_id,
+            fingerprint=inventory.fingerprint,
+            shapes=inventory.shapes,
+            budget=budget,
+            grid=list(grid),
+            method=method,
+            seed=seed,
+            per=per,
+            achieved=summarize(assignment, inventory),
+            timings=dict(timings or {}),
+        )
+        plan.check_against(inventory)
+        return plan
+
+    def to_dict(self) -> dict:
+        """The JSON form (level names as strings)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": {"id": self.model_id, "fingerprint": self.fingerprint, "shapes": self.shapes},
+            "budget": asdict(self.budget),
+            "grid": [lv.name for lv in self.grid],
+            "method": self.method,
+            "seed": self.seed,
+            "per": self.per,
+            "achieved": self.achieved,
+            "timings": self.timings,
+            "assignment": {name: lv.name for name, lv in self.assignment.items()},
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON atomically."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path, inventory: Inventory | None = None) -> Plan:
+        """Read and validate a plan file; with ``inventory``, also check it fits that model."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise AllocatorError(f"plan file {str(path)!r} does not exist: pass a plan.json from allocator") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AllocatorError(f"plan file {str(path)!r} is not valid JSON ({exc}): re-create it") from None
+        plan = cls.from_dict(data, source=str(path))
+        if inventory is not None:
+            plan.check_against(inventory)
+        return plan
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "plan") -> Plan:
+        """Validate the JSON form and build a Plan."""
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            version = data.get("schema_version") if isinstance(data, dict) else None
+            raise AllocatorError(
+                f"{source}: not an allocator plan of schema_version {SCHEMA_VERSION} (found {version!r}): "
+                "re-create it with this version of allocator"
+            )
+        try:
+            model, budget = data["model"], data["budget"]
+            grid = [parse_level(name) for name in data["grid"]]
+            plan = cls(
+                assignment={name: parse_level(lv) for name, lv in data["assignment"].items()},
+                model_id=str(model["id"]),
+                fingerprint=str(model["fingerprint"]),
+                shapes={k: list(v) for k, v in model["shapes"].items()},
+                budget=Budget(str(budget["kind"]), float(budget["value"])).checked(),
+                grid=grid,
+                method=str(data["method"]),
+                seed=int(data["seed"]),
+                per=str(data.get("per", "layer")),
+                achieved=dict(data.get("achieved", {})),
+                timings=dict(data.get("timings", {})),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise AllocatorError(f"{source}: malformed plan ({type(exc).__name__}: {exc}): re-create it") from None
+        off_grid = sorted({lv.name for lv in plan.assignment.values()} - {lv.name for lv in grid})
+        if off_grid:
+            raise AllocatorError(f"{source}: levels {off_grid} are outside the plan's grid {[lv.name for lv in grid]}")
+        return plan
+
+    def check_against(self, inventory: Inventory) -> None:
+        """Raise unless this plan was made for ``inventory``'s model and names each of its layers once."""
+        names = {lay.name for lay in inventory.layers}
+        unknown = sorted(set(self.assignment) - names)
+        if unknown:
+            raise AllocatorError(f"plan names layers this model does not have: {_some(unknown)}")
+        missing = sorted(names - set(self.assignment))
+        if missing:
+            raise AllocatorError(f"plan gives no level to layers {_some(missing)}")
+        if self.fingerprint != inventory.fingerprint:
+            raise AllocatorError(
+                f"plan was made for another model (fingerprint {self.fingerprint}, this model has "
+                f"{inventory.fingerprint}): use the plan with the model it was made for ({self.model_id})"
+            )
+        grid = {lv.name for lv in self.grid}
+        off = sorted({f"{n}={lv.name}" for n, lv in self.assignment.items() if lv.name not in grid})
+        if off:
+            raise AllocatorError(f"plan levels outside its grid: {_some(off)}")
+        bad = [f"{n}: {why}" for n, lv in self.assignment.items() if (why := lv.applies_to(*self.shapes[n]))]
+        if bad:
+            raise AllocatorError(f"plan levels that cannot apply: {_some(bad)}")
+
+
+def _some(items: list[str], n: int = 5) -> str:
+    """The first ``n`` items and how many more: errors name offenders without flooding the line."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return f"{items[:n]}{more}"

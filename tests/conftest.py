@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny random models of several families, a tiny tokenizer, small text files."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+VOCAB = 256
+WORDS = (
+    "the model prunes weights of every layer under a budget while the search keeps the error low "
+    "and the calibration text flows through each block of the network to measure sensitivity"
+).split()
+
+
+def tiny_config(family: str) -> transformers.PretrainedConfig:
+    """A 2-block config of ``family`` small enough to run in milliseconds."""
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, tie_word_embeddings=False)
+    if family == "llama":
+        return transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, **common
+        )
+    if family == "qwen3":
+        return transformers.Qwen3Config(
+            hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16, **common
+        )
+    if family == "gemma3":
+        return transformers.Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=16,
+            **common,
+        )
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=64, n_head=4, n_layer=2, n_positions=256, vocab_size=VOCAB, bos_token_id=1, eos_token_id=1
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "qwen3", "gemma3", "gpt2")
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random tiny causal LM of ``family`` in eval mode."""
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family_model(request) -> tuple[str, torch.nn.Module]:
+    return request.param, tiny_model(request.param)
+
+
+def _text(n_lines: int, seed: int) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n_lines):
+        length = int(torch.randint(5, 60, (1,), generator=gen))
+        lines.append(" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (length,), generator=gen)))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level tokenizer over WORDS (fast tokenizer, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture
+def text_files(tmp_path) -> dict[str, Path]:
+    """A calibration text file (long documents) and an evaluation text file."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(_text(40, seed=1)) + "\n")
+    evaluation = tmp_path / "eval.txt"
+    evaluation.write_text("\n".join(_text(60, seed=2)) + "\n")
+    return {"calib": calib, "eval": evaluation}
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer) -> Path:
+    """A tiny Llama saved as a Hugging Face folder, with its tokenizer."""
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def repo_stays_clean():
+    """Fail the run if tests leave new files in the repository (they must write under tmp_path)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def status() -> str:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True, text=True
+        )
+        return out.stdout if out.returncode == 0 else ""
+
+    before = status()
+    yield
+    after = status()
+    new = sorted(set(after.splitlines()) - set(before.splitlines()))
+    assert not new, f"tests wrote into the repository: {new}"

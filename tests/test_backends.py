@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from allocator.backends import apply_, check_backend
+from allocator.backends.magnitude import magnitude_prune
+from allocator.backends.masks import prune_mask
+from allocator.errors import AllocatorError
+from allocator.levels import parse_level
+from allocator.model import Inventory, weight_view
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("s", [0.1, 0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_unstructured_mask_has_exact_density(s, per_row):
+    score = torch.randn(24, 37)
+    level = parse_level(f"s{s}")
+    mask = prune_mask(score, level, per_row)
+    assert int(mask.sum()) == 24 * level.pruned_per_row(37)
+    if per_row:
+        assert (mask.sum(1) == level.pruned_per_row(37)).all()
+    # everything removed scores no higher than everything kept (per comparison group)
+    if per_row:
+        assert (score.masked_fill(~mask, -1e9).max(1).values <= score.masked_fill(mask, 1e9).min(1).values).all()
+    else:
+        assert score[mask].max() <= score[~mask].min()
+
+
+@pytest.mark.parametrize("nm", ["2:4", "4:8", "1:4"])
+def test_nm_mask_is_valid(nm):
+    level = parse_level(nm)
+    score = torch.randn(16, 64)
+    mask = prune_mask(score, level, per_row=True)
+    groups = (~mask).view(16, -1, level.m).sum(-1)
+    assert (groups == level.n).all()
+
+
+def test_magnitude_removes_smallest_weights_exactly():
+    W = torch.randn(32, 48, dtype=torch.float64)
+    out = magnitude_prune(W, parse_level("s0.5"))
+    zero = out == 0
+    assert int(zero.sum()) == 32 * 24
+    assert W.abs()[zero].max() <= W.abs()[~zero].min()
+    assert torch.equal(out[~zero], W[~zero])  # survivors untouched
+
+
+def test_apply_in_place_on_every_family(family_model):
+    _, model = family_model
+    inv = Inventory.from_model(model)
+    assignment = {lay.name: parse_level("s0.7") for lay in inv.layers}
+    assignment[inv.layers[0].name] = parse_level("dense")
+    before = weight_view(model.get_submodule(inv.layers[0].name)).clone()
+    apply_(model, assignment, "magnitude")
+    assert torch.equal(weight_view(model.get_submodule(inv.layers[0].name)), before)
+    for lay in inv.layers[1:]:
+        W = weight_view(model.get_submodule(lay.name))
+        assert int((W != 0).sum()) == parse_level("s0.7").kept_params(lay.rows, lay.cols)
+
+
+def test_drop_zeroes_the_layer():
+    model = tiny_model("gpt2")
+    name = "transformer.h.0.mlp.c_proj"
+    apply_(model, {name: parse_level("drop")}, "magnitude")
+    assert not model.get_submodule(name).weight.any() and not model.get_submodule(name).bias.any()
+
+
+def test_backend_errors():
+    with pytest.raises(AllocatorError, match="unknown backend"):
+        check_backend("nope", [])
+    with pytest.raises(AllocatorError, match="quantization backend"):
+        check_backend("magnitude", [parse_level("w4")])

@@ -1,0 +1,103 @@
+"""The command line: the main job on a tiny local model, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from allocator.cli import main
+from allocator.plan import Plan
+
+
+def _args(tiny_model_dir, text_files, out, *extra):
+    return [
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--calib",
+        str(text_files["calib"]),
+        "--eval",
+        str(text_files["eval"]),
+        "--seq-len",
+        "16",
+        "--calib-samples",
+        "2",
+        "--kl-samples",
+        "2",
+        "--eval-samples",
+        "4",
+        "-o",
+        str(out),
+        *extra,
+    ]
+
+
+def test_run_writes_plan_and_metrics(tiny_model_dir, text_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, text_files, out, "--target", "sparsity=0.3")) == 0
+    printed = capsys.readouterr().out
+    assert "dense perplexity" in printed and "compressed perplexity" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "plan.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["achieved"]["sparsity"] >= 0.3
+    assert metrics["perplexity"] > 0 and metrics["kl_to_dense"] > 0
+    plan = Plan.load(out / "plan.json")
+    assert {lv.name for lv in plan.assignment.values()} == {"s0.3"}
+    assert json.loads((out / "config.json").read_text())["versions"]["torch"]
+
+    # re-applying the saved plan reproduces the same compressed model and metrics
+    again = tmp_path / "again"
+    assert main(_args(tiny_model_dir, text_files, again, "--plan", str(out / "plan.json"))) == 0
+    assert json.loads((again / "metrics.json").read_text())["perplexity"] == pytest.approx(metrics["perplexity"])
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines  # one line, and the last word
+    return errors[0]
+
+
+def test_bad_inputs_exit_2_with_one_line_and_no_output(tiny_model_dir, text_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    cases = {
+        "unknown model": (["--model", str(tmp_path / "nope")], "not a Hugging Face model folder"),
+        "target out of range": (["--target", "sparsity=1.0"], "[0, 1)"),
+        "negative target": (["--target", "sparsity=-0.2"], "[0, 1)"),
+        "missing data file": (["--calib", str(tmp_path / "missing.txt")], "does not exist"),
+        "unknown method": (["--method", "magic"], "unknown method"),
+        "bad level": (["--levels", "s2"], "sparsity must be in"),
+    }
+    for name, (extra, match) in cases.items():
+        argv = _args(tiny_model_dir, text_files, out, *extra)
+        assert match in _error(capsys, argv), name
+        assert not out.exists(), f"{name}: left output behind"
+
+
+def test_plan_for_another_model_and_corrupt_plan(tiny_model_dir, text_files, tmp_path, capsys):
+    from tests.test_plan import _plan
+
+    other, _ = _plan("qwen3")
+    other.save(tmp_path / "other.json")
+    (tmp_path / "corrupt.json").write_text('{"schema_version": 1, "model": ')
+    out = tmp_path / "run"
+    err = _error(capsys, _args(tiny_model_dir, text_files, out, "--plan", str(tmp_path / "other.json")))
+    assert "another model" in err
+    err = _error(capsys, _args(tiny_model_dir, text_files, out, "--plan", str(tmp_path / "corrupt.json")))
+    assert "not valid JSON" in err
+    assert not out.exists()
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "allocator.cli", "run", "--target", "sparsity=1.5", "-o", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    expected = "error: target sparsity must be in [0, 1), got 1.5: e.g. --target sparsity=0.5"
+    assert proc.stderr.strip().splitlines() == [expected]

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from allocator import data
+from allocator.errors import AllocatorError
+
+
+def test_records_from_file_folder_and_parquet(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "d" / "b.txt").write_text("three\n")
+    assert data.load_records(str(tmp_path / "d" / "a.txt")) == ["one", "two"]
+    assert data.load_records(str(tmp_path / "d")) == ["one", "two", "three"]
+    pd.DataFrame({"text": ["x y", "", "z"], "url": ["u", "v", "w"]}).to_parquet(tmp_path / "c.parquet")
+    assert data.load_records(str(tmp_path / "c.parquet")) == ["x y", "z"]
+
+
+def test_missing_sources_are_clear_errors(tmp_path):
+    with pytest.raises(AllocatorError, match="does not exist"):
+        data.load_records(str(tmp_path / "nope.txt"))
+    with pytest.raises(AllocatorError, match="no .txt file"):
+        data.load_records(str(tmp_path))
+    pd.DataFrame({"body": ["x"]}).to_parquet(tmp_path / "c.parquet")
+    with pytest.raises(AllocatorError, match="no 'text' column"):
+        data.load_records(str(tmp_path / "c.parquet"))
+
+
+def test_unreachable_dataset_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AllocatorError, match="cannot load dataset"):
+        data.load_records("nobody-here/no-such-dataset:cfg@test")
+
+
+def test_evaluation_windows_are_consecutive(tiny_tokenizer, text_files):
+    records = data.load_records(str(text_files["eval"]))
+    ids = tiny_tokenizer("\n\n".join(records), add_special_tokens=False)["input_ids"]
+    seqs = data.evaluation_sequences(tiny_tokenizer, records, 32, None)
+    assert seqs.shape == (len(ids) // 32, 32)
+    assert seqs.flatten().tolist() == ids[: seqs.numel()]
+    assert data.evaluation_sequences(tiny_tokenizer, records, 32, 3).shape == (3, 32)
+    with pytest.raises(AllocatorError, match="windows"):
+        data.evaluation_sequences(tiny_tokenizer, records, 32, 10_000)
+
+
+def test_calibration_windows_are_seeded_slices_of_one_document(tiny_tokenizer, text_files):
+    records = data.load_records(str(text_files["calib"]))
+    a = data.calibration_sequences(tiny_tokenizer, records, 16, 6, seed=0)
+    b = data.calibration_sequences(tiny_tokenizer, records, 16, 6, seed=0)
+    c = data.calibration_sequences(tiny_tokenizer, records, 16, 6, seed=1)
+    assert a.shape == (6, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    docs = [tiny_tokenizer(r, add_special_tokens=False)["input_ids"] for r in records]
+    for window in a.tolist():
+        assert any(doc[i : i + 16] == window for doc in docs for i in range(len(doc) - 15)), (
+            "a window must lie inside one document"
+        )
+    with pytest.raises(AllocatorError, match="lower --seq-len"):
+        data.calibration_sequences(tiny_tokenizer, records, 10_000, 2, seed=0)
+
+
+def test_default_data_is_the_shared_offline_text():
+    assert data.default_calibration().endswith("c4/validation-2k.parquet")
+    assert data.default_evaluation().endswith("wikitext-2-raw/test.txt")

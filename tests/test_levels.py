@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from allocator.errors import AllocatorError
+from allocator.levels import DEFAULT_GRID, Level, parse_grid, parse_level
+
+NAMES = ["dense", "s0.5", "s0.1", "2:4", "4:8", "w4g128", "w3", "w2g64a", "s0.5+w4g128", "2:4+w8", "drop"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_names_round_trip(name):
+    assert parse_level(name).name == name
+
+
+def test_kinds():
+    assert [parse_level(n).kind for n in ["dense", "s0.3", "2:4", "w4", "s0.5+w4", "drop"]] == [
+        "dense",
+        "sparsity",
+        "nm",
+        "bits",
+        "sparse+bits",
+        "drop",
+    ]
+
+
+def test_default_grid_is_ten_sparsity_levels():
+    grid = parse_grid(DEFAULT_GRID)
+    assert [lv.name for lv in grid] == ["dense"] + [f"s0.{i}" for i in range(1, 10)]
+
+
+@pytest.mark.parametrize("s", [0.1, 0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("cols", [576, 1536, 7, 100])
+def test_sparsity_never_misses_its_target(s, cols):
+    level = parse_level(f"s{s}")
+    kept = level.kept_params(3, cols)
+    assert kept <= (1 - s) * 3 * cols + 1e-9
+    assert kept > (1 - s) * 3 * cols - 3  # at most one weight per row over-pruned
+
+
+def test_storage_bits_by_hand():
+    rows, cols = 8, 256
+    assert Level().storage_bits(rows, cols) == rows * cols * 16
+    # unstructured 50%: kept fp16 values + 1-bit mask
+    assert parse_level("s0.5").storage_bits(rows, cols) == rows * 128 * 16 + rows * cols
+    # 2:4: kept values + 2-bit index per kept value
+    assert parse_level("2:4").storage_bits(rows, cols) == rows * 128 * (16 + 2)
+    # w4g128 symmetric: 4-bit codes + one fp16 scale per (row, group)
+    assert parse_level("w4g128").storage_bits(rows, cols) == rows * cols * 4 + rows * 2 * 16
+    # w3 asymmetric per-channel: codes + scale and 3-bit zero per row
+    assert parse_level("w3a").storage_bits(rows, cols) == rows * cols * 3 + rows * (16 + 3)
+    assert parse_level("drop").storage_bits(rows, cols) == 0
+    assert math.isclose(parse_level("w4g128").storage_bytes(rows, cols), (rows * cols * 4 + rows * 32) / 8)
+
+
+def test_applies_to_checks_divisibility():
+    assert parse_level("2:4").applies_to(4, 6) is not None
+    assert parse_level("w4g128").applies_to(4, 200) is not None
+    assert parse_level("s0.5").applies_to(4, 7) is None
+
+
+@pytest.mark.parametrize("bad", ["s1.5", "4:2", "w1", "w9", "q4", "", "s"])
+def test_bad_levels_are_clear_errors(bad):
+    with pytest.raises(AllocatorError, match="level|grid"):
+        parse_grid(bad) if bad == "" else parse_level(bad)

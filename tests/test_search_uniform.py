@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from allocator.budget import Budget, build_problem, summarize
+from allocator.errors import AllocatorError
+from allocator.levels import parse_grid
+from allocator.model import Inventory
+from allocator.search import get_searcher
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize(
+    "target,expect",
+    [("sparsity=0.5", "s0.5"), ("sparsity=0.55", "s0.6"), ("sparsity=0", "dense"), ("sparsity=0.9", "s0.9")],
+)
+def test_uniform_picks_least_compressed_level_within_budget(target, expect):
+    inv = Inventory.from_model(tiny_model("llama"))
+    problem = build_problem(inv, parse_grid("0:0.9:0.1"), Budget.parse(target))
+    choice = get_searcher("uniform").search(problem, seed=0)
+    assert {problem.levels[k].name for k in choice} == {expect}
+    assert summarize(problem.assignment(choice), inv)["sparsity"] >= Budget.parse(target).value - 1e-12
+
+
+def test_uniform_over_bits_budget():
+    inv = Inventory.from_model(tiny_model("llama"))
+    problem = build_problem(inv, parse_grid("dense,w8,w4,w3,w2"), Budget.parse("bits=4.5"))
+    choice = get_searcher("uniform").search(problem, seed=0)
+    assert {problem.levels[k].name for k in choice} == {"w4"}
+
+
+def test_infeasible_budget_names_the_tightest_level():
+    inv = Inventory.from_model(tiny_model("llama"))
+    problem = build_problem(inv, parse_grid("0:0.5:0.1"), Budget.parse("sparsity=0.8"))
+    with pytest.raises(AllocatorError, match="s0.5"):
+        get_searcher("uniform").search(problem, seed=0)
+
+
+def test_unknown_method():
+    with pytest.raises(AllocatorError, match="unknown method"):
+        get_searcher("nope")
+
+
+def test_same_seed_same_plan():
+    inv = Inventory.from_model(tiny_model("gpt2"))
+    problem = build_problem(inv, parse_grid("0:0.9:0.1"), Budget.parse("sparsity=0.7"), per="tie-group")
+    a, b = (get_searcher("uniform").search(problem, seed=s) for s in (0, 0))
+    assert np.array_equal(a, b)
