@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from allocator import data
-from allocator.backends import apply_, check_backend
-from allocator.budget import Budget, build_problem
+from allocator.backends import apply_, get_backend
+from allocator.budget import Budget, build_problem, summarize
 from allocator.errors import AllocatorError
 from allocator.evaluate import kl_divergence, log_probs, perplexity
 from allocator.io import write_json_atomic
-from allocator.levels import DEFAULT_GRID, parse_grid
+from allocator.levels import DEFAULT_GRID, Level, parse_grid
 from allocator.model import Inventory, load_model
 from allocator.plan import Plan
 from allocator.search import get_searcher
@@ -59,6 +59,75 @@ class RunResult:
     output_dir: Path | None = None
 
 
+class Session:
+    """A loaded model with its data and dense reference, ready to compress and evaluate many plans.
+
+    The dense perplexity and the KL teacher are computed once; :meth:`evaluate` restores the
+    original weights before each plan, so plans and backends can be compared in one run.
+    """
+
+    def __init__(self, config: RunConfig) -> None:
+        if config.dtype not in _DTYPES:
+            raise AllocatorError(f"unknown --dtype {config.dtype!r}: choose one of {', '.join(_DTYPES)}")
+        calib_records = data.load_records(config.calib or data.default_calibration())
+        eval_records = data.load_records(config.eval or data.default_evaluation())
+        self.config = config
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.loaded = load_model(config.model, dtype=_DTYPES[config.dtype], device=config.device)
+        self.model = self.loaded.model
+        self.inventory = Inventory.from_model(self.model)
+        self.timings["load_s"] = time.perf_counter() - t0
+        tokenizer = self.loaded.tokenizer
+        self.eval_seqs = data.evaluation_sequences(tokenizer, eval_records, config.seq_len, config.eval_samples)
+        # One seeded draw, split: the first windows calibrate the backend, the last measure KL.
+        windows = data.calibration_sequences(
+            tokenizer, calib_records, config.seq_len, config.calib_samples + config.kl_samples, config.seed
+        )
+        self.calib, self.kl_seqs = windows[: config.calib_samples], windows[config.calib_samples :]
+        t0 = time.perf_counter()
+        self.dense_ppl = perplexity(self.model, self.eval_seqs, config.batch_size, desc="dense perplexity")
+        self.teacher = log_probs(self.model, self.kl_seqs, config.batch_size)
+        self.timings["dense_eval_s"] = time.perf_counter() - t0
+        log.info("dense perplexity %.3f", self.dense_ppl)
+        self._original = {
+            n: {k: v.detach().clone() for k, v in self.model.get_submodule(n).named_parameters()}
+            for n in self.inventory.shapes
+        }
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        """Put the dense weights and biases of every compressible layer back."""
+        for name, params in self._original.items():
+            module = self.model.get_submodule(name)
+            for key, value in params.items():
+                getattr(module, key).copy_(value)
+
+    def evaluate(self, assignment: dict[str, Level], backend: str) -> dict:
+        """Compress the dense model to ``assignment`` with ``backend`` and measure it."""
+        self.restore_()
+        chosen = get_backend(backend)
+        t0 = time.perf_counter()
+        calib = self.calib if chosen.needs_data else None
+        apply_(self.model, assignment, backend, calib, self.config.batch_size)
+        compress_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ppl = perplexity(self.model, self.eval_seqs, self.config.batch_size, desc="compressed perplexity")
+        kl = kl_divergence(self.model, self.kl_seqs, self.teacher, self.config.batch_size)
+        return {
+            "model": self.loaded.model_id,
+            "backend": backend,
+            "dense_perplexity": self.dense_ppl,
+            "perplexity": ppl,
+            "kl_to_dense": kl,
+            "achieved": summarize(assignment, self.inventory),
+            "eval_tokens": int(self.eval_seqs.numel()),
+            "kl_tokens": int(self.kl_seqs.numel()),
+            "calibration_tokens": int(calib.numel()) if calib is not None else 0,
+            "timings": {**self.timings, "compress_s": compress_s, "eval_s": time.perf_counter() - t0},
+        }
+
+
 def run(config: RunConfig) -> RunResult:
     """Allocate, compress and evaluate as ``config`` says; write plan.json, metrics.json, config.json.
 
@@ -68,32 +137,9 @@ def run(config: RunConfig) -> RunResult:
     grid = parse_grid(config.levels)
     searcher = None if config.plan else get_searcher(config.method)
     saved = Plan.load(config.plan) if config.plan else None
-    check_backend(config.backend, saved.grid if saved else grid)
-    if config.dtype not in _DTYPES:
-        raise AllocatorError(f"unknown --dtype {config.dtype!r}: choose one of {', '.join(_DTYPES)}")
-    calib_records = data.load_records(config.calib or data.default_calibration())
-    eval_records = data.load_records(config.eval or data.default_evaluation())
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    loaded = load_model(config.model, dtype=_DTYPES[config.dtype], device=config.device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    timings["load_s"] = time.perf_counter() - t0
-
-    eval_seqs = data.evaluation_sequences(tokenizer, eval_records, config.seq_len, config.eval_samples)
-    # One seeded draw, split: the first windows calibrate the backend, the last measure KL.
-    windows = data.calibration_sequences(
-        tokenizer, calib_records, config.seq_len, config.calib_samples + config.kl_samples, config.seed
-    )
-    kl_seqs = windows[config.calib_samples :]
-
-    t0 = time.perf_counter()
-    dense_ppl = perplexity(model, eval_seqs, config.batch_size, desc="dense perplexity")
-    teacher = log_probs(model, kl_seqs, config.batch_size)
-    timings["dense_eval_s"] = time.perf_counter() - t0
-    log.info("dense perplexity %.3f", dense_ppl)
-
-    inventory = Inventory.from_model(model)
+    get_backend(config.backend)
+    session = Session(config)
+    inventory = session.inventory
     t0 = time.perf_counter()
     if saved is not None:
         saved.check_against(inventory)
@@ -101,31 +147,14 @@ def run(config: RunConfig) -> RunResult:
     else:
         problem = build_problem(inventory, grid, budget, config.per)
         assignment, method = problem.assignment(searcher.search(problem, config.seed)), config.method
-    timings["search_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    apply_(model, assignment, config.backend)
-    timings["compress_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    ppl = perplexity(model, eval_seqs, config.batch_size, desc="compressed perplexity")
-    kl = kl_divergence(model, kl_seqs, teacher, config.batch_size)
-    timings["eval_s"] = time.perf_counter() - t0
-
-    plan = Plan.create(assignment, inventory, loaded.model_id, budget, grid, method, config.seed, config.per, timings)
-    metrics = {
-        "model": loaded.model_id,
-        "budget": str(budget),
-        "method": method,
-        "backend": config.backend,
-        "dense_perplexity": dense_ppl,
-        "perplexity": ppl,
-        "kl_to_dense": kl,
-        "achieved": plan.achieved,
-        "eval_tokens": int(eval_seqs.numel()),
-        "kl_tokens": int(kl_seqs.numel()),
-        "timings": timings,
-    }
+    search_s = time.perf_counter() - t0
+    metrics = session.evaluate(assignment, config.backend)
+    metrics = {"budget": str(budget), "method": method, **metrics}
+    metrics["timings"]["search_s"] = search_s
+    plan = Plan.create(
+        assignment, inventory, session.loaded.model_id, budget, grid, method, config.seed, config.per,
+        metrics["timings"],
+    )  # fmt: skip
     out = Path(config.output_dir) if config.output_dir else None
     if out is not None:
         write_json_atomic(out / "config.json", {**asdict(config), "versions": _versions()})

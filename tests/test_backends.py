@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from allocator.backends import apply_, check_backend
+from allocator.backends import apply_, get_backend
 from allocator.backends.magnitude import magnitude_prune
 from allocator.backends.masks import prune_mask
 from allocator.errors import AllocatorError
@@ -66,8 +66,6 @@ def test_drop_zeroes_the_layer():
     assert not model.get_submodule(name).weight.any() and not model.get_submodule(name).bias.any()
 
 
-def test_backend_errors():
+def test_unknown_backend():
     with pytest.raises(AllocatorError, match="unknown backend"):
-        check_backend("nope", [])
-    with pytest.raises(AllocatorError, match="quantization backend"):
-        check_backend("magnitude", [parse_level("w4")])
+        get_backend("nope")

@@ -1,0 +1,136 @@
+"""The level database (as EvoPress builds it): every layer's compressed weight at every level, stored once.
+
+Built in one calibration pass on dense inputs (each level of a layer sees the same Hessian), written
+as one safetensors file per decoder block (keys ``"<layer>|<level>"``) plus ``manifest.json``, in a
+temporary folder renamed into place when complete. Loading memory-maps the files, so setting a
+layer to a level is a copy of one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from allocator.backends import compress_weight, get_backend
+from allocator.backends.calibrate import blockwise
+from allocator.errors import AllocatorError
+from allocator.io import write_json_atomic
+from allocator.levels import Level, parse_level
+from allocator.model import Inventory, weight_view
+
+DB_VERSION = 1
+
+
+@dataclass
+class LevelDatabase:
+    """A built database: where it lives, what it holds, and lazily opened memory-mapped files."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        inventory: Inventory,
+        levels: list[Level],
+        backend: str,
+        path: str | Path,
+        calib: torch.Tensor | None = None,
+        batch_size: int = 8,
+        dtype: torch.dtype | None = None,
+    ) -> LevelDatabase:
+        """Compress every layer at every level (``dense`` always included) and store the results."""
+        chosen = get_backend(backend)
+        if chosen.needs_data and calib is None:
+            raise AllocatorError(f"backend {backend!r} needs calibration sequences to build a database")
+        path = Path(path)
+        levels = list(dict.fromkeys([parse_level("dense"), *levels]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        start = time.perf_counter()
+        try:
+
+            def on_block(layers, stats) -> None:
+                tensors = {}
+                for layer in layers:
+                    W = weight_view(model.get_submodule(layer.name))
+                    for level in levels:
+                        if level.applies_to(layer.rows, layer.cols) is None:
+                            out = compress_weight(W, level, chosen, stats.get(layer.name) if stats else None)
+                            tensors[f"{layer.name}|{level.name}"] = out.to(dtype or W.dtype).contiguous().cpu()
+                if tensors:
+                    save_file(tensors, tmp / f"block_{layers[0].block:04d}.safetensors")
+
+            if chosen.needs_data:
+                blockwise(model, inventory, calib, on_block, sequential=False, batch_size=batch_size, desc="database")
+            else:
+                by_block: dict[int, list] = {}
+                for layer in inventory.layers:
+                    by_block.setdefault(layer.block, []).append(layer)
+                for layers in by_block.values():
+                    on_block(layers, None)
+            size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+            manifest = {
+                "version": DB_VERSION,
+                "fingerprint": inventory.fingerprint,
+                "backend": backend,
+                "levels": [lv.name for lv in levels],
+                "calibration_tokens": int(calib.numel()) if calib is not None and chosen.needs_data else 0,
+                "bytes": size,
+                "build_s": time.perf_counter() - start,
+            }
+            write_json_atomic(tmp / "manifest.json", manifest)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(path, manifest)
+
+    @classmethod
+    def open(cls, path: str | Path, inventory: Inventory | None = None) -> LevelDatabase:
+        """Open a built database; with ``inventory``, refuse one built for another model."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except FileNotFoundError:
+            raise AllocatorError(f"{path} is not a level database (no manifest.json): build it first") from None
+        if manifest.get("version") != DB_VERSION:
+            raise AllocatorError(
+                f"{path}: database version {manifest.get('version')}, expected {DB_VERSION}: rebuild it"
+            )
+        if inventory is not None and manifest["fingerprint"] != inventory.fingerprint:
+            raise AllocatorError(
+                f"{path} was built for another model (fingerprint {manifest['fingerprint']}): rebuild it"
+            )
+        return cls(path, manifest)
+
+    @property
+    def levels(self) -> list[Level]:
+        """The levels stored."""
+        return [parse_level(name) for name in self.manifest["levels"]]
+
+    def weight(self, layer: str, block: int, level: Level) -> torch.Tensor:
+        """The stored compressed weight of ``layer`` at ``level`` ([rows, cols], memory-mapped)."""
+        if level.name not in self.manifest["levels"]:
+            raise AllocatorError(f"level {level.name} is not in the database (has {self.manifest['levels']})")
+        with safe_open(self.path / f"block_{block:04d}.safetensors", framework="pt") as f:
+            return f.get_tensor(f"{layer}|{level.name}")
+
+    @torch.no_grad()
+    def load_into_(self, model: nn.Module, inventory: Inventory, assignment: dict[str, Level]) -> None:
+        """Set each assigned layer of ``model`` to its level by copying the stored weight."""
+        for name, level in assignment.items():
+            W = weight_view(model.get_submodule(name))
+            W.copy_(self.weight(name, inventory[name].block, level))

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from allocator.backends import apply_
+from allocator.backends.database import LevelDatabase
+from allocator.errors import AllocatorError
+from allocator.levels import parse_grid
+from allocator.model import Inventory, weight_view
+from tests.conftest import VOCAB, tiny_model
+
+
+def test_database_round_trip_matches_direct_compression(tmp_path):
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    grid = parse_grid("s0.3,s0.6,2:4,w4g32")
+    calib = torch.randint(VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    db = LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "db", calib, batch_size=2)
+    assert db.manifest["bytes"] > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+    assert [lv.name for lv in db.levels] == ["dense", "s0.3", "s0.6", "2:4", "w4g32"]
+    db = LevelDatabase.open(tmp_path / "db", inv)
+    # the first block sees the same (dense) inputs either way, so the database equals direct compression there
+    target = tiny_model("llama")
+    first = {lay.name: grid[1] for lay in inv.layers if lay.block == 0}
+    apply_(target, first, "sparsegpt", calib, batch_size=2)
+    loaded = tiny_model("llama")
+    db.load_into_(loaded, inv, first)
+    for name in first:
+        assert torch.allclose(weight_view(loaded.get_submodule(name)), weight_view(target.get_submodule(name)))
+    # the dense level restores the original
+    db.load_into_(loaded, inv, {name: db.levels[0] for name in first})
+    for name in first:
+        assert torch.equal(weight_view(loaded.get_submodule(name)), weight_view(model.get_submodule(name)))
+
+
+def test_database_for_another_model_is_refused(tmp_path):
+    model = tiny_model("llama")
+    LevelDatabase.build(model, Inventory.from_model(model), parse_grid("s0.5"), "magnitude", tmp_path / "db")
+    with pytest.raises(AllocatorError, match="another model"):
+        LevelDatabase.open(tmp_path / "db", Inventory.from_model(tiny_model("qwen3")))
+    with pytest.raises(AllocatorError, match="not a level database"):
+        LevelDatabase.open(tmp_path / "nothing")
