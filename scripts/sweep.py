@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -37,8 +36,9 @@ def main() -> None:
     for target, method, backend in itertools.product(
         args.targets.split(","), args.methods.split(","), args.backends.split(",")
     ):
+        out_dir = f"runs/sweep/{method}-{backend}-{target}"
         cfg = RunConfig(target=target, method=method, backend=backend, levels=args.levels,
-                        eval_samples=args.eval_samples, output_dir=f"runs/sweep/{method}-{backend}-{target}")  # fmt: skip
+                        eval_samples=args.eval_samples, output_dir=out_dir)  # fmt: skip
         m = run(cfg).metrics
         rows.append({"target": target, "method": method, "backend": backend,
                      "achieved_sparsity": m["achieved"]["sparsity"], "achieved_bits": m["achieved"]["bits"],
