@@ -9,7 +9,7 @@ compressible weights, ``bits=3.5`` stores them in at most 3.5 bits per weight on
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -100,37 +100,82 @@ class Problem:
     limit: float
     error: np.ndarray | None = None  # [U, K]
     fitness: Callable[[np.ndarray], float] | None = None
+    budget: Budget | None = None
+    params: int = 0  # compressible parameters, to state costs in the budget's own units
+    extra: list[tuple[Budget, np.ndarray, float]] = field(default_factory=list)  # more budgets held at once
+    info: dict[str, np.ndarray] = field(default_factory=dict)  # per-unit numbers some methods read (OWL)
 
     def total_cost(self, choice: np.ndarray) -> float:
         """Summed cost of a choice (one level index per unit)."""
         return float(self.cost[np.arange(len(self.units)), choice].sum())
 
+    def constraints(self) -> list[tuple[Budget | None, np.ndarray, float]]:
+        """Every budget as (budget, cost matrix, limit), the primary one first."""
+        return [(self.budget, self.cost, self.limit), *self.extra]
+
     def feasible(self, choice: np.ndarray) -> bool:
-        """True when the choice keeps the budget."""
-        return self.total_cost(choice) <= self.limit * (1 + _REL_TOL) + 1e-9
+        """True when the choice keeps every budget."""
+        rows = np.arange(len(self.units))
+        return all(c[rows, choice].sum() <= lim * (1 + _REL_TOL) + 1e-9 for _, c, lim in self.constraints())
+
+    def in_budget_units(self, budget: Budget | None, total: float) -> str:
+        """A total cost stated as the budget's quantity (``sparsity 0.4987``), for messages."""
+        if budget is None or not self.params:
+            return f"cost {total:.6g}"
+        if budget.kind == "sparsity":
+            return f"sparsity {1 - total / self.params:.4f}"
+        return f"bits {total / self.params:.4f}" if budget.kind == "bits" else f"bytes {total:.6g}"
+
+    def reach_error(self) -> AllocatorError | None:
+        """An error naming the achievable range when even the cheapest choice breaks a budget."""
+        for budget, cost, limit in self.constraints():
+            cheapest = float(np.min(cost, axis=1).sum())
+            if cheapest > limit * (1 + _REL_TOL) + 1e-9:
+                richest = float(np.where(np.isfinite(cost), cost, -np.inf).max(axis=1).sum())
+                return AllocatorError(
+                    f"budget {budget} is out of reach: this grid spans {self.in_budget_units(budget, richest)} "
+                    f"to {self.in_budget_units(budget, cheapest)}; loosen the target or add more compressed levels"
+                )
+        return None
 
     def assignment(self, choice: np.ndarray) -> dict[str, Level]:
         """Expand a unit choice to one level per layer."""
         return {name: self.levels[k] for unit, k in zip(self.units, choice, strict=True) for name in unit}
 
 
-def build_problem(inventory: Inventory, levels: list[Level], budget: Budget, per: str = "layer") -> Problem:
-    """The cost matrix of every unit at every level under ``budget``.
+def build_problem(
+    inventory: Inventory, levels: list[Level], budget: Budget, per: str = "layer", extra: list[Budget] | None = None
+) -> Problem:
+    """The cost matrix of every unit at every level under ``budget`` (and any ``extra`` budgets).
 
     ``per="tie-group"`` makes q/k/v and gate/up of a block one unit each, as vLLM requires.
     """
     if per not in ("layer", "tie-group"):
         raise AllocatorError(f"--per must be 'layer' or 'tie-group', got {per!r}")
     units = [(lay.name,) for lay in inventory.layers] if per == "layer" else list(inventory.groups)
-    cost = np.zeros((len(units), len(levels)))
-    for u, unit in enumerate(units):
-        for k, level in enumerate(levels):
+
+    def matrix(b: Budget) -> np.ndarray:
+        cost = np.zeros((len(units), len(levels)))
+        for u, unit in enumerate(units):
             layers = [inventory[name] for name in unit]
-            if any(level.applies_to(lay.rows, lay.cols) for lay in layers):
-                cost[u, k] = np.inf
-            else:
-                cost[u, k] = sum(budget.cost(level, lay) for lay in layers)
+            for k, level in enumerate(levels):
+                fits = not any(level.applies_to(lay.rows, lay.cols) for lay in layers)
+                cost[u, k] = sum(b.cost(level, lay) for lay in layers) if fits else np.inf
+        return cost
+
+    cost = matrix(budget)
     if np.isinf(cost).all(axis=1).any():
         bad = [unit[0] for unit, row in zip(units, cost, strict=True) if np.isinf(row).all()]
         raise AllocatorError(f"no level of the grid applies to {bad}: add a level such as 'dense' to the grid")
-    return Problem(units, list(levels), cost, budget.limit(inventory))
+    more = [(b, matrix(b), b.limit(inventory)) for b in extra or []]
+    return Problem(
+        units, list(levels), cost, budget.limit(inventory), budget=budget, params=inventory.params, extra=more
+    )
+
+
+def parse_budgets(text: str) -> list[Budget]:
+    """Comma-separated budgets held at once, e.g. ``"sparsity=0.5,bytes=6e7"`` (the first is primary)."""
+    budgets = [Budget.parse(part) for part in text.split(",") if part.strip()]
+    if not budgets:
+        raise AllocatorError(f"no budget in {text!r}: write e.g. --target sparsity=0.5")
+    return budgets

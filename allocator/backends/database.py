@@ -1,6 +1,7 @@
 """The level database (as EvoPress builds it): every layer's compressed weight at every level, stored once.
 
-Built in one calibration pass on dense inputs (each level of a layer sees the same Hessian), written
+Built in one calibration pass on dense inputs (statistics are gathered for every backend, so the
+same pass can also profile) (each level of a layer sees the same Hessian), written
 as one safetensors file per decoder block (keys ``"<layer>|<level>"``) plus ``manifest.json``, in a
 temporary folder renamed into place when complete. Loading memory-maps the files, so setting a
 layer to a level is a copy of one tensor.
@@ -21,8 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from allocator.backends import compress_weight, get_backend
-from allocator.backends.calibrate import blockwise
+from allocator.backends.all_levels import for_each_level
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
 from allocator.levels import Level, parse_level
@@ -46,47 +46,35 @@ class LevelDatabase:
         levels: list[Level],
         backend: str,
         path: str | Path,
-        calib: torch.Tensor | None = None,
+        calib: torch.Tensor,
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
     ) -> LevelDatabase:
         """Compress every layer at every level (``dense`` always included) and store the results."""
-        chosen = get_backend(backend)
-        if chosen.needs_data and calib is None:
-            raise AllocatorError(f"backend {backend!r} needs calibration sequences to build a database")
         path = Path(path)
         levels = list(dict.fromkeys([parse_level("dense"), *levels]))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         start = time.perf_counter()
+        tensors: dict[str, torch.Tensor] = {}
         try:
 
-            def on_block(layers, stats) -> None:
-                tensors = {}
-                for layer in layers:
-                    W = weight_view(model.get_submodule(layer.name))
-                    for level in levels:
-                        if level.applies_to(layer.rows, layer.cols) is None:
-                            out = compress_weight(W, level, chosen, stats.get(layer.name) if stats else None)
-                            tensors[f"{layer.name}|{level.name}"] = out.to(dtype or W.dtype).contiguous().cpu()
+            def visit(layer, level, W, Q, _stats) -> None:
+                tensors[f"{layer.name}|{level.name}"] = Q.to(dtype or W.dtype).contiguous().cpu()
+
+            def on_block(layers, _stats) -> None:
                 if tensors:
                     save_file(tensors, tmp / f"block_{layers[0].block:04d}.safetensors")
+                tensors.clear()
 
-            if chosen.needs_data:
-                blockwise(model, inventory, calib, on_block, sequential=False, batch_size=batch_size, desc="database")
-            else:
-                by_block: dict[int, list] = {}
-                for layer in inventory.layers:
-                    by_block.setdefault(layer.block, []).append(layer)
-                for layers in by_block.values():
-                    on_block(layers, None)
+            for_each_level(model, inventory, levels, backend, calib, visit, on_block, batch_size, desc="database")
             size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
             manifest = {
                 "version": DB_VERSION,
                 "fingerprint": inventory.fingerprint,
                 "backend": backend,
                 "levels": [lv.name for lv in levels],
-                "calibration_tokens": int(calib.numel()) if calib is not None and chosen.needs_data else 0,
+                "calibration_tokens": int(calib.numel()),
                 "bytes": size,
                 "build_s": time.perf_counter() - start,
             }

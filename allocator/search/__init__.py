@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from allocator.errors import AllocatorError
 from allocator.search.base import Searcher
+from allocator.search.knapsack import Knapsack
+from allocator.search.owl import OWL
 from allocator.search.uniform import Uniform
 
-SEARCHERS: dict[str, type] = {"uniform": Uniform}
+SEARCHERS: dict[str, type] = {"uniform": Uniform, "owl": OWL, "knapsack": Knapsack}
+NEEDS_PROFILE = {"owl", "knapsack"}
 
 
 def get_searcher(name: str, **options) -> Searcher:

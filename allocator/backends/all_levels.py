@@ -1,0 +1,52 @@
+"""Compress every layer at every level in one calibration pass on dense inputs.
+
+The level database and the sensitivity profiles both need each layer compressed at each level
+from the same statistics; this pass feeds them, one decoder block at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from allocator.backends import compress_weight, get_backend
+from allocator.backends.calibrate import blockwise
+from allocator.backends.stats import LayerStats
+from allocator.errors import AllocatorError
+from allocator.levels import Level
+from allocator.model import Inventory, Layer, weight_view
+
+# visit(layer, level, W, Q, stats): W the dense weight, Q its compressed copy (both [rows, cols]).
+Visitor = Callable[[Layer, Level, torch.Tensor, torch.Tensor, LayerStats], None]
+
+
+@torch.no_grad()
+def for_each_level(
+    model: nn.Module,
+    inventory: Inventory,
+    levels: list[Level],
+    backend: str,
+    calib: torch.Tensor,
+    visit: Visitor,
+    on_block: Callable[[list[Layer], dict[str, LayerStats]], None] | None = None,
+    batch_size: int = 8,
+    desc: str = "levels",
+) -> None:
+    """Call ``visit`` for every (layer, applicable level); ``on_block`` after each decoder block."""
+    chosen = get_backend(backend)
+    outside = [lay.name for lay in inventory.layers if lay.block >= inventory.n_blocks]
+    if outside:
+        raise AllocatorError(f"per-level passes cover decoder blocks only; drop {outside} from the inventory")
+
+    def block_done(layers: list[Layer], stats: dict[str, LayerStats]) -> None:
+        for layer in layers:
+            W = weight_view(model.get_submodule(layer.name))
+            for level in levels:
+                if level.applies_to(layer.rows, layer.cols) is None:
+                    visit(layer, level, W, compress_weight(W, level, chosen, stats[layer.name]), stats[layer.name])
+        if on_block is not None:
+            on_block(layers, stats)
+
+    blockwise(model, inventory, calib, block_done, sequential=False, batch_size=batch_size, desc=desc)

@@ -1,0 +1,157 @@
+"""Sensitivity profiles: the error of every layer at every level, from calibration data, as a tidy table.
+
+error = ||W X - Ŵ X||² / ||W X||² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H = 2/n XᵀX the layer's input
+Gram matrix on dense inputs (one calibration pass for all levels). The same pass records OWL's
+layer-wise outlier ratio (the share of Wanda scores |W_ij|·||X_j|| above M times their block mean).
+
+Stored as Parquet under ``profiles/<model>/`` with the metadata (model fingerprint, grid, backend,
+data, seed, tokens) in the file's schema, and reused when a later run asks for the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from allocator.backends.all_levels import for_each_level
+from allocator.errors import AllocatorError
+from allocator.levels import Level, parse_level
+from allocator.model import Inventory, weight_view
+
+PROFILE_VERSION = 1
+OWL_M = 5.0  # OWL's outlier threshold: scores above M x the block mean (paper default)
+
+
+@dataclass
+class Profile:
+    """A layer x level error table plus the metadata that says what it was measured on."""
+
+    table: pd.DataFrame  # columns: layer, block, role, level, params, kept_params, bits, error, outlier_ratio
+    meta: dict
+
+    @classmethod
+    def measure(
+        cls,
+        model: nn.Module,
+        inventory: Inventory,
+        levels: list[Level],
+        backend: str,
+        calib: torch.Tensor,
+        meta: dict | None = None,
+        batch_size: int = 8,
+    ) -> Profile:
+        """Compress each layer at each level on dense inputs and record its relative output error."""
+        levels = list(dict.fromkeys([parse_level("dense"), *levels]))
+        rows: list[dict] = []
+        outliers: dict[int, float] = {}
+
+        def visit(layer, level, W, Q, stats) -> None:
+            W64, D = W.double(), (W - Q).double()
+            H = stats.H.double()
+            error = float(((D @ H) * D).sum() / ((W64 @ H) * W64).sum().clamp(min=1e-30))
+            rows.append({"layer": layer.name, "block": layer.block, "role": layer.role, "level": level.name,
+                         "params": layer.params, "kept_params": level.kept_params(layer.rows, layer.cols),
+                         "bits": level.storage_bits(layer.rows, layer.cols), "error": error})  # fmt: skip
+
+        def on_block(layers, stats) -> None:
+            # Wanda scores |W_ij| * ||X_j|| of every linear in the block, pooled (OWL's layer-wise LOD)
+            flat = torch.cat(
+                [
+                    (weight_view(model.get_submodule(n)).abs() * stats[n].col_norms).flatten()
+                    for n in (x.name for x in layers)
+                ]
+            )
+            outliers[layers[0].block] = float((flat > OWL_M * flat.mean()).float().mean())
+
+        for_each_level(model, inventory, levels, backend, calib, visit, on_block, batch_size, desc="profile")
+        table = pd.DataFrame(rows)
+        table["outlier_ratio"] = table["block"].map(outliers)
+        meta = {
+            "version": PROFILE_VERSION,
+            "fingerprint": inventory.fingerprint,
+            "grid": [lv.name for lv in levels],
+            "backend": backend,
+            "calibration_tokens": int(calib.numel()),
+            "owl_m": OWL_M,
+            **(meta or {}),
+        }
+        return cls(table, meta)
+
+    # ---- storage ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write Parquet atomically, metadata in the schema."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pandas(self.table, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"allocator": json.dumps(self.meta)})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read a profile written by :meth:`save` (no pickle: Parquet + JSON metadata)."""
+        try:
+            table = pq.read_table(path)
+        except FileNotFoundError:
+            raise AllocatorError(f"profile {str(path)!r} does not exist: run `allocator profile` first") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise AllocatorError(f"profile {str(path)!r} is not a Parquet file ({exc}): re-create it") from None
+        raw = (table.schema.metadata or {}).get(b"allocator")
+        if raw is None:
+            raise AllocatorError(f"{path} is not an allocator profile (no metadata): re-create it")
+        meta = json.loads(raw)
+        if meta.get("version") != PROFILE_VERSION:
+            raise AllocatorError(f"{path}: profile version {meta.get('version')}, expected {PROFILE_VERSION}")
+        return cls(table.to_pandas(), meta)
+
+    def check(self, inventory: Inventory, levels: list[Level], backend: str) -> None:
+        """Refuse a profile made for another model, another grid or another backend."""
+        if self.meta["fingerprint"] != inventory.fingerprint:
+            raise AllocatorError(
+                f"profile was measured on another model (fingerprint {self.meta['fingerprint']}, this model "
+                f"{inventory.fingerprint}): profile this model"
+            )
+        missing = sorted({lv.name for lv in levels} - set(self.meta["grid"]))
+        if missing:
+            raise AllocatorError(f"profile lacks levels {missing} of the grid (it has {self.meta['grid']}): re-profile")
+        if self.meta["backend"] != backend:
+            raise AllocatorError(f"profile was measured with backend {self.meta['backend']!r}, not {backend!r}")
+
+    # ---- views for searchers ----------------------------------------------------------------
+    def error_matrix(self, units: list[tuple[str, ...]], levels: list[Level]) -> np.ndarray:
+        """Summed error of each unit at each level ([U, K]); +inf where a level was not measured."""
+        pivot = self.table.pivot(index="layer", columns="level", values="error")
+        names = [lv.name for lv in levels]
+        pivot = pivot.reindex(columns=names)
+        out = np.zeros((len(units), len(levels)))
+        for u, unit in enumerate(units):
+            out[u] = pivot.loc[list(unit)].to_numpy(dtype=float).sum(axis=0)
+        return np.where(np.isnan(out), np.inf, out)
+
+    def outlier_ratio(self, units: list[tuple[str, ...]]) -> np.ndarray:
+        """OWL's block outlier ratio for each unit ([U])."""
+        per_layer = self.table.drop_duplicates("layer").set_index("layer")["outlier_ratio"]
+        return np.array([per_layer[unit[0]] for unit in units], dtype=float)
+
+
+def profile_path(root: str | Path, model_id: str, backend: str, levels: list[Level], meta: dict) -> Path:
+    """``root/<model>/<backend>-<hash of grid and data>.parquet``: one file per distinct question."""
+    key = json.dumps({"grid": sorted(lv.name for lv in levels), **meta}, sort_keys=True)
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_id).name or model_id)
+    return Path(root) / slug / f"{backend}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"

@@ -1,0 +1,127 @@
+"""Multi-choice knapsack over sensitivity profiles (ROCKET / SPDY / AutoRound's DP).
+
+minimise Σ_u error[u, k_u]  subject to  Σ_u cost_j[u, k_u] <= limit_j for every budget j.
+
+``Knapsack`` solves it exactly as a 0/1 integer program (scipy's HiGHS MILP; with a time limit
+it returns the incumbent and its optimality gap). ``frontier`` returns the whole error-vs-budget
+curve of the primary budget in one dynamic program over cost buckets (costs rounded up, so every
+point is feasible; exact when costs are multiples of the bucket), as SPDY's DP does over time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_array
+
+from allocator.budget import Problem
+from allocator.errors import AllocatorError
+
+log = logging.getLogger(__name__)
+
+
+def _require_error(problem: Problem) -> np.ndarray:
+    if problem.error is None:
+        raise AllocatorError("knapsack needs a sensitivity profile (per-layer errors): run with a profile")
+    return problem.error
+
+
+@dataclass
+class Knapsack:
+    """Exact MILP; ``time_limit`` seconds (None: until proven optimal)."""
+
+    time_limit: float | None = None
+    gap: float = 0.0  # optimality gap of the last solve (0 when proven optimal)
+
+    def search(self, problem: Problem, seed: int) -> np.ndarray:
+        """The choice of minimal summed error within every budget (deterministic; seed unused)."""
+        if (error := problem.reach_error()) is not None:
+            raise error
+        err = _require_error(problem)
+        U, K = err.shape
+        ok = np.isfinite(err) & np.all([np.isfinite(c) for _, c, _ in problem.constraints()], axis=0)
+        uu, kk = np.nonzero(ok)  # one binary variable per allowed (unit, level)
+        n = len(uu)
+        rows = [coo_array((np.ones(n), (uu, np.arange(n))), shape=(U, n))]
+        constraints = [LinearConstraint(rows[0], 1, 1)]  # exactly one level per unit
+        for _, cost, limit in problem.constraints():
+            # Costs are integers (weights, bits) or eighths (bytes); a solver tolerance below one unit
+            # cannot admit an infeasible 0/1 point once the limit is rounded down to that grain.
+            grain = 8 if not np.allclose(cost[ok], np.round(cost[ok])) else 1
+            bound = math.floor(limit * grain * (1 + 1e-12) + 1e-6) / grain
+            constraints.append(LinearConstraint(cost[uu, kk][None, :], -np.inf, bound))
+        options = {"time_limit": self.time_limit} if self.time_limit else {}
+        res = milp(err[uu, kk], constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
+        if res.x is None:
+            raise AllocatorError(f"knapsack found no solution within the budget ({res.message}): loosen the target")
+        self.gap = float(getattr(res, "mip_gap", 0.0) or 0.0) if res.status != 0 else 0.0
+        if res.status != 0:
+            log.warning("knapsack stopped early (%s); optimality gap %.3g", res.message, self.gap)
+        x = res.x > 0.5
+        choice = np.zeros(U, dtype=int)
+        choice[uu[x]] = kk[x]
+        if not problem.feasible(choice) or np.bincount(uu[x], minlength=U).max() != 1:
+            raise AllocatorError("knapsack solution failed the exact budget check: report this with the grid used")
+        return choice
+
+
+@dataclass
+class FrontierPoint:
+    """One point of the error-vs-budget curve."""
+
+    limit: float
+    choice: np.ndarray
+    error: float
+    cost: float
+
+
+def frontier(problem: Problem, limits: list[float], buckets: int = 10_000) -> list[FrontierPoint]:
+    """Minimal-error choices for each of ``limits`` (primary budget) from one DP over cost buckets.
+
+    Costs are rounded up to ``max(limits) / buckets`` so that every returned choice is feasible.
+    """
+    err = _require_error(problem)
+    U, K = err.shape
+    cost = problem.cost
+    delta = max(limits) / buckets
+    steps = np.where(np.isfinite(cost), np.ceil(cost / delta - 1e-9), np.inf)  # [U, K] bucket counts
+    B = buckets + 1
+    D = np.full(B, np.inf)
+    D[0] = 0.0
+    arg = np.zeros((U, B), dtype=np.int16)
+    for u in range(U):
+        best = np.full(B, np.inf)
+        for k in range(K):
+            if not np.isfinite(steps[u, k]) or not np.isfinite(err[u, k]) or steps[u, k] >= B:
+                continue
+            s = int(steps[u, k])
+            cand = np.full(B, np.inf)
+            cand[s:] = D[: B - s] + err[u, k]
+            better = cand < best
+            best[better] = cand[better]
+            arg[u, better] = k
+        D = best
+    # the best state at or under each limit: a running minimum over buckets
+    order = np.minimum.accumulate(D)
+    at = np.zeros(B, dtype=int)
+    for c in range(1, B):
+        at[c] = c if D[c] < order[c - 1] else at[c - 1]
+    points = []
+    for limit in limits:
+        c = int(math.floor(limit / delta + 1e-9))
+        c = min(c, B - 1)
+        if not np.isfinite(order[c]):
+            points.append(FrontierPoint(limit, np.array([], dtype=int), math.inf, math.inf))
+            continue
+        state = at[c]
+        choice = np.zeros(U, dtype=int)
+        for u in range(U - 1, -1, -1):
+            k = int(arg[u, state])
+            choice[u] = k
+            state -= int(steps[u, k])
+        points.append(FrontierPoint(limit, choice, float(err[np.arange(U), choice].sum()), problem.total_cost(choice)))
+    return points
