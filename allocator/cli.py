@@ -7,38 +7,52 @@ import logging
 import sys
 
 from allocator.errors import AllocatorError
-from allocator.levels import DEFAULT_GRID
-from allocator.pipeline import RunConfig, run
+from allocator.levels import DEFAULT_GRID, parse_grid
+from allocator.pipeline import RunConfig, Session, run
+from allocator.search import SEARCHERS
 
 
 def _samples(text: str) -> int | None:
     return None if text == "all" else int(text)
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every verb that loads a model and data."""
+    d = RunConfig()
+    p.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--calib", default=None, help="calibration text: file, folder, .parquet or NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--eval", default=None, help="evaluation text (default: WikiText-2 raw test)")
+    p.add_argument("--backend", default=d.backend, help="magnitude, wanda, sparsegpt, rtn or gptq")
+    p.add_argument("--levels", default=DEFAULT_GRID, help="level grid, e.g. 0:0.9:0.1 or dense,2:4,w4g128")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    p.add_argument("--kl-samples", type=int, default=d.kl_samples)
+    p.add_argument("--eval-samples", type=_samples, default=d.eval_samples, help="windows to evaluate, or 'all'")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16 or float16")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--profiles-dir", default=d.profiles_dir, help="where profiles are saved and reused")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per verb)."""
     parser = argparse.ArgumentParser(prog="allocator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="allocate under a budget, compress, evaluate, write plan.json + metrics.json")
     d = RunConfig()
-    r.add_argument("--target", default=d.target, help="budget, e.g. sparsity=0.5, bits=3.5, bytes=5e7")
-    r.add_argument("--method", default=d.method, help="allocation method (uniform)")
-    r.add_argument("--backend", default=d.backend, help="compression backend (magnitude)")
-    r.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: embedded SmolLM2-135M)")
-    r.add_argument("--calib", default=None, help="calibration text: file, folder, .parquet or NAME[:CONFIG][@SPLIT]")
-    r.add_argument("--eval", default=None, help="evaluation text (default: WikiText-2 raw test)")
-    r.add_argument("--levels", default=DEFAULT_GRID, help="level grid, e.g. 0:0.9:0.1 or dense,2:4,w4g128")
+    r = sub.add_parser("run", help="allocate under a budget, compress, evaluate, write plan.json + metrics.json")
+    _common(r)
+    r.add_argument("--target", default=d.target, help="budget(s), e.g. sparsity=0.5 or bits=3.5,bytes=6e7")
+    r.add_argument("--method", default=d.method, help=f"allocation method: {', '.join(SEARCHERS)}")
     r.add_argument("--per", default=d.per, choices=["layer", "tie-group"], help="allocate per layer or tie group")
-    r.add_argument("--seq-len", type=int, default=d.seq_len)
-    r.add_argument("--calib-samples", type=int, default=d.calib_samples)
-    r.add_argument("--kl-samples", type=int, default=d.kl_samples)
-    r.add_argument("--eval-samples", type=_samples, default=d.eval_samples, help="windows to evaluate, or 'all'")
-    r.add_argument("--batch-size", type=int, default=d.batch_size)
-    r.add_argument("--seed", type=int, default=d.seed)
-    r.add_argument("--dtype", default=d.dtype, help="float32, bfloat16 or float16")
-    r.add_argument("--device", default=d.device)
+    r.add_argument("--profile", default=None, help="use this profile .parquet (default: reuse or measure)")
+    r.add_argument("--lam", type=float, default=d.lam, help="OWL's lambda (sparsity spread)")
+    r.add_argument("--time-limit", type=float, default=None, help="knapsack MILP time limit in seconds")
     r.add_argument("--plan", default=None, help="apply this saved plan.json instead of searching")
     r.add_argument("--output-dir", "-o", default=None, help="run folder (default: runs/<method>-<target>)")
+    p = sub.add_parser("profile", help="measure (or reuse) the layer x level sensitivity profile")
+    _common(p)
+    p.add_argument("--output", "-o", default=None, help="profile path (default: under --profiles-dir)")
     return parser
 
 
@@ -47,18 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "run":
-            return _run(args)
+        return {"run": _run, "profile": _profile}[args.command](args)
     except AllocatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1
+
+
+def _config(args: argparse.Namespace, **extra) -> RunConfig:
+    names = set(RunConfig.__dataclass_fields__)
+    return RunConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **extra})
 
 
 def _run(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in vars(args).items() if k != "command"}
-    fields["output_dir"] = fields["output_dir"] or f"runs/{args.method}-{args.target.replace('=', '')}"
-    result = run(RunConfig(**fields))
+    out = args.output_dir or f"runs/{args.method}-{args.target.replace('=', '').replace(',', '_')}"
+    result = run(_config(args, output_dir=out))
     m = result.metrics
     achieved = m["achieved"]
     print(f"model {m['model']}  budget {m['budget']}  method {m['method']}  backend {m['backend']}")
@@ -67,6 +83,21 @@ def _run(args: argparse.Namespace) -> int:
     print(f"compressed perplexity  {m['perplexity']:.3f}")
     print(f"KL to dense (nats/tok) {m['kl_to_dense']:.5f}")
     print(f"wrote {result.output_dir}/plan.json, metrics.json, config.json")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    grid = parse_grid(args.levels)
+    session = Session(_config(args))
+    profile = session.profile(grid, args.backend)
+    if args.output:
+        profile.save(args.output)
+    summary = profile.table.groupby("level", sort=False)["error"].agg(["mean", "min", "max"])
+    print(f"profile of {session.loaded.model_id}: {len(session.inventory.layers)} layers x {len(grid)} levels, "
+          f"backend {args.backend}, {profile.meta['calibration_tokens']} calibration tokens")  # fmt: skip
+    print("relative output error per level (mean / min / max over layers):")
+    for level, row in summary.iterrows():
+        print(f"  {level:>14}  {row['mean']:.5f}  {row['min']:.5f}  {row['max']:.5f}")
     return 0
 
 

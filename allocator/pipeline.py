@@ -7,20 +7,22 @@ import platform
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from allocator import data
 from allocator.backends import apply_, get_backend
-from allocator.budget import Budget, build_problem, summarize
+from allocator.budget import build_problem, parse_budgets, summarize
 from allocator.errors import AllocatorError
 from allocator.evaluate import kl_divergence, log_probs, perplexity
 from allocator.io import write_json_atomic
 from allocator.levels import DEFAULT_GRID, Level, parse_grid
 from allocator.model import Inventory, load_model
 from allocator.plan import Plan
-from allocator.search import get_searcher
+from allocator.profile import Profile, profile_path
+from allocator.search import NEEDS_PROFILE, get_searcher
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +50,10 @@ class RunConfig:
     device: str = "cpu"
     output_dir: str | None = None
     plan: str | None = None  # a saved plan.json to apply instead of searching
+    profile: str | None = None  # a profile .parquet to use (None: reuse or measure one under profiles_dir)
+    profiles_dir: str = "profiles"
+    lam: float = 0.08  # OWL's λ
+    time_limit: float | None = None  # knapsack MILP time limit (s)
 
 
 @dataclass
@@ -62,7 +68,7 @@ class RunResult:
 class Session:
     """A loaded model with its data and dense reference, ready to compress and evaluate many plans.
 
-    The dense perplexity and the KL teacher are computed once; :meth:`evaluate` restores the
+    The dense perplexity and the KL teacher are computed once, when first needed; :meth:`evaluate` restores the
     original weights before each plan, so plans and backends can be compared in one run.
     """
 
@@ -85,15 +91,43 @@ class Session:
             tokenizer, calib_records, config.seq_len, config.calib_samples + config.kl_samples, config.seed
         )
         self.calib, self.kl_seqs = windows[: config.calib_samples], windows[config.calib_samples :]
-        t0 = time.perf_counter()
-        self.dense_ppl = perplexity(self.model, self.eval_seqs, config.batch_size, desc="dense perplexity")
-        self.teacher = log_probs(self.model, self.kl_seqs, config.batch_size)
-        self.timings["dense_eval_s"] = time.perf_counter() - t0
-        log.info("dense perplexity %.3f", self.dense_ppl)
         self._original = {
             n: {k: v.detach().clone() for k, v in self.model.get_submodule(n).named_parameters()}
             for n in self.inventory.shapes
         }
+
+    @cached_property
+    def dense(self) -> tuple[float, torch.Tensor]:
+        """Dense perplexity and the KL teacher's log-probs, measured once, on first use."""
+        self.restore_()
+        t0 = time.perf_counter()
+        cfg = self.config
+        ppl = perplexity(self.model, self.eval_seqs, cfg.batch_size, desc="dense perplexity")
+        teacher = log_probs(self.model, self.kl_seqs, cfg.batch_size)
+        self.timings["dense_eval_s"] = time.perf_counter() - t0
+        log.info("dense perplexity %.3f", ppl)
+        return ppl, teacher
+
+    def profile(self, levels: list[Level], backend: str, path: str | None = None) -> Profile:
+        """The sensitivity profile of this model for ``levels``: loaded if saved, else measured and saved."""
+        cfg = self.config
+        calib_meta = {"calib": cfg.calib or "c4-validation-2k", "calib_samples": cfg.calib_samples,
+                      "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
+        target = (
+            Path(path) if path else profile_path(cfg.profiles_dir, self.loaded.model_id, backend, levels, calib_meta)
+        )
+        if target.is_file() or path:
+            profile = Profile.load(target)
+            profile.check(self.inventory, levels, backend)
+            log.info("reusing profile %s", target)
+            return profile
+        self.restore_()
+        t0 = time.perf_counter()
+        profile = Profile.measure(self.model, self.inventory, levels, backend, self.calib, calib_meta, cfg.batch_size)
+        profile.meta["measure_s"] = time.perf_counter() - t0
+        profile.save(target)
+        log.info("saved profile %s (%.1f s)", target, profile.meta["measure_s"])
+        return profile
 
     @torch.no_grad()
     def restore_(self) -> None:
@@ -105,6 +139,7 @@ class Session:
 
     def evaluate(self, assignment: dict[str, Level], backend: str) -> dict:
         """Compress the dense model to ``assignment`` with ``backend`` and measure it."""
+        dense_ppl, teacher = self.dense
         self.restore_()
         chosen = get_backend(backend)
         t0 = time.perf_counter()
@@ -113,11 +148,11 @@ class Session:
         compress_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ppl = perplexity(self.model, self.eval_seqs, self.config.batch_size, desc="compressed perplexity")
-        kl = kl_divergence(self.model, self.kl_seqs, self.teacher, self.config.batch_size)
+        kl = kl_divergence(self.model, self.kl_seqs, teacher, self.config.batch_size)
         return {
             "model": self.loaded.model_id,
             "backend": backend,
-            "dense_perplexity": self.dense_ppl,
+            "dense_perplexity": dense_ppl,
             "perplexity": ppl,
             "kl_to_dense": kl,
             "achieved": summarize(assignment, self.inventory),
@@ -133,9 +168,10 @@ def run(config: RunConfig) -> RunResult:
 
     Inputs are validated before any heavy work, and nothing is written unless the run succeeds.
     """
-    budget = Budget.parse(config.target)
+    budget, *extra = parse_budgets(config.target)
     grid = parse_grid(config.levels)
-    searcher = None if config.plan else get_searcher(config.method)
+    options = {"owl": {"lam": config.lam}, "knapsack": {"time_limit": config.time_limit}}.get(config.method, {})
+    searcher = None if config.plan else get_searcher(config.method, **options)
     saved = Plan.load(config.plan) if config.plan else None
     get_backend(config.backend)
     session = Session(config)
@@ -144,8 +180,14 @@ def run(config: RunConfig) -> RunResult:
     if saved is not None:
         saved.check_against(inventory)
         assignment, budget, grid, method = saved.assignment, saved.budget, saved.grid, f"plan:{saved.method}"
+        extra = saved.extra_budgets
     else:
-        problem = build_problem(inventory, grid, budget, config.per)
+        problem = build_problem(inventory, grid, budget, config.per, extra)
+        if config.method in NEEDS_PROFILE:
+            profile = session.profile(grid, config.backend, config.profile)
+            problem.error = profile.error_matrix(problem.units, grid)
+            problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
+        t0 = time.perf_counter()
         assignment, method = problem.assignment(searcher.search(problem, config.seed)), config.method
     search_s = time.perf_counter() - t0
     metrics = session.evaluate(assignment, config.backend)
@@ -153,7 +195,7 @@ def run(config: RunConfig) -> RunResult:
     metrics["timings"]["search_s"] = search_s
     plan = Plan.create(
         assignment, inventory, session.loaded.model_id, budget, grid, method, config.seed, config.per,
-        metrics["timings"],
+        metrics["timings"], extra,
     )  # fmt: skip
     out = Path(config.output_dir) if config.output_dir else None
     if out is not None:

@@ -32,6 +32,7 @@ class Plan:
     method: str
     seed: int
     per: str = "layer"
+    extra_budgets: list[Budget] = field(default_factory=list)
     achieved: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -47,6 +48,7 @@ class Plan:
         seed: int,
         per: str = "layer",
         timings: dict[str, float] | None = None,
+        extra_budgets: list[Budget] | None = None,
     ) -> Plan:
         """Build a plan and record what it achieves exactly."""
         plan = cls(
@@ -59,6 +61,7 @@ class Plan:
             method=method,
             seed=seed,
             per=per,
+            extra_budgets=list(extra_budgets or []),
             achieved=summarize(assignment, inventory),
             timings=dict(timings or {}),
         )
@@ -71,6 +74,7 @@ class Plan:
             "schema_version": SCHEMA_VERSION,
             "model": {"id": self.model_id, "fingerprint": self.fingerprint, "shapes": self.shapes},
             "budget": asdict(self.budget),
+            "extra_budgets": [asdict(b) for b in self.extra_budgets],
             "grid": [lv.name for lv in self.grid],
             "method": self.method,
             "seed": self.seed,
@@ -120,6 +124,9 @@ class Plan:
                 method=str(data["method"]),
                 seed=int(data["seed"]),
                 per=str(data.get("per", "layer")),
+                extra_budgets=[
+                    Budget(str(b["kind"]), float(b["value"])).checked() for b in data.get("extra_budgets", [])
+                ],
                 achieved=dict(data.get("achieved", {})),
                 timings=dict(data.get("timings", {})),
             )
