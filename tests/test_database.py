@@ -36,7 +36,8 @@ def test_database_round_trip_matches_direct_compression(tmp_path):
 
 def test_database_for_another_model_is_refused(tmp_path):
     model = tiny_model("llama")
-    LevelDatabase.build(model, Inventory.from_model(model), parse_grid("s0.5"), "magnitude", tmp_path / "db")
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    LevelDatabase.build(model, Inventory.from_model(model), parse_grid("s0.5"), "magnitude", tmp_path / "db", calib)
     with pytest.raises(AllocatorError, match="another model"):
         LevelDatabase.open(tmp_path / "db", Inventory.from_model(tiny_model("qwen3")))
     with pytest.raises(AllocatorError, match="not a level database"):
