@@ -44,7 +44,7 @@ def test_profile_error_is_relative_output_error(measured):
         Q = compress_weight(W, parse_grid(name)[0], BACKENDS["wanda"], stats).double()
         ref = float(((X @ (W.double() - Q).t()) ** 2).sum() / ((X @ W.double().t()) ** 2).sum())
         got = profile.table.query("layer == @layer.name and level == @name")["error"].item()
-        assert got == pytest.approx(ref, rel=1e-6)
+        assert got == pytest.approx(ref, rel=1e-4)
 
 
 def test_profile_shape_and_monotone_errors(measured):

@@ -1,0 +1,178 @@
+"""EvoPress-style (1+λ) evolutionary search with level-switch mutation and multi-step selection.
+
+Each generation makes λ distinct offspring of the parent: k = min(U(1,3), U(1,3)) times, one unit
+goes one level less compressed and randomly chosen other units go one level more compressed until
+every budget holds again (so the budget is never broken; the slack left is below one level step of
+one unit). Offspring are ranked on a fresh random minibatch of few calibration sequences, the
+survivors on more, and in the last stage the parent competes too: it is replaced only by a better
+child (Sieberling et al. 2024, Alg. 1). The state (parent, RNG, history) is checkpointed after every
+generation with an atomic write, so a killed search resumes and ends with the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from allocator.budget import Problem
+from allocator.errors import AllocatorError
+from allocator.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class Fitness(Protocol):
+    """Scores a choice on a subset of a fixed pool of calibration sequences (lower is better)."""
+
+    pool_size: int
+    seq_len: int
+
+    def set_parent(self, choice: np.ndarray) -> None: ...
+
+    def __call__(self, choice: np.ndarray, batch: np.ndarray) -> float: ...
+
+
+def parse_stages(text: str) -> list[tuple[int, int]]:
+    """``"8@1024,2@4096,1@16384"`` -> [(survivors, tokens), ...] (EvoPress's selection schedule)."""
+    try:
+        stages = [(int(s), int(t)) for s, t in (part.split("@") for part in text.split(","))]
+    except ValueError:
+        raise AllocatorError(f"bad selection stages {text!r}: write SURVIVORS@TOKENS,... e.g. 4@1024,1@4096") from None
+    if not stages or stages[-1][0] != 1 or any(s < 1 or t < 1 for s, t in stages):
+        raise AllocatorError(f"selection stages {text!r} must end with 1 survivor and use positive numbers")
+    return stages
+
+
+@dataclass
+class Evolution:
+    """The search; ``start`` is a method name (uniform, knapsack) giving the initial parent."""
+
+    generations: int = 50
+    offspring: int = 16
+    stages: str = "4@1024,1@4096"
+    start: str = "uniform"
+    checkpoint: str | None = None
+    resume: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    def search(self, problem: Problem, seed: int) -> np.ndarray:
+        """Evolve a choice under the problem's budgets with ``problem.fitness``."""
+        from allocator.search import get_searcher
+
+        fitness: Fitness | None = problem.fitness
+        if fitness is None:
+            raise AllocatorError("evolution needs a fitness on the real model (a level database and calibration data)")
+        stages = parse_stages(self.stages)
+        ladders = _ladders(problem)
+        state = self._load(problem, seed) if self.resume else None
+        if state is None:
+            parent = get_searcher(self.start).search(problem, seed)
+            rng = np.random.default_rng(seed)
+            state = {"generation": 0, "parent": parent.tolist(), "history": [], "elapsed_s": 0.0}
+        else:
+            rng = np.random.default_rng()
+            rng.bit_generator.state = state["rng"]
+            parent = np.array(state["parent"])
+        self.history = state["history"]
+        fitness.set_parent(parent)
+        t_start = time.perf_counter() - state["elapsed_s"]
+        for gen in tqdm(range(state["generation"], self.generations), desc="evolution", initial=state["generation"],
+                        total=self.generations, leave=False):  # fmt: skip
+            children = self._offspring(problem, parent, ladders, rng)
+            candidates, tokens = children, 0
+            for s, (survivors, n_tokens) in enumerate(stages):
+                if s == len(stages) - 1:
+                    candidates = [*candidates, parent]  # elitism: the parent must be beaten
+                n_seq = min(fitness.pool_size, -(-n_tokens // fitness.seq_len))
+                batch = np.sort(rng.choice(fitness.pool_size, size=n_seq, replace=False))
+                scores = [fitness(c, batch) for c in candidates]
+                tokens += len(candidates) * n_seq * fitness.seq_len
+                order = np.argsort(scores, kind="stable")[:survivors]
+                candidates, best_score = [candidates[i] for i in order], float(scores[order[0]])
+            if not np.array_equal(candidates[0], parent):
+                parent = candidates[0]
+                fitness.set_parent(parent)
+            record = {"generation": gen + 1, "fitness": best_score, "tokens": tokens,
+                      "time_s": time.perf_counter() - t_start, **getattr(fitness, "counters", {})}  # fmt: skip
+            self.history.append(record)
+            state = {"generation": gen + 1, "parent": parent.tolist(), "history": self.history,
+                     "elapsed_s": time.perf_counter() - t_start, "rng": rng.bit_generator.state}  # fmt: skip
+            self._save(problem, seed, state)
+        return parent
+
+    # ---- mutation ------------------------------------------------------------------------------
+    def _offspring(self, problem: Problem, parent: np.ndarray, ladders, rng) -> list[np.ndarray]:
+        children: list[np.ndarray] = []
+        seen = {parent.tobytes()}
+        for _ in range(50 * self.offspring):
+            if len(children) == self.offspring:
+                break
+            child = mutate(problem, parent, ladders, rng)
+            if child is not None and child.tobytes() not in seen:
+                seen.add(child.tobytes())
+                children.append(child)
+        if not children:
+            raise AllocatorError("evolution found no budget-keeping mutation: the grid needs more levels")
+        return children
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def _key(self, problem: Problem, seed: int) -> dict:
+        return {"units": [list(u) for u in problem.units], "levels": [lv.name for lv in problem.levels],
+                "limit": problem.limit, "seed": seed, "start": self.start, "stages": self.stages,
+                "offspring": self.offspring}  # fmt: skip
+
+    def _save(self, problem: Problem, seed: int, state: dict) -> None:
+        if self.checkpoint:
+            write_json_atomic(self.checkpoint, {"key": self._key(problem, seed), **state})
+
+    def _load(self, problem: Problem, seed: int) -> dict | None:
+        if not self.checkpoint or not Path(self.checkpoint).is_file():
+            return None
+        try:
+            saved = json.loads(Path(self.checkpoint).read_text())
+        except json.JSONDecodeError as exc:
+            raise AllocatorError(f"checkpoint {self.checkpoint} is corrupt ({exc}): delete it to start over") from None
+        if saved.get("key") != self._key(problem, seed):
+            raise AllocatorError(
+                f"checkpoint {self.checkpoint} belongs to another search (model, grid, budget, seed or schedule "
+                "differ): use the same settings or another output folder"
+            )
+        log.info("resuming evolution at generation %d", saved["generation"])
+        return saved
+
+
+def _ladders(problem: Problem) -> list[np.ndarray]:
+    """Per unit, its applicable levels from least to most compressed (decreasing primary cost)."""
+    out = []
+    for row in problem.cost:
+        ok = np.flatnonzero(np.isfinite(row))
+        out.append(ok[np.argsort(-row[ok], kind="stable")])
+    return out
+
+
+def mutate(problem: Problem, parent: np.ndarray, ladders: list[np.ndarray], rng) -> np.ndarray | None:
+    """A level-switch mutation of ``parent`` that keeps every budget (None if none was found)."""
+    child = parent.copy()
+    rank = [int(np.flatnonzero(ladders[u] == child[u])[0]) for u in range(len(child))]
+    for _ in range(min(rng.integers(1, 4), rng.integers(1, 4))):
+        up = [u for u in range(len(child)) if rank[u] > 0]
+        if not up:
+            return None
+        i = up[rng.integers(len(up))]
+        rank[i] -= 1
+        child[i] = ladders[i][rank[i]]
+        while not problem.feasible(child):
+            down = [u for u in range(len(child)) if u != i and rank[u] < len(ladders[u]) - 1]
+            if not down:
+                return None
+            j = down[rng.integers(len(down))]
+            rank[j] += 1
+            child[j] = ladders[j][rank[j]]
+    return child

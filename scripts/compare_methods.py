@@ -1,0 +1,121 @@
+"""Compare allocation methods at several budgets on the real model, in one run (one session).
+
+    python scripts/compare_methods.py --out results/methods
+
+Sparsity budgets use --sparsity-backend over a fine sparsity grid; bit budgets use --bits-backend over
+bit-widths. Every method sees the same profile, data and backend. Writes OUT.csv/.json/.md, a
+perplexity plot and a per-layer allocation heatmap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from allocator.budget import Budget, build_problem  # noqa: E402
+from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
+from allocator.levels import parse_grid  # noqa: E402
+from allocator.pipeline import RunConfig, Session  # noqa: E402
+from allocator.search import get_searcher  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsity", default="0.4,0.5,0.6")
+    ap.add_argument("--sparsity-backend", default="wanda")
+    ap.add_argument("--sparsity-levels", default="0:0.9:0.05")
+    ap.add_argument("--sparsity-methods", default="uniform,owl,knapsack")
+    ap.add_argument("--bits", default="3.125,3.625,4.125")
+    ap.add_argument("--bits-backend", default="rtn")
+    ap.add_argument("--bits-levels", default="dense,w8g128,w6g128,w5g128,w4g128,w3g128,w2g128")
+    ap.add_argument("--bits-methods", default="uniform,knapsack")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--profiles-dir", default="profiles")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    config = RunConfig(calib_samples=args.calib_samples, eval_samples=args.eval_samples, profiles_dir=args.profiles_dir)
+    session = Session(config)
+    rows, allocations = [], {}
+    experiments = [("sparsity", v, args.sparsity_backend, args.sparsity_levels, args.sparsity_methods)
+                   for v in args.sparsity.split(",")]  # fmt: skip
+    experiments += [("bits", v, args.bits_backend, args.bits_levels, args.bits_methods) for v in args.bits.split(",")]
+    for kind, value, backend, levels, methods in experiments:
+        grid = parse_grid(levels)
+        budget = Budget(kind, float(value)).checked()
+        profile = session.profile(grid, backend)
+        problem = build_problem(session.inventory, grid, budget)
+        problem.error = profile.error_matrix(problem.units, grid)
+        problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
+        for method in methods.split(","):
+            t0 = time.perf_counter()
+            choice = get_searcher(method).search(problem, seed=0)
+            search_s = time.perf_counter() - t0
+            assignment = problem.assignment(choice)
+            m = session.evaluate(assignment, backend)
+            rows.append({"budget": str(budget), "kind": kind, "method": method, "backend": backend,
+                         "achieved_sparsity": m["achieved"]["sparsity"], "achieved_bits": m["achieved"]["bits"],
+                         "proxy_error": float(problem.error[np.arange(len(choice)), choice].sum()),
+                         "dense_ppl": m["dense_perplexity"], "ppl": m["perplexity"], "kl": m["kl_to_dense"],
+                         "search_s": search_s, "eval_tokens": m["eval_tokens"],
+                         "calibration_tokens": m["calibration_tokens"]})  # fmt: skip
+            allocations[(str(budget), method)] = [assignment[lay.name] for lay in session.inventory.layers]
+            print(rows[-1], flush=True)
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    write_text_atomic(out.with_suffix(".csv"), df.to_csv(index=False))
+    write_json_atomic(out.with_suffix(".json"), {"command": command, "rows": rows})
+    table = df.pivot_table(index="budget", columns="method", values="ppl", sort=False)
+    write_text_atomic(
+        out.with_suffix(".md"), f"`{command}`\n\nWikiText-2 test perplexity\n\n{table.round(2).to_markdown()}\n"
+    )
+    plot_ppl(df, out.with_name(out.name + "_ppl.png"))
+    plot_allocation(session.inventory, allocations, out.with_name(out.name + "_allocation.png"))
+
+
+def plot_ppl(df: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (kind, x) in zip(axes, (("sparsity", "achieved_sparsity"), ("bits", "achieved_bits")), strict=True):
+        for method, g in df[df.kind == kind].groupby("method"):
+            ax.plot(g[x], g["ppl"], marker="o", label=method)
+        ax.axhline(df["dense_ppl"].iloc[0], color="gray", ls="--", label="dense")
+        ax.set(xlabel=x.replace("_", " "), ylabel="WikiText-2 perplexity", yscale="log", title=f"{kind} budgets")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_allocation(inventory, allocations: dict, path: Path) -> None:
+    """Heatmap per method: decoder block x layer role, colour = sparsity (or bits)."""
+    roles = list(dict.fromkeys(lay.role for lay in inventory.layers))
+    chosen = [k for k in allocations if k[1] != "uniform"]
+    fig, axes = plt.subplots(1, len(chosen), figsize=(2.2 * len(chosen) + 1, 6), squeeze=False)
+    for ax, key in zip(axes[0], chosen, strict=True):
+        grid = np.full((inventory.n_blocks, len(roles)), np.nan)
+        bits = key[0].startswith("bits")
+        for lay, lv in zip(inventory.layers, allocations[key], strict=True):
+            grid[lay.block, roles.index(lay.role)] = lv.bits if bits else lv.sparsity
+        im = ax.imshow(grid, aspect="auto", cmap="viridis_r" if not bits else "viridis")
+        ax.set_title(f"{key[1]}\n{key[0]}", fontsize=8)
+        ax.set_xticks(
+            range(len(roles)), [r.split(".")[-1].replace("_proj", "") for r in roles], fontsize=7, rotation=90
+        )
+        ax.set_ylabel("block")
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Evolution: budget-keeping mutation (property test), determinism, resume, incremental = full fitness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from allocator.backends.database import LevelDatabase
+from allocator.budget import Budget, Problem, build_problem
+from allocator.errors import AllocatorError
+from allocator.fitness import KLFitness
+from allocator.levels import parse_grid
+from allocator.model import Inventory
+from allocator.search import get_searcher
+from allocator.search.evolution import _ladders, mutate
+from tests.conftest import VOCAB, tiny_model
+
+
+def _random_problem(seed: int, budgets: int = 1) -> Problem:
+    rng = np.random.default_rng(seed)
+    U, K = int(rng.integers(3, 12)), int(rng.integers(2, 7))
+    sizes = rng.integers(10, 1000, size=(U, 1)).astype(float)
+    frac = np.sort(rng.random(K))[::-1]
+    cost = sizes * frac[None, :]
+    cost[rng.random((U, K)) < 0.1] = np.inf  # some levels do not apply to some units
+    cost[:, 0] = sizes[:, 0]
+    limit = float(rng.uniform(np.nanmin(np.where(np.isinf(cost), np.nan, cost), axis=1).sum(), sizes.sum()))
+    extra = []
+    for _ in range(budgets - 1):
+        c2 = cost * rng.uniform(0.5, 1.5, size=(U, 1))
+        extra.append((Budget("bytes", 1.0), c2, float(np.nanmax(np.where(np.isinf(c2), np.nan, c2), axis=1).sum())))
+    return Problem([(f"u{u}",) for u in range(U)], parse_grid(",".join(f"s0.{k}" for k in range(K))), cost, limit,
+                   budget=Budget("bytes", limit), extra=extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_mutation_never_breaks_the_budget(seed):
+    problem = _random_problem(seed, budgets=1 + seed % 2)
+    ladders = _ladders(problem)
+    rng = np.random.default_rng(seed)
+    # start from the cheapest choice (always feasible), then mutate repeatedly
+    parent = np.array([ladder[-1] for ladder in ladders])
+    assert problem.feasible(parent)
+    for _ in range(30):
+        child = mutate(problem, parent, ladders, rng)
+        if child is None:
+            continue
+        assert problem.feasible(child)
+        assert np.isfinite(problem.cost[np.arange(len(child)), child]).all()
+        parent = child
+
+
+class ToyFitness:
+    """A deterministic stand-in for the model: summed error plus a batch-dependent wobble."""
+
+    pool_size, seq_len = 16, 64
+
+    def __init__(self, problem: Problem, fail_after: int | None = None):
+        self.problem, self.calls, self.fail_after = problem, 0, fail_after
+
+    def set_parent(self, choice):
+        pass
+
+    def __call__(self, choice, batch):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # the search is killed mid-generation
+        rows = np.arange(len(choice))
+        wobble = 0.01 * np.sin(batch.sum() + choice.sum())
+        return float(self.problem.error[rows, choice].sum() + wobble)
+
+
+def _toy_problem() -> Problem:
+    inv = Inventory.from_model(tiny_model("llama"))
+    grid = parse_grid("0:0.9:0.1")
+    problem = build_problem(inv, grid, Budget.parse("sparsity=0.5"))
+    rng = np.random.default_rng(0)
+    s = np.array([lv.sparsity for lv in grid])
+    problem.error = rng.uniform(0.2, 3.0, size=(len(problem.units), 1)) * s[None, :] ** 2
+    return problem
+
+
+def test_same_seed_same_plan_and_better_than_start():
+    problem = _toy_problem()
+    plans = []
+    for _ in range(2):
+        problem.fitness = ToyFitness(problem)
+        evo = get_searcher("evolution", generations=15, offspring=6, stages="3@64,1@256")
+        plans.append(evo.search(problem, seed=3))
+    assert np.array_equal(plans[0], plans[1])
+    assert problem.feasible(plans[0])
+    uniform = get_searcher("uniform").search(problem, 0)
+    rows = np.arange(len(uniform))
+    assert problem.error[rows, plans[0]].sum() < problem.error[rows, uniform].sum()
+    history = evo.history
+    assert [h["generation"] for h in history] == list(range(1, 16))
+    assert all(a["fitness"] >= b["fitness"] - 0.02 for a, b in zip(history, history[1:], strict=False))
+
+
+def test_resume_after_interruption_gives_the_same_plan(tmp_path):
+    problem = _toy_problem()
+    settings = dict(generations=12, offspring=5, stages="2@64,1@128")
+    problem.fitness = ToyFitness(problem)
+    straight = get_searcher("evolution", **settings).search(problem, seed=7)
+    ckpt = tmp_path / "state.json"
+    problem.fitness = ToyFitness(problem, fail_after=40)  # dies during generation 6
+    with pytest.raises(KeyboardInterrupt):
+        get_searcher("evolution", checkpoint=str(ckpt), **settings).search(problem, seed=7)
+    assert ckpt.is_file() and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    problem.fitness = ToyFitness(problem)
+    resumed = get_searcher("evolution", checkpoint=str(ckpt), resume=True, **settings).search(problem, seed=7)
+    assert np.array_equal(straight, resumed)
+    with pytest.raises(AllocatorError, match="another search"):
+        get_searcher("evolution", checkpoint=str(ckpt), resume=True, **settings).search(problem, seed=8)
+
+
+def test_knapsack_start_needs_a_profile():
+    problem = _toy_problem()
+    problem.error = None
+    problem.fitness = ToyFitness(problem)
+    with pytest.raises(AllocatorError, match="profile"):
+        get_searcher("evolution", start="knapsack", generations=1).search(problem, seed=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_incremental_fitness_equals_full_evaluation(family, tmp_path):
+    model = tiny_model(family)
+    inv = Inventory.from_model(model)
+    grid = parse_grid("dense,s0.3,s0.6,s0.9")
+    calib = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    db = LevelDatabase.build(model, inv, grid, "magnitude", tmp_path / "db", calib)
+    problem = build_problem(inv, grid, Budget.parse("sparsity=0.3"))
+    pool = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))
+    fitness = KLFitness(model, inv, problem, db, pool, batch_size=4)
+    parent = get_searcher("uniform").search(problem, 0)
+    fitness.set_parent(parent)
+    rng = np.random.default_rng(0)
+    ladders = _ladders(problem)
+    batch = np.array([0, 2, 5])
+    assert fitness(parent, batch) > 0
+    for _ in range(6):
+        child = mutate(problem, parent, ladders, rng)
+        fast = fitness(child, batch)
+        assert fast == pytest.approx(fitness.full(child, batch), rel=1e-5, abs=1e-7)
+    assert fitness.counters["block_forwards_saved"] > 0
+    assert fitness.full(np.full(len(parent), 0), batch) == pytest.approx(0, abs=1e-6)  # dense: KL 0
