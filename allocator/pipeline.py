@@ -14,14 +14,17 @@ import torch
 
 from allocator import data
 from allocator.backends import apply_, get_backend
+from allocator.backends.database import LevelDatabase
 from allocator.budget import build_problem, parse_budgets, summarize
 from allocator.errors import AllocatorError
 from allocator.evaluate import kl_divergence, log_probs, perplexity
+from allocator.fitness import KLFitness
 from allocator.io import write_json_atomic
 from allocator.levels import DEFAULT_GRID, Level, parse_grid
-from allocator.model import Inventory, load_model
+from allocator.model import Inventory, cache_dir, load_model
 from allocator.plan import Plan
-from allocator.profile import Profile, profile_path
+from allocator.profile import Profile, artifact_name
+from allocator.report import write_history
 from allocator.search import NEEDS_PROFILE, get_searcher
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,11 @@ class RunConfig:
     profiles_dir: str = "profiles"
     lam: float = 0.08  # OWL's λ
     time_limit: float | None = None  # knapsack MILP time limit (s)
+    generations: int = 50  # evolution: generations, offspring per generation, selection stages, start point
+    offspring: int = 16
+    stages: str = "4@1024,1@4096"
+    start: str = "uniform"
+    resume: bool = False  # continue an evolution killed in the same output folder
 
 
 @dataclass
@@ -108,14 +116,18 @@ class Session:
         log.info("dense perplexity %.3f", ppl)
         return ppl, teacher
 
+    @property
+    def calib_meta(self) -> dict:
+        """What the calibration windows are: profiles and databases are keyed by it."""
+        cfg = self.config
+        return {"calib": cfg.calib or "c4-validation-2k", "calib_samples": cfg.calib_samples,
+                "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
+
     def profile(self, levels: list[Level], backend: str, path: str | None = None) -> Profile:
         """The sensitivity profile of this model for ``levels``: loaded if saved, else measured and saved."""
-        cfg = self.config
-        calib_meta = {"calib": cfg.calib or "c4-validation-2k", "calib_samples": cfg.calib_samples,
-                      "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
-        target = (
-            Path(path) if path else profile_path(cfg.profiles_dir, self.loaded.model_id, backend, levels, calib_meta)
-        )
+        cfg, calib_meta = self.config, self.calib_meta
+        name = artifact_name(self.loaded.model_id, backend, levels, calib_meta) + ".parquet"
+        target = Path(path) if path else Path(cfg.profiles_dir) / name
         if target.is_file() or path:
             profile = Profile.load(target)
             profile.check(self.inventory, levels, backend)
@@ -128,6 +140,18 @@ class Session:
         profile.save(target)
         log.info("saved profile %s (%.1f s)", target, profile.meta["measure_s"])
         return profile
+
+    def database(self, levels: list[Level], backend: str) -> LevelDatabase:
+        """The level database for ``levels`` (built once, cached under the allocator cache folder)."""
+        path = cache_dir() / "db" / artifact_name(self.loaded.model_id, backend, levels, self.calib_meta)
+        if (path / "manifest.json").is_file():
+            db = LevelDatabase.open(path, self.inventory)
+            if {lv.name for lv in levels} <= set(db.manifest["levels"]):
+                return db
+        self.restore_()
+        db = LevelDatabase.build(self.model, self.inventory, levels, backend, path, self.calib, self.config.batch_size)
+        log.info("built level database %s (%.2f GB)", path, db.manifest["bytes"] / 1e9)
+        return db
 
     @torch.no_grad()
     def restore_(self) -> None:
@@ -170,7 +194,14 @@ def run(config: RunConfig) -> RunResult:
     """
     budget, *extra = parse_budgets(config.target)
     grid = parse_grid(config.levels)
-    options = {"owl": {"lam": config.lam}, "knapsack": {"time_limit": config.time_limit}}.get(config.method, {})
+    out = Path(config.output_dir) if config.output_dir else None
+    options = {
+        "owl": {"lam": config.lam},
+        "knapsack": {"time_limit": config.time_limit},
+        "evolution": {"generations": config.generations, "offspring": config.offspring, "stages": config.stages,
+                      "start": config.start, "resume": config.resume,
+                      "checkpoint": str(out / "evolution_state.json") if out else None},
+    }.get(config.method, {})  # fmt: skip
     searcher = None if config.plan else get_searcher(config.method, **options)
     saved = Plan.load(config.plan) if config.plan else None
     get_backend(config.backend)
@@ -183,10 +214,13 @@ def run(config: RunConfig) -> RunResult:
         extra = saved.extra_budgets
     else:
         problem = build_problem(inventory, grid, budget, config.per, extra)
-        if config.method in NEEDS_PROFILE:
+        if config.method in NEEDS_PROFILE or config.start == "knapsack" and config.method == "evolution":
             profile = session.profile(grid, config.backend, config.profile)
             problem.error = profile.error_matrix(problem.units, grid)
             problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
+        if config.method == "evolution":
+            db = session.database(grid, config.backend)
+            problem.fitness = KLFitness(session.model, inventory, problem, db, session.calib, config.batch_size)
         t0 = time.perf_counter()
         assignment, method = problem.assignment(searcher.search(problem, config.seed)), config.method
     search_s = time.perf_counter() - t0
@@ -197,8 +231,9 @@ def run(config: RunConfig) -> RunResult:
         assignment, inventory, session.loaded.model_id, budget, grid, method, config.seed, config.per,
         metrics["timings"], extra,
     )  # fmt: skip
-    out = Path(config.output_dir) if config.output_dir else None
     if out is not None:
+        if getattr(searcher, "history", None):
+            write_history(searcher.history, out)
         write_json_atomic(out / "config.json", {**asdict(config), "versions": _versions()})
         plan.save(out / "plan.json")
         write_json_atomic(out / "metrics.json", metrics)

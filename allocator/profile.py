@@ -154,8 +154,8 @@ class Profile:
         return np.array([per_layer[unit[0]] for unit in units], dtype=float)
 
 
-def profile_path(root: str | Path, model_id: str, backend: str, levels: list[Level], meta: dict) -> Path:
-    """``root/<model>/<backend>-<hash of grid and data>.parquet``: one file per distinct question."""
+def artifact_name(model_id: str, backend: str, levels: list[Level], meta: dict) -> str:
+    """``<model>/<backend>-<hash of grid and data>``: one profile or database per distinct question."""
     key = json.dumps({"grid": sorted(lv.name for lv in levels), **meta}, sort_keys=True)
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_id).name or model_id)
-    return Path(root) / slug / f"{backend}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"
+    return f"{slug}/{backend}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

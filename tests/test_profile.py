@@ -129,3 +129,21 @@ def test_two_budgets_at_once(tiny_model_dir, text_files, tmp_path):
     plan = Plan.load(tmp_path / "run" / "plan.json")
     assert plan.achieved["bits"] <= 6 + 1e-12 and plan.achieved["sparsity"] >= 0.3 - 1e-12
     assert [str(b) for b in plan.extra_budgets] == ["sparsity=0.3"]
+
+
+def test_evolution_run_end_to_end_and_resume(tiny_model_dir, text_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLOCATOR_CACHE", str(tmp_path / "cache"))
+    common = ["--method", "evolution", "--start", "knapsack", "--generations", "3", "--offspring", "3",
+              "--stages", "2@16,1@32", "--target", "sparsity=0.5"]  # fmt: skip
+    out = tmp_path / "evo"
+    assert main(_args(tiny_model_dir, text_files, tmp_path, *common, "-o", str(out))) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "evolution_state.json", "history.csv", "history.png", "metrics.json", "plan.json"]
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].startswith("generation,fitness") and len(history) == 4
+    plan = Plan.load(out / "plan.json")
+    assert plan.method == "evolution" and plan.achieved["sparsity"] >= 0.5 - 1e-12
+    # a finished search resumed with more generations continues from generation 3
+    more = ["--generations", "4", "--resume", "-o", str(out)]
+    assert main(_args(tiny_model_dir, text_files, tmp_path, *common, *more)) == 0
+    assert len((out / "history.csv").read_text().splitlines()) == 5
