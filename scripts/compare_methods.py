@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from allocator.budget import Budget, build_problem  # noqa: E402
+from allocator.fitness import KLFitness  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_grid  # noqa: E402
 from allocator.pipeline import RunConfig, Session  # noqa: E402
@@ -41,11 +42,24 @@ def main() -> None:
     ap.add_argument("--bits-methods", default="uniform,knapsack")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--kl-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument(
+        "--evolution",
+        default="generations=12,offspring=8,stages=2@1024;1@4096",
+        help="settings of the evolution-uniform / evolution-knapsack methods",
+    )
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--calib", default=None)
+    ap.add_argument("--eval", default=None)
     ap.add_argument("--profiles-dir", default="profiles")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    config = RunConfig(calib_samples=args.calib_samples, eval_samples=args.eval_samples, profiles_dir=args.profiles_dir)
+    config = RunConfig(model=args.model, calib=args.calib, eval=args.eval, calib_samples=args.calib_samples,
+                       eval_samples=args.eval_samples, kl_samples=args.kl_samples, seq_len=args.seq_len,
+                       profiles_dir=args.profiles_dir)  # fmt: skip
     session = Session(config)
+    evo = {k: v.replace(";", ",") for k, v in (item.split("=") for item in args.evolution.split(","))}
     rows, allocations = [], {}
     experiments = [("sparsity", v, args.sparsity_backend, args.sparsity_levels, args.sparsity_methods)
                    for v in args.sparsity.split(",")]  # fmt: skip
@@ -58,16 +72,28 @@ def main() -> None:
         problem.error = profile.error_matrix(problem.units, grid)
         problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
         for method in methods.split(","):
+            counters: dict = {}
+            if method.startswith("evolution"):
+                db = session.database(grid, backend)
+                problem.fitness = KLFitness(session.model, session.inventory, problem, db, session.calib)
+                searcher = get_searcher("evolution", start=method.split("-")[1], generations=int(evo["generations"]),
+                                        offspring=int(evo["offspring"]), stages=evo["stages"])  # fmt: skip
+            else:
+                searcher = get_searcher(method)
             t0 = time.perf_counter()
-            choice = get_searcher(method).search(problem, seed=0)
+            choice = searcher.search(problem, seed=0)
             search_s = time.perf_counter() - t0
+            if method.startswith("evolution"):
+                counters = {"search_tokens": sum(h["tokens"] for h in searcher.history),
+                            "block_forwards_saved": problem.fitness.counters["block_forwards_saved"]
+                            / max(1, problem.fitness.counters["block_forwards"])}  # fmt: skip
             assignment = problem.assignment(choice)
             m = session.evaluate(assignment, backend)
             rows.append({"budget": str(budget), "kind": kind, "method": method, "backend": backend,
                          "achieved_sparsity": m["achieved"]["sparsity"], "achieved_bits": m["achieved"]["bits"],
                          "proxy_error": float(problem.error[np.arange(len(choice)), choice].sum()),
                          "dense_ppl": m["dense_perplexity"], "ppl": m["perplexity"], "kl": m["kl_to_dense"],
-                         "search_s": search_s, "eval_tokens": m["eval_tokens"],
+                         "search_s": search_s, "eval_tokens": m["eval_tokens"], **counters,
                          "calibration_tokens": m["calibration_tokens"]})  # fmt: skip
             allocations[(str(budget), method)] = [assignment[lay.name] for lay in session.inventory.layers]
             print(rows[-1], flush=True)
