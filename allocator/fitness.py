@@ -32,8 +32,10 @@ class KLFitness:
         database: LevelDatabase,
         pool: torch.Tensor,
         batch_size: int = 4,
+        incremental: bool = True,
     ) -> None:
         self.model, self.inventory, self.problem, self.db = model, inventory, problem, database
+        self.incremental = incremental  # False: every candidate runs every block (the baseline)
         self.pool = pool  # [n, seq_len]
         self.pool_size, self.seq_len = pool.shape
         self.batch_size = batch_size
@@ -87,6 +89,7 @@ class KLFitness:
         """KL on pool rows ``batch``, running only the blocks from the first one that changed."""
         diff = np.flatnonzero(choice != self.parent)
         start = int(self.unit_block[diff].min()) if len(diff) else len(self.blocks) - 1
+        start = start if self.incremental else 0
         self._set(choice)
         n_blocks = len(self.blocks)
         self.counters["block_forwards"] += n_blocks * len(batch)
