@@ -161,14 +161,21 @@ class Session:
             for key, value in params.items():
                 getattr(module, key).copy_(value)
 
-    def evaluate(self, assignment: dict[str, Level], backend: str) -> dict:
-        """Compress the dense model to ``assignment`` with ``backend`` and measure it."""
+    def evaluate(self, assignment: dict[str, Level], backend: str, database: LevelDatabase | None = None) -> dict:
+        """Compress the dense model to ``assignment`` with ``backend`` and measure it.
+
+        With a ``database`` the levels are copied from it (calibrated on dense inputs, as EvoPress
+        does) instead of re-running the backend block by block on the partly compressed model.
+        """
         dense_ppl, teacher = self.dense
         self.restore_()
         chosen = get_backend(backend)
         t0 = time.perf_counter()
         calib = self.calib if chosen.needs_data else None
-        apply_(self.model, assignment, backend, calib, self.config.batch_size)
+        if database is not None:
+            database.load_into_(self.model, self.inventory, assignment)
+        else:
+            apply_(self.model, assignment, backend, calib, self.config.batch_size)
         compress_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ppl = perplexity(self.model, self.eval_seqs, self.config.batch_size, desc="compressed perplexity")

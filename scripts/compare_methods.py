@@ -43,6 +43,14 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--kl-samples", type=int, default=8)
+    ap.add_argument("--evolution-budgets", default="sparsity=0.5,sparsity=0.6", help="budgets where evolution runs")
+    ap.add_argument(
+        "--apply",
+        choices=["database", "sequential"],
+        default="database",
+        help="database: copy levels from the level database (one dense-input calibration pass); "
+        "sequential: re-run the backend block by block for every plan",
+    )
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument(
         "--evolution",
@@ -71,10 +79,13 @@ def main() -> None:
         problem = build_problem(session.inventory, grid, budget)
         problem.error = profile.error_matrix(problem.units, grid)
         problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
+        database = session.database(grid, backend) if args.apply == "database" else None
         for method in methods.split(","):
             counters: dict = {}
+            if method.startswith("evolution") and str(budget) not in args.evolution_budgets.split(","):
+                continue
             if method.startswith("evolution"):
-                db = session.database(grid, backend)
+                db = database or session.database(grid, backend)
                 problem.fitness = KLFitness(session.model, session.inventory, problem, db, session.calib)
                 searcher = get_searcher("evolution", start=method.split("-")[1], generations=int(evo["generations"]),
                                         offspring=int(evo["offspring"]), stages=evo["stages"])  # fmt: skip
@@ -88,12 +99,12 @@ def main() -> None:
                             "block_forwards_saved": problem.fitness.counters["block_forwards_saved"]
                             / max(1, problem.fitness.counters["block_forwards"])}  # fmt: skip
             assignment = problem.assignment(choice)
-            m = session.evaluate(assignment, backend)
+            m = session.evaluate(assignment, backend, database)
             rows.append({"budget": str(budget), "kind": kind, "method": method, "backend": backend,
                          "achieved_sparsity": m["achieved"]["sparsity"], "achieved_bits": m["achieved"]["bits"],
                          "proxy_error": float(problem.error[np.arange(len(choice)), choice].sum()),
                          "dense_ppl": m["dense_perplexity"], "ppl": m["perplexity"], "kl": m["kl_to_dense"],
-                         "search_s": search_s, "eval_tokens": m["eval_tokens"], **counters,
+                         "search_s": search_s, "apply": args.apply, "eval_tokens": m["eval_tokens"], **counters,
                          "calibration_tokens": m["calibration_tokens"]})  # fmt: skip
             allocations[(str(budget), method)] = [assignment[lay.name] for lay in session.inventory.layers]
             print(rows[-1], flush=True)
