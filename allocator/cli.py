@@ -6,7 +6,11 @@ import argparse
 import logging
 import sys
 
+import numpy as np
+
+from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
+from allocator.fitness import KLFitness
 from allocator.levels import DEFAULT_GRID, parse_grid
 from allocator.pipeline import RunConfig, Session, run
 from allocator.search import SEARCHERS
@@ -58,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="measure (or reuse) the layer x level sensitivity profile")
     _common(p)
     p.add_argument("--output", "-o", default=None, help="profile path (default: under --profiles-dir)")
+    p.add_argument(
+        "--kl-pool",
+        type=int,
+        default=0,
+        help="also measure end-to-end KL with only one layer compressed, on this many calibration windows",
+    )
     return parser
 
 
@@ -95,14 +105,25 @@ def _profile(args: argparse.Namespace) -> int:
     grid = parse_grid(args.levels)
     session = Session(_config(args))
     profile = session.profile(grid, args.backend)
+    if args.kl_pool:
+        problem = build_problem(session.inventory, grid, Budget("sparsity", 0.0))
+        db = session.database(grid, args.backend)
+        fitness = KLFitness(
+            session.model, session.inventory, problem, db, session.calib[: args.kl_pool], args.batch_size
+        )
+        profile.add_kl(fitness, problem, np.arange(min(args.kl_pool, len(session.calib))))
+        profile.save(session.profile_file(grid, args.backend))
     if args.output:
         profile.save(args.output)
     summary = profile.table.groupby("level", sort=False)["error"].agg(["mean", "min", "max"])
+    if "kl" in profile.table:
+        summary["kl"] = profile.table.groupby("level", sort=False)["kl"].mean()
     print(f"profile of {session.loaded.model_id}: {len(session.inventory.layers)} layers x {len(grid)} levels, "
           f"backend {args.backend}, {profile.meta['calibration_tokens']} calibration tokens")  # fmt: skip
     print("relative output error per level (mean / min / max over layers):")
     for level, row in summary.iterrows():
-        print(f"  {level:>14}  {row['mean']:.5f}  {row['min']:.5f}  {row['max']:.5f}")
+        kl = f"  KL {row['kl']:.5f}" if "kl" in row else ""
+        print(f"  {level:>14}  {row['mean']:.5f}  {row['min']:.5f}  {row['max']:.5f}{kl}")
     return 0
 
 

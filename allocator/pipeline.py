@@ -123,11 +123,15 @@ class Session:
         return {"calib": cfg.calib or "c4-validation-2k", "calib_samples": cfg.calib_samples,
                 "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
 
+    def profile_file(self, levels: list[Level], backend: str) -> Path:
+        """Where the profile for ``levels`` and ``backend`` on this session's data is saved."""
+        name = artifact_name(self.loaded.model_id, backend, levels, self.calib_meta) + ".parquet"
+        return Path(self.config.profiles_dir) / name
+
     def profile(self, levels: list[Level], backend: str, path: str | None = None) -> Profile:
         """The sensitivity profile of this model for ``levels``: loaded if saved, else measured and saved."""
         cfg, calib_meta = self.config, self.calib_meta
-        name = artifact_name(self.loaded.model_id, backend, levels, calib_meta) + ".parquet"
-        target = Path(path) if path else Path(cfg.profiles_dir) / name
+        target = Path(path) if path else self.profile_file(levels, backend)
         if target.is_file() or path:
             profile = Profile.load(target)
             profile.check(self.inventory, levels, backend)

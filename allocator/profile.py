@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from allocator.backends.all_levels import for_each_level
 from allocator.errors import AllocatorError
@@ -91,6 +92,29 @@ class Profile:
             **(meta or {}),
         }
         return cls(table, meta)
+
+    def add_kl(self, fitness, problem, rows: np.ndarray) -> None:
+        """Add column ``kl``: KL to the dense model when only that layer is compressed to that level.
+
+        ``fitness`` is a :class:`allocator.fitness.KLFitness` over a per-layer ``problem`` whose grid
+        holds ``dense``; each entry runs the model from the layer's own block on pool ``rows``.
+        """
+        names = [lv.name for lv in problem.levels]
+        if "dense" not in names or any(len(unit) != 1 for unit in problem.units):
+            raise AllocatorError("end-to-end KL profiles need a per-layer problem whose grid includes 'dense'")
+        dense = np.full(len(problem.units), names.index("dense"))
+        fitness.set_parent(dense)
+        kl = {}
+        for u, (name,) in enumerate(tqdm(problem.units, desc="KL profile", leave=False)):
+            for k, level in enumerate(problem.levels):
+                if np.isfinite(problem.cost[u, k]):
+                    choice = dense.copy()
+                    choice[u] = k
+                    kl[name, level.name] = 0.0 if k == dense[0] else fitness(choice, rows)
+        self.table["kl"] = [
+            kl.get((n, lv), np.nan) for n, lv in zip(self.table["layer"], self.table["level"], strict=True)
+        ]
+        self.meta["kl_tokens"] = int(len(rows) * fitness.seq_len)
 
     # ---- storage ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

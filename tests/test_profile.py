@@ -147,3 +147,41 @@ def test_evolution_run_end_to_end_and_resume(tiny_model_dir, text_files, tmp_pat
     more = ["--generations", "4", "--resume", "-o", str(out)]
     assert main(_args(tiny_model_dir, text_files, tmp_path, *common, *more)) == 0
     assert len((out / "history.csv").read_text().splitlines()) == 5
+
+
+def test_end_to_end_kl_profile(measured, tmp_path):
+    from allocator.backends.database import LevelDatabase
+    from allocator.budget import Budget, build_problem
+    from allocator.fitness import KLFitness
+
+    model, inv, calib, profile = measured
+    db = LevelDatabase.build(model, inv, GRID, "wanda", tmp_path / "db", calib, batch_size=2)
+    problem = build_problem(inv, GRID, Budget.parse("sparsity=0.5"))
+    fitness = KLFitness(model, inv, problem, db, calib, batch_size=2)
+    profile = Profile(profile.table.copy(), dict(profile.meta))
+    rows = np.array([0, 1, 3])
+    profile.add_kl(fitness, problem, rows)
+    assert (profile.table.query("level == 'dense'")["kl"] == 0).all()
+    assert (profile.table.query("level != 'dense'")["kl"] > 0).all()
+    # one entry against a full forward with only that layer compressed
+    u, k = 9, 3
+    choice = np.zeros(len(problem.units), dtype=int)
+    choice[u] = k
+    ref = fitness.full(choice, rows)
+    got = profile.table.query("layer == @problem.units[@u][0] and level == @GRID[@k].name")["kl"].item()
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_profile_command_with_kl(tiny_model_dir, text_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ALLOCATOR_CACHE", str(tmp_path / "cache"))
+    argv = ["profile", "--model", str(tiny_model_dir), "--calib", str(text_files["calib"]), "--seq-len", "16",
+            "--calib-samples", "4", "--levels", "dense,s0.5,2:4", "--backend", "sparsegpt", "--kl-pool", "2",
+            "--profiles-dir", str(tmp_path / "profiles")]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "relative output error per level" in printed and "KL" in printed
+    (path,) = (tmp_path / "profiles").rglob("*.parquet")
+    table = Profile.load(path).table
+    kl = table.query("level == '2:4'")["kl"]
+    assert {"error", "kl", "outlier_ratio"} <= set(table.columns)
+    assert (kl > -1e-6).all() and kl.max() > 0  # KL >= 0 up to float32 rounding
