@@ -9,6 +9,7 @@ from the dense weights. Data backends calibrate sequentially on --calib-samples 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -34,24 +35,36 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--backends", default=",".join(GRID))
+    ap.add_argument("--order", default=None, help="backend:level,... to run first (cheapest first)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    session = Session(RunConfig(calib_samples=args.calib_samples, eval_samples=args.eval_samples))
-    rows = []
-    for backend in args.backends.split(","):
-        for name in GRID[backend]:
-            level = parse_level(name)
-            t0 = time.perf_counter()
-            m = session.evaluate({lay.name: level for lay in session.inventory.layers}, backend)
-            rows.append({"backend": backend, "level": name, "kind": level.kind,
-                         "sparsity": m["achieved"]["sparsity"], "bits": m["achieved"]["bits"],
-                         "dense_ppl": m["dense_perplexity"], "ppl": m["perplexity"], "kl": m["kl_to_dense"],
-                         "calibration_tokens": m["calibration_tokens"], "eval_tokens": m["eval_tokens"],
-                         "compress_s": m["timings"]["compress_s"], "total_s": time.perf_counter() - t0})  # fmt: skip
-            print(rows[-1], flush=True)
-    df = pd.DataFrame(rows)
     out = Path(args.out)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    # resumable: rows already in OUT.json are kept and their configurations skipped
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").is_file() else []
+    done = {(r["backend"], r["level"]) for r in rows}
+    todo = [(b, n) for b in args.backends.split(",") for n in GRID[b]]
+    if args.order:
+        first = [tuple(item.split(":", 1)) for item in args.order.split(",")]
+        todo = [c for c in first if c in todo] + [c for c in todo if c not in first]
+    todo = [c for c in todo if c not in done]
+    session = Session(RunConfig(calib_samples=args.calib_samples, eval_samples=args.eval_samples))
+    for backend, name in todo:
+        level = parse_level(name)
+        t0 = time.perf_counter()
+        m = session.evaluate({lay.name: level for lay in session.inventory.layers}, backend)
+        rows.append({"backend": backend, "level": name, "kind": level.kind,
+                     "sparsity": m["achieved"]["sparsity"], "bits": m["achieved"]["bits"],
+                     "dense_ppl": m["dense_perplexity"], "ppl": m["perplexity"], "kl": m["kl_to_dense"],
+                     "calibration_tokens": m["calibration_tokens"], "eval_tokens": m["eval_tokens"],
+                     "compress_s": m["timings"]["compress_s"], "total_s": time.perf_counter() - t0})  # fmt: skip
+        print(rows[-1], flush=True)
+        write_outputs(rows, out, command)
+
+
+def write_outputs(rows: list[dict], out: Path, command: str) -> None:
+    """Table (CSV, JSON, Markdown) and plot of the rows so far; called after every row."""
+    df = pd.DataFrame(rows)
     write_text_atomic(out.with_suffix(".csv"), df.to_csv(index=False))
     write_json_atomic(out.with_suffix(".json"), {"command": command, "rows": rows})
     table = df.pivot_table(index="level", columns="backend", values="ppl").reindex(PRUNING + QUANT).dropna(how="all")
@@ -71,6 +84,7 @@ def main() -> None:
     b.set_title("quantization, uniform")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
