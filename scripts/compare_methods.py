@@ -10,6 +10,7 @@ perplexity plot and a per-layer allocation heatmap.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -66,9 +67,14 @@ def main() -> None:
     config = RunConfig(model=args.model, calib=args.calib, eval=args.eval, calib_samples=args.calib_samples,
                        eval_samples=args.eval_samples, kl_samples=args.kl_samples, seq_len=args.seq_len,
                        profiles_dir=args.profiles_dir)  # fmt: skip
+    out = Path(args.out)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    # resumable: rows already in OUT.json are kept and their (budget, method) skipped
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").is_file() else []
+    done = {(r["budget"], r["method"]) for r in rows}
     session = Session(config)
     evo = {k: v.replace(";", ",") for k, v in (item.split("=") for item in args.evolution.split(","))}
-    rows, allocations = [], {}
+    allocations = {}
     experiments = [("sparsity", v, args.sparsity_backend, args.sparsity_levels, args.sparsity_methods)
                    for v in args.sparsity.split(",")]  # fmt: skip
     experiments += [("bits", v, args.bits_backend, args.bits_levels, args.bits_methods) for v in args.bits.split(",")]
@@ -83,6 +89,8 @@ def main() -> None:
         for method in methods.split(","):
             counters: dict = {}
             if method.startswith("evolution") and str(budget) not in args.evolution_budgets.split(","):
+                continue
+            if (str(budget), method) in done:
                 continue
             if method.startswith("evolution"):
                 db = database or session.database(grid, backend)
@@ -108,9 +116,12 @@ def main() -> None:
                          "calibration_tokens": m["calibration_tokens"]})  # fmt: skip
             allocations[(str(budget), method)] = [assignment[lay.name] for lay in session.inventory.layers]
             print(rows[-1], flush=True)
+            write_outputs(rows, out, command, session.inventory, allocations)
+
+
+def write_outputs(rows: list[dict], out: Path, command: str, inventory, allocations: dict) -> None:
+    """Tables and plots of the rows so far; called after every row so a stopped run keeps its results."""
     df = pd.DataFrame(rows)
-    out = Path(args.out)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     write_text_atomic(out.with_suffix(".csv"), df.to_csv(index=False))
     write_json_atomic(out.with_suffix(".json"), {"command": command, "rows": rows})
     table = df.pivot_table(index="budget", columns="method", values="ppl", sort=False)
@@ -118,7 +129,8 @@ def main() -> None:
         out.with_suffix(".md"), f"`{command}`\n\nWikiText-2 test perplexity\n\n{table.round(2).to_markdown()}\n"
     )
     plot_ppl(df, out.with_name(out.name + "_ppl.png"))
-    plot_allocation(session.inventory, allocations, out.with_name(out.name + "_allocation.png"))
+    if allocations:
+        plot_allocation(inventory, allocations, out.with_name(out.name + "_allocation.png"))
 
 
 def plot_ppl(df: pd.DataFrame, path: Path) -> None:
@@ -131,6 +143,7 @@ def plot_ppl(df: pd.DataFrame, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_allocation(inventory, allocations: dict, path: Path) -> None:
@@ -152,6 +165,7 @@ def plot_allocation(inventory, allocations: dict, path: Path) -> None:
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
