@@ -57,7 +57,7 @@ def test_storage_bits_by_hand():
 
 def test_applies_to_checks_divisibility():
     assert parse_level("2:4").applies_to(4, 6) is not None
-    assert parse_level("w4g128").applies_to(4, 200) is not None
+    assert parse_level("w4g128").applies_to(4, 200) is None  # shorter last group, counted in the cost
     assert parse_level("s0.5").applies_to(4, 7) is None
 
 

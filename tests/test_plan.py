@@ -80,7 +80,7 @@ def test_missing_plan_file(tmp_path):
 
 def test_create_refuses_a_level_that_cannot_apply():
     inv = Inventory.from_model(tiny_model("llama"))
-    grid = [parse_level("w4g128")]
+    grid = [parse_level("3:7")]
     assignment = {lay.name: grid[0] for lay in inv.layers}
     with pytest.raises(AllocatorError, match="cannot apply"):
         Plan.create(assignment, inv, "m", Budget.parse("bits=8"), grid, "uniform", 0)
