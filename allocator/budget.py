@@ -67,10 +67,6 @@ class Budget:
             return self.value * inventory.params
         return self.value
 
-    def achieved_value(self, stats: dict[str, float]) -> float:
-        """The budget's quantity read from :func:`summarize`'s output."""
-        return stats[self.kind]
-
 
 def summarize(assignment: dict[str, Level], inventory: Inventory) -> dict[str, float]:
     """Exact achieved sparsity, average bits and bytes of an assignment (every budget kind)."""

@@ -24,6 +24,7 @@ import torch
 
 from allocator import data
 from allocator.backends.database import LevelDatabase
+from allocator.io import write_json_atomic
 from allocator.levels import parse_grid
 from allocator.model import Inventory, load_model
 
@@ -97,9 +98,7 @@ def main() -> None:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(Path(args.out).with_suffix(".json"), result)
     print(json.dumps(result, indent=2))
 
 

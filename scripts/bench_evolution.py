@@ -23,6 +23,7 @@ from allocator import data
 from allocator.backends.database import LevelDatabase
 from allocator.budget import Budget, build_problem
 from allocator.fitness import KLFitness
+from allocator.io import write_json_atomic
 from allocator.levels import parse_grid
 from allocator.model import Inventory, load_model
 from allocator.search import get_searcher
@@ -109,9 +110,7 @@ def main() -> None:
             }
     same = result["incremental"]["final_plan"] == result["full"]["final_plan"]
     result["same_plan_with_and_without_cache"] = same
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(Path(args.out).with_suffix(".json"), result)
     print(json.dumps(result, indent=2))
 
 

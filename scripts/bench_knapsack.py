@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from allocator.budget import Budget, Problem
+from allocator.io import write_json_atomic
 from allocator.levels import parse_grid
 from allocator.search import get_searcher
 from allocator.search.knapsack import frontier
@@ -63,7 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
     points = frontier(problem, limits)
     result["frontier_20_budgets"] = {"s": time.perf_counter() - t0, "errors": [p.error for p in points]}
-    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(Path(args.out).with_suffix(".json"), result)
     print(json.dumps({k: v for k, v in result.items() if k != "frontier_20_budgets"}, indent=2))
     print("frontier (20 budgets, one DP):", round(result["frontier_20_budgets"]["s"], 3), "s")
 
