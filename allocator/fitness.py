@@ -43,7 +43,8 @@ class KLFitness:
         self.unit_block = np.array([min(inventory[n].block for n in unit) for unit in problem.units])
         self.current: np.ndarray | None = None  # the choice the model's weights hold now
         self._set(np.full(len(problem.units), -1))  # dense: every layer at the database's dense level
-        self.teacher = log_probs(model, pool, batch_size, desc="teacher")  # [n, T, V]
+        # kept on the model's device: copying it per candidate was the GPU search's bottleneck
+        self.teacher = log_probs(model, pool, batch_size, desc="teacher").to(_device(model))  # [n, T, V]
         self.parent: np.ndarray | None = None
         self.cache: list[torch.Tensor] = []  # per block: its inputs for the whole pool, [n, T, hidden]
         self.counters = {"block_forwards": 0, "block_forwards_saved": 0}
@@ -110,7 +111,7 @@ class KLFitness:
             with self._from_block(start, self.cache[start][rows] if start and self.cache else None):
                 logits = self.model(self.pool[rows].to(device), use_cache=False).logits.float()
             student = F.log_softmax(logits, dim=-1)
-            p_log = self.teacher[rows].to(device)
+            p_log = self.teacher[rows.to(self.teacher.device)]
             total += (p_log.exp() * (p_log - student)).sum().item()
             count += rows.numel() * self.seq_len
         return total / count

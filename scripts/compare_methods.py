@@ -62,22 +62,29 @@ def main() -> None:
     ap.add_argument("--calib", default=None)
     ap.add_argument("--eval", default=None)
     ap.add_argument("--profiles-dir", default="profiles")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--fitness-batch", type=int, default=4, help="sequences per forward in the evolution fitness")
+    ap.add_argument("--probe", type=int, default=8, help="evolution: fixed pool sequences to track the parent's KL")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     config = RunConfig(model=args.model, calib=args.calib, eval=args.eval, calib_samples=args.calib_samples,
                        eval_samples=args.eval_samples, kl_samples=args.kl_samples, seq_len=args.seq_len,
-                       profiles_dir=args.profiles_dir)  # fmt: skip
+                       profiles_dir=args.profiles_dir, device=args.device, dtype=args.dtype)  # fmt: skip
     out = Path(args.out)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     # resumable: rows already in OUT.json are kept and their (budget, method) skipped
     rows = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").is_file() else []
     done = {(r["budget"], r["method"]) for r in rows}
+    history_csv = out.with_name(out.name + "_history.csv")
+    histories = pd.read_csv(history_csv).to_dict("records") if history_csv.is_file() and rows else []
     session = Session(config)
     evo = {k: v.replace(";", ",") for k, v in (item.split("=") for item in args.evolution.split(","))}
     allocations = {}
     experiments = [("sparsity", v, args.sparsity_backend, args.sparsity_levels, args.sparsity_methods)
                    for v in args.sparsity.split(",")]  # fmt: skip
-    experiments += [("bits", v, args.bits_backend, args.bits_levels, args.bits_methods) for v in args.bits.split(",")]
+    experiments += [("bits", v, args.bits_backend, args.bits_levels, args.bits_methods)
+                    for v in args.bits.split(",") if v]  # fmt: skip
     for kind, value, backend, levels, methods in experiments:
         grid = parse_grid(levels)
         budget = Budget(kind, float(value)).checked()
@@ -94,9 +101,11 @@ def main() -> None:
                 continue
             if method.startswith("evolution"):
                 db = database or session.database(grid, backend)
-                problem.fitness = KLFitness(session.model, session.inventory, problem, db, session.calib)
-                searcher = get_searcher("evolution", start=method.split("-")[1], generations=int(evo["generations"]),
-                                        offspring=int(evo["offspring"]), stages=evo["stages"])  # fmt: skip
+                problem.fitness = KLFitness(session.model, session.inventory, problem, db, session.calib,
+                                            batch_size=args.fitness_batch)  # fmt: skip
+                searcher = get_searcher("evolution", start=method.split("-")[1], probe=args.probe,
+                                        generations=int(evo["generations"]), offspring=int(evo["offspring"]),
+                                        stages=evo["stages"])  # fmt: skip
             else:
                 searcher = get_searcher(method)
             t0 = time.perf_counter()
@@ -105,7 +114,9 @@ def main() -> None:
             if method.startswith("evolution"):
                 counters = {"search_tokens": sum(h["tokens"] for h in searcher.history),
                             "block_forwards_saved": problem.fitness.counters["block_forwards_saved"]
-                            / max(1, problem.fitness.counters["block_forwards"])}  # fmt: skip
+                            / max(1, problem.fitness.counters["block_forwards"]),
+                            "generations": len([h for h in searcher.history if h["generation"] > 0])}  # fmt: skip
+                histories += [{"budget": str(budget), "method": method, **h} for h in searcher.history]
             assignment = problem.assignment(choice)
             m = session.evaluate(assignment, backend, database)
             rows.append({"budget": str(budget), "kind": kind, "method": method, "backend": backend,
@@ -116,11 +127,16 @@ def main() -> None:
                          "calibration_tokens": m["calibration_tokens"]})  # fmt: skip
             allocations[(str(budget), method)] = [assignment[lay.name] for lay in session.inventory.layers]
             print(rows[-1], flush=True)
-            write_outputs(rows, out, command, session.inventory, allocations)
+            write_outputs(rows, out, command, session.inventory, allocations, histories)
 
 
-def write_outputs(rows: list[dict], out: Path, command: str, inventory, allocations: dict) -> None:
+def write_outputs(rows: list[dict], out: Path, command: str, inventory, allocations: dict,
+                  histories: list[dict]) -> None:  # fmt: skip
     """Tables and plots of the rows so far; called after every row so a stopped run keeps its results."""
+    if histories:
+        hist = pd.DataFrame(histories)
+        write_text_atomic(out.with_name(out.name + "_history.csv"), hist.to_csv(index=False))
+        plot_convergence(hist, out.with_name(out.name + "_convergence.png"))
     df = pd.DataFrame(rows)
     write_text_atomic(out.with_suffix(".csv"), df.to_csv(index=False))
     write_json_atomic(out.with_suffix(".json"), {"command": command, "rows": rows})
@@ -131,6 +147,21 @@ def write_outputs(rows: list[dict], out: Path, command: str, inventory, allocati
     plot_ppl(df, out.with_name(out.name + "_ppl.png"))
     if allocations:
         plot_allocation(inventory, allocations, out.with_name(out.name + "_allocation.png"))
+
+
+def plot_convergence(hist: pd.DataFrame, path: Path) -> None:
+    """Per budget: the parent's KL on the fixed probe sequences against calibration tokens spent, per start."""
+    budgets = list(dict.fromkeys(hist["budget"]))
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 3.8), squeeze=False)
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        for method, g in hist[hist.budget == budget].groupby("method"):
+            y = g["parent_kl"] if "parent_kl" in g and g["parent_kl"].notna().any() else g["fitness"]
+            ax.plot(g["tokens"].cumsum() / 1e6, y, label=method)
+        ax.set(xlabel="calibration tokens evaluated (M)", ylabel="parent KL to dense (fixed probe)", title=budget)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_ppl(df: pd.DataFrame, path: Path) -> None:
@@ -150,6 +181,8 @@ def plot_allocation(inventory, allocations: dict, path: Path) -> None:
     """Heatmap per method: decoder block x layer role, colour = sparsity (or bits)."""
     roles = list(dict.fromkeys(lay.role for lay in inventory.layers))
     chosen = [k for k in allocations if k[1] != "uniform"]
+    if not chosen:
+        return
     fig, axes = plt.subplots(1, len(chosen), figsize=(2.2 * len(chosen) + 1, 6), squeeze=False)
     for ax, key in zip(axes[0], chosen, strict=True):
         grid = np.full((inventory.n_blocks, len(roles)), np.nan)

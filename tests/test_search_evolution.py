@@ -64,6 +64,8 @@ class ToyFitness:
 
     def __call__(self, choice, batch):
         self.calls += 1
+        if hasattr(self, "counters"):
+            self.counters["block_forwards"] += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise KeyboardInterrupt  # the search is killed mid-generation
         rows = np.arange(len(choice))
@@ -96,6 +98,24 @@ def test_same_seed_same_plan_and_better_than_start():
     history = evo.history
     assert [h["generation"] for h in history] == list(range(1, 16))
     assert all(a["fitness"] >= b["fitness"] - 0.02 for a, b in zip(history, history[1:], strict=False))
+
+
+def test_probe_tracks_the_parent_without_changing_the_search():
+    """The probe (a fixed yardstick for convergence plots) must not touch the RNG, the plan or the counters."""
+    problem = _toy_problem()
+    plans, histories = [], []
+    for probe in (0, 4):
+        problem.fitness = ToyFitness(problem)
+        problem.fitness.counters = {"block_forwards": 0}
+        evo = get_searcher("evolution", generations=8, offspring=4, stages="1@128", probe=probe)
+        plans.append(evo.search(problem, seed=5))
+        histories.append(evo.history)
+    assert np.array_equal(plans[0], plans[1])
+    plain, probed = histories
+    assert probed[0]["generation"] == 0 and len(probed) == len(plain) + 1
+    assert [h["block_forwards"] for h in probed[1:]] == [h["block_forwards"] for h in plain]
+    final = ToyFitness(problem)(plans[1], np.arange(4))
+    assert probed[-1]["parent_kl"] == pytest.approx(final)
 
 
 def test_resume_after_interruption_gives_the_same_plan(tmp_path):

@@ -60,6 +60,7 @@ class Evolution:
     start: str = "uniform"
     checkpoint: str | None = None
     resume: bool = False
+    probe: int = 0  # >0: also record the parent's KL on the first ``probe`` pool sequences (a fixed yardstick)
     history: list[dict] = field(default_factory=list)
 
     def search(self, problem: Problem, seed: int) -> np.ndarray:
@@ -83,6 +84,12 @@ class Evolution:
         self.history = state["history"]
         fitness.set_parent(parent)
         t_start = time.perf_counter() - state["elapsed_s"]
+        # the fitness of a generation is measured on a fresh minibatch (noisy); the probe is a fixed one,
+        # so runs from different starts can be compared generation by generation
+        probe = np.arange(min(self.probe, fitness.pool_size))
+        probed = {"parent_kl": _uncounted(fitness, parent, probe)} if self.probe else {}
+        if self.probe and not self.history:
+            self.history.append({"generation": 0, "fitness": None, "tokens": 0, "time_s": 0.0, **probed})
         for gen in tqdm(range(state["generation"], self.generations), desc="evolution", initial=state["generation"],
                         total=self.generations, leave=False):  # fmt: skip
             children = self._offspring(problem, parent, ladders, rng)
@@ -99,8 +106,9 @@ class Evolution:
             if not np.array_equal(candidates[0], parent):
                 parent = candidates[0]
                 fitness.set_parent(parent)
-            record = {"generation": gen + 1, "fitness": best_score, "tokens": tokens,
-                      "time_s": time.perf_counter() - t_start, **getattr(fitness, "counters", {})}  # fmt: skip
+                probed = {"parent_kl": _uncounted(fitness, parent, probe)} if self.probe else {}
+            record = {"generation": gen + 1, "fitness": best_score, "tokens": tokens, "time_s": time.perf_counter()
+                      - t_start, **probed, **getattr(fitness, "counters", {})}  # fmt: skip
             self.history.append(record)
             state = {"generation": gen + 1, "parent": parent.tolist(), "history": self.history,
                      "elapsed_s": time.perf_counter() - t_start, "rng": rng.bit_generator.state}  # fmt: skip
@@ -146,6 +154,15 @@ class Evolution:
             )
         log.info("resuming evolution at generation %d", saved["generation"])
         return saved
+
+
+def _uncounted(fitness: Fitness, choice: np.ndarray, batch: np.ndarray) -> float:
+    """Score ``choice`` without adding to the fitness's block-forward counters (the probe is bookkeeping)."""
+    counters = dict(getattr(fitness, "counters", {}))
+    value = fitness(choice, batch)
+    if counters:
+        fitness.counters.update(counters)  # type: ignore[attr-defined]
+    return value
 
 
 def _ladders(problem: Problem) -> list[np.ndarray]:

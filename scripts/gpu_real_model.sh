@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Real-model runs on the loaned GPU (device tool). The GGUF (98 MB) is larger than one upload (64 MB), so it
+# travels in two halves over two back-to-back calls:
+#   call 1 (carry .gpu/m.partA):                 bash scripts/gpu_real_model.sh stage
+#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution
+# Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
+set -euo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
+MODEL=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
+case "$1" in
+stage)
+  mkdir -p /tmp/model && cp .gpu/m.partA /tmp/model/ && nvidia-smi --query-gpu=name,driver_version --format=csv ;;
+*)
+  [ -f /tmp/model/m.partA ] || { echo "error: first half missing (the machine was not warm): run the stage call again"; exit 3; }
+  [ -f "$MODEL" ] || cat /tmp/model/m.partA .gpu/m.partB > "$MODEL"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PWD:/tmp/site
+  mkdir -p "$OUT"
+  # a run cut at the 10-minute limit continues: carry what came back as .gpu/resume (the scripts resume)
+  [ -d .gpu/resume ] && cp -r .gpu/resume/. "$OUT"/
+  case "$1" in
+  evolution)
+    # issue 5: uniform / OWL / knapsack / evolution from both starts at three sparsity budgets, one run
+    python3 scripts/compare_methods.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
+      --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
+      --sparsity 0.4,0.5,0.6 --bits "" --evolution-budgets sparsity=0.4,sparsity=0.5,sparsity=0.6 \
+      --sparsity-methods uniform,owl,knapsack,evolution-uniform,evolution-knapsack \
+      --evolution "generations=${GENERATIONS:-150},offspring=16,stages=4@2048;1@8192" --fitness-batch 16 \
+      --profiles-dir "$OUT/profiles" --out "$OUT/evolution" 2>&1 | sed "/it\\/s\\]/d" ;;
+  esac ;;
+esac
