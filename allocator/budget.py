@@ -164,9 +164,11 @@ def build_problem(
         bad = [unit[0] for unit, row in zip(units, cost, strict=True) if np.isinf(row).all()]
         raise AllocatorError(f"no level of the grid applies to {bad}: add a level such as 'dense' to the grid")
     more = [(b, matrix(b), b.limit(inventory)) for b in extra or []]
-    return Problem(
+    problem = Problem(
         units, list(levels), cost, budget.limit(inventory), budget=budget, params=inventory.params, extra=more
     )
+    problem.info["bytes"] = cost if budget.kind == "bytes" else matrix(Budget("bytes", 1.0))  # for Pareto fronts
+    return problem
 
 
 def parse_budgets(text: str) -> list[Budget]:

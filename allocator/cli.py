@@ -56,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--offspring", type=int, default=d.offspring, help="evolution: offspring per generation")
     r.add_argument("--stages", default=d.stages, help="evolution: selection SURVIVORS@TOKENS,... (last 1@...)")
     r.add_argument("--start", default=d.start, choices=["uniform", "knapsack"], help="evolution: start point")
-    r.add_argument("--resume", action="store_true", help="evolution: continue from the output folder's checkpoint")
+    r.add_argument("--resume", action="store_true", help="evolution/optuna: continue a killed run in the output folder")
+    r.add_argument("--space", default=d.space, choices=["levels", "compact"], help="optuna: search space")
+    r.add_argument("--sampler", default=d.sampler, choices=["tpe", "gp", "cmaes", "nsga2"], help="optuna: sampler")
+    r.add_argument("--trials", type=int, default=d.trials, help="optuna: model evaluations in the study (all workers)")
+    r.add_argument("--objectives", default=d.objectives, choices=["fitness", "fitness,bytes"],
+                   help="optuna: fitness,bytes gives a Pareto front of plans")  # fmt: skip
+    r.add_argument("--storage", default=None,
+                   help="optuna: journal file or RDB URL; workers on one storage share a study")  # fmt: skip
+    r.add_argument("--study-name", default=d.study_name, help="optuna: study name within the storage")
     r.add_argument("--plan", default=None, help="apply this saved plan.json instead of searching")
     r.add_argument("--output-dir", "-o", default=None, help="run folder (default: runs/<method>-<target>)")
     p = sub.add_parser("profile", help="measure (or reuse) the layer x level sensitivity profile")

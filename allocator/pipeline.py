@@ -24,7 +24,7 @@ from allocator.levels import DEFAULT_GRID, Level, parse_grid
 from allocator.model import Inventory, cache_dir, load_model
 from allocator.plan import Plan
 from allocator.profile import Profile, artifact_name
-from allocator.report import write_history
+from allocator.report import write_history, write_pareto
 from allocator.search import NEEDS_PROFILE, get_searcher
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,13 @@ class RunConfig:
     offspring: int = 16
     stages: str = "4@1024,1@4096"
     start: str = "uniform"
-    resume: bool = False  # continue an evolution killed in the same output folder
+    resume: bool = False  # continue an evolution (or optuna study) killed in the same output folder
+    space: str = "levels"  # optuna: search space (levels | compact), sampler, trials, objectives, storage
+    sampler: str = "tpe"
+    trials: int = 100
+    objectives: str = "fitness"
+    storage: str | None = None  # None: a journal file in the output folder
+    study_name: str = "allocator"
 
 
 @dataclass
@@ -212,6 +218,9 @@ def run(config: RunConfig) -> RunResult:
         "evolution": {"generations": config.generations, "offspring": config.offspring, "stages": config.stages,
                       "start": config.start, "resume": config.resume,
                       "checkpoint": str(out / "evolution_state.json") if out else None},
+        "optuna": {"space": config.space, "sampler": config.sampler, "trials": config.trials,
+                   "objectives": config.objectives, "study_name": config.study_name, "resume": config.resume,
+                   "storage": config.storage or (str(out / "optuna.journal") if out else None)},
     }.get(config.method, {})  # fmt: skip
     searcher = None if config.plan else get_searcher(config.method, **options)
     saved = Plan.load(config.plan) if config.plan else None
@@ -229,7 +238,7 @@ def run(config: RunConfig) -> RunResult:
             profile = session.profile(grid, config.backend, config.profile)
             problem.error = profile.error_matrix(problem.units, grid)
             problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
-        if config.method == "evolution":
+        if config.method in ("evolution", "optuna"):
             db = session.database(grid, config.backend)
             problem.fitness = KLFitness(session.model, inventory, problem, db, session.calib, config.batch_size)
         t0 = time.perf_counter()
@@ -245,10 +254,27 @@ def run(config: RunConfig) -> RunResult:
     if out is not None:
         if getattr(searcher, "history", None):
             write_history(searcher.history, out)
+        if getattr(searcher, "pareto", None):
+            _write_pareto(searcher.pareto, problem, session, config, budget, grid, extra, out)
         write_json_atomic(out / "config.json", {**asdict(config), "versions": _versions()})
         plan.save(out / "plan.json")
         write_json_atomic(out / "metrics.json", metrics)
     return RunResult(plan, metrics, out)
+
+
+def _write_pareto(pareto, problem, session: Session, config: RunConfig, budget, grid, extra, out: Path) -> None:
+    """Every Pareto plan of a multi-objective study as a Plan, evaluated, plus the front as CSV and plot."""
+    rows = []
+    for i, point in enumerate(sorted(pareto, key=lambda p: p["bytes"])):
+        assignment = problem.assignment(point["choice"])
+        m = session.evaluate(assignment, config.backend)
+        plan = Plan.create(assignment, session.inventory, session.loaded.model_id, budget, grid, "optuna-pareto",
+                           config.seed, config.per, m["timings"], extra)  # fmt: skip
+        plan.save(out / "pareto" / f"plan_{i:02d}.json")
+        rows.append({"plan": f"pareto/plan_{i:02d}.json", "trial": point["trial"], "fitness": point["fitness"],
+                     "bytes": m["achieved"]["bytes"], "bits": m["achieved"]["bits"], "perplexity": m["perplexity"],
+                     "kl_to_dense": m["kl_to_dense"]})  # fmt: skip
+    write_pareto(rows, out)
 
 
 def _versions() -> dict[str, str]:

@@ -19,10 +19,35 @@ def write_history(history: list[dict], out: Path) -> None:
     df = pd.DataFrame(history)
     write_text_atomic(out / "history.csv", df.to_csv(index=False))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(df["generation"], df["fitness"], marker=".")
-    ax.set(xlabel="generation", ylabel="best fitness (KL to dense, last stage)", title="evolution")
+    if "generation" in df:
+        ax.plot(df["generation"], df["fitness"], marker=".")
+        ax.set(xlabel="generation", ylabel="best fitness (KL to dense, last stage)", title="evolution")
+    else:  # an optuna study: every trial, and the best so far
+        ax.plot(df["trial"], df["fitness"], ".", alpha=0.5, label="trial")
+        ax.plot(df["trial"], df["fitness"].cummin(), label="best so far")
+        ax.set(xlabel="trial", ylabel="fitness (KL to dense)", yscale="log", title="optuna")
+        ax.legend()
     fig.tight_layout()
     tmp = out / ".history.png.tmp"
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(out / "history.png")
+
+
+def write_pareto(rows: list[dict], out: Path) -> None:
+    """``pareto.csv`` and ``pareto.png``: perplexity against model bytes of a multi-objective study's front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(rows)
+    write_text_atomic(out / "pareto.csv", df.to_csv(index=False))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(df["bytes"] / 2**20, df["perplexity"], "o-")
+    ax.set(xlabel="compressible weights (MiB)", ylabel="WikiText-2 perplexity", yscale="log", title="Pareto front")
+    fig.tight_layout()
+    tmp = out / ".pareto.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(out / "pareto.png")

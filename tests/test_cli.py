@@ -101,3 +101,17 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     expected = "error: target sparsity must be in [0, 1), got 1.5: e.g. --target sparsity=0.5"
     assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_optuna_pareto_run_writes_a_plan_per_front_point(tiny_model_dir, text_files, tmp_path):
+    out = tmp_path / "pareto"
+    args = _args(tiny_model_dir, text_files, out, "--target", "sparsity=0.5", "--method", "optuna",
+                 "--objectives", "fitness,bytes", "--sampler", "nsga2", "--trials", "12",
+                 "--levels", "0:0.8:0.2", "--backend", "wanda", "--profiles-dir", str(tmp_path / "p"))  # fmt: skip
+    assert main(args) == 0
+    front = (out / "pareto.csv").read_text().splitlines()
+    assert len(front) >= 2 and (out / "pareto.png").is_file() and (out / "optuna.journal").is_file()
+    for line in front[1:]:
+        plan = Plan.load(out / line.split(",")[0])
+        assert plan.achieved["sparsity"] >= 0.5 - 1e-9  # every front plan within the budget
+    assert (out / "history.csv").read_text().count("\n") == 13  # header + 12 trials

@@ -1,0 +1,327 @@
+"""Bayesian and multi-objective allocation search with Optuna, over a storage several workers share.
+
+Two search spaces (``space``):
+
+* ``levels``: one categorical level per unit. A proposal that breaks the budget is projected onto
+  it deterministically (``project``): units step to their next more compressed level, cheapest
+  profile error per cost saved first, until every budget holds; single-objective studies then
+  spend leftover slack on the steps that buy the most error per cost.
+* ``compact``: a handful of continuous knobs, a log-multiplier per layer role and a depth slope,
+  that re-weight the profile errors; the knapsack turns the re-weighted profile into a plan that
+  meets the budget exactly. Small enough for GP and CMA-ES.
+
+The study is seeded with the uniform, OWL and knapsack plans (``enqueue_trial`` in the levels
+space; the compact space's origin *is* the knapsack plan, the others are scored once and kept beside the
+trials),
+so its best plan is never worse than the best seed on the same fitness. Several processes pointed
+at one storage (a journal file, or any RDB URL) share one study: trial numbers are handed out by
+the storage, and a trial numbered at or beyond the study's quota is pruned unevaluated, so the
+workers finish exactly ``trials`` evaluations between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from allocator.budget import Problem
+from allocator.errors import AllocatorError
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "gp", "cmaes", "nsga2")
+SPACES = ("levels", "compact")
+
+
+def open_storage(url: str | None):
+    """An Optuna storage from a URL: ``sqlite:///x.db``/``postgresql://…`` (RDB) or a journal file path."""
+    import optuna
+
+    if url is None:
+        return None
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = Path(url.removeprefix("journal:"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a worker killed while writing leaves its lock behind; journal writes take milliseconds, so a lock
+    # older than 10 s is stale (Optuna's default waits 30 s before breaking it)
+    lock = JournalFileOpenLock(str(path), grace_period=10)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+def _sampler(name: str, seed: int, space: str, multi: bool):
+    import optuna
+
+    if name not in SAMPLERS:
+        raise AllocatorError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    if name == "cmaes" and space != "compact":
+        raise AllocatorError("CMA-ES samples continuous spaces only: use --space compact (or sampler tpe/gp)")
+    if name == "cmaes" and multi:
+        raise AllocatorError("CMA-ES is single-objective: use sampler nsga2 or tpe for a Pareto front")
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def unit_features(problem: Problem) -> tuple[list[str], np.ndarray]:
+    """Per unit: its role (the layer name without the block index) and its relative depth in [0, 1]."""
+    roles, depth = [], []
+    for unit in problem.units:
+        name = unit[0]
+        match = re.search(r"\.(\d+)\.", name)
+        depth.append(int(match.group(1)) if match else 0)
+        roles.append("+".join(n.rsplit(".", 1)[-1] for n in unit))
+    d = np.array(depth, dtype=float)
+    return roles, (d - d.min()) / max(1.0, d.max() - d.min())
+
+
+def project(problem: Problem, choice: np.ndarray, fill: bool = True) -> np.ndarray:
+    """The nearest plan within every budget, found greedily and deterministically.
+
+    Steps down (more compression) where the profile error grows least per unit of cost saved until
+    feasible; with ``fill``, then steps up where error falls most per unit of cost while it stays
+    feasible. Without a profile, cost alone decides (largest saving first).
+    """
+    choice = choice.copy()
+    cost = problem.cost
+    err = problem.error if problem.error is not None else np.zeros_like(cost)
+    ladders = [np.flatnonzero(np.isfinite(row))[np.argsort(-row[np.isfinite(row)], kind="stable")] for row in cost]
+    rank = np.array([int(np.flatnonzero(ladders[u] == choice[u])[0]) for u in range(len(choice))])
+
+    def step(u: int, d: int) -> tuple[float, float]:
+        a, b = choice[u], ladders[u][rank[u] + d]
+        return float(err[u, b] - err[u, a]), float(cost[u, a] - cost[u, b])
+
+    while not problem.feasible(choice):
+        options = [(max(step(u, 1)[0], 0.0) / max(step(u, 1)[1], 1e-12), u)
+                   for u in range(len(choice)) if rank[u] < len(ladders[u]) - 1]  # fmt: skip
+        if not options:
+            raise AllocatorError("no plan of this grid meets the budget: loosen it or add more compressed levels")
+        _, u = min(options)
+        rank[u] += 1
+        choice[u] = ladders[u][rank[u]]
+    while fill:
+        options = []
+        for u in range(len(choice)):
+            if rank[u] == 0:
+                continue
+            gain, extra = step(u, -1)
+            trial = choice.copy()
+            trial[u] = ladders[u][rank[u] - 1]
+            if problem.feasible(trial):
+                options.append((gain / max(-extra, 1e-12), u))  # gain <= 0: error removed per cost added
+        if not options or problem.error is None:
+            break
+        _, u = min(options)
+        rank[u] -= 1
+        choice[u] = ladders[u][rank[u]]
+    return choice
+
+
+@dataclass
+class OptunaSearch:
+    """An Optuna study over allocations; ``objectives`` is ``fitness`` or ``fitness,bytes`` (Pareto)."""
+
+    space: str = "levels"
+    sampler: str = "tpe"
+    trials: int = 100
+    objectives: str = "fitness"
+    storage: str | None = None  # journal file path or RDB URL; None: in memory
+    study_name: str = "allocator"
+    seeds: str = "uniform,owl,knapsack"
+    probe: int = 8  # fitness sequences of the calibration pool, the same ones for every trial
+    resume: bool = False  # the only worker left: fail and re-queue trials a killed worker left running
+    history: list[dict] = field(default_factory=list)
+    pareto: list[dict] = field(default_factory=list)
+
+    def search(self, problem: Problem, seed: int) -> np.ndarray:
+        """Run (or join, or resume) the study; return the best plan found within the budget."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if self.space not in SPACES:
+            raise AllocatorError(f"unknown search space {self.space!r}: choose one of {', '.join(SPACES)}")
+        objectives = self.objectives.split(",")
+        if objectives not in (["fitness"], ["fitness", "bytes"]):
+            raise AllocatorError(f"objectives must be 'fitness' or 'fitness,bytes', got {self.objectives!r}")
+        multi = len(objectives) > 1
+        if self.space == "compact" and problem.error is None:
+            raise AllocatorError("the compact space re-weights a sensitivity profile: run with a profile")
+        if (error := problem.reach_error()) is not None:
+            raise error
+        score = self._scorer(problem)
+        sampler = _sampler(self.sampler, seed, self.space, multi)
+        study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage), sampler=sampler,
+                                    directions=["minimize"] * len(objectives), load_if_exists=True)  # fmt: skip
+        key = {"units": len(problem.units), "levels": [lv.name for lv in problem.levels], "limit": problem.limit,
+               "space": self.space, "objectives": self.objectives}  # fmt: skip
+        if study.user_attrs.get("key", key) != key:
+            raise AllocatorError(f"study {self.study_name!r} in {self.storage} belongs to another search: "
+                                 "use another --study-name or output folder")  # fmt: skip
+        study.set_user_attr("key", key)
+        bytes_cost = problem.info.get("bytes", problem.cost)
+        roles, depth = unit_features(problem)
+        if self.resume:
+            self._recover_stale(study)
+        if not study.trials:
+            self._seed(study, problem, seed, score, bytes_cost)
+
+        over_quota = [False]
+
+        def objective(trial: optuna.Trial):
+            done = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and not _dropped(t)]
+            if len(done) >= self.trials:  # other workers hold the rest of the quota
+                over_quota[0] = True
+                trial.set_user_attr("over_quota", True)
+                raise optuna.TrialPruned("the study has its trials")
+            t0 = time.perf_counter()
+            proposal = self._propose(trial, problem, roles, depth)
+            choice = project(problem, proposal, fill=not multi) if self.space == "levels" else proposal
+            fit = score(choice)
+            self._record(trial, problem, choice, fit, bytes_cost, time.perf_counter() - t0)
+            return (fit, float(bytes_cost[np.arange(len(choice)), choice].sum())) if multi else fit
+
+        with tqdm(total=self.trials, initial=_evaluated(study), desc=f"optuna ({self.space})", leave=False) as bar:
+            while _evaluated(study) < self.trials and not over_quota[0]:
+                study.optimize(objective, n_trials=1, gc_after_trial=False)
+                bar.n = min(self.trials, _evaluated(study))
+                bar.refresh()
+        return self._result(study, problem, multi)
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def _scorer(self, problem: Problem):
+        """Fitness on fixed pool rows (comparable across trials), or the profile error without a model."""
+        fitness = problem.fitness
+        if fitness is None:
+            if problem.error is None:
+                raise AllocatorError("optuna needs a fitness (level database + data) or a sensitivity profile")
+            rows = np.arange(len(problem.units))
+            return lambda choice: float(problem.error[rows, choice].sum())
+        batch = np.arange(min(self.probe, fitness.pool_size))
+        state = {"parent": False}
+
+        def score(choice: np.ndarray) -> float:
+            if not state["parent"] and hasattr(fitness, "set_parent"):
+                fitness.set_parent(choice)  # the incremental cache needs a parent; any plan will do
+                state["parent"] = True
+            return float(fitness(choice, batch))
+
+        return score
+
+    def _propose(self, trial, problem: Problem, roles: list[str], depth: np.ndarray) -> np.ndarray:
+        if self.space == "levels":
+            names = [lv.name for lv in problem.levels]
+            picks = []
+            for u, unit in enumerate(problem.units):
+                choices = [names[k] for k in np.flatnonzero(np.isfinite(problem.cost[u]))]
+                picks.append(names.index(trial.suggest_categorical(unit[0], choices)))
+            return np.array(picks)
+        from allocator.search.knapsack import Knapsack
+
+        mult = {r: trial.suggest_float(f"role.{r}", -2.0, 2.0) for r in dict.fromkeys(roles)}
+        slope = trial.suggest_float("depth_slope", -2.0, 2.0)
+        weight = np.exp(np.array([mult[r] for r in roles]) + slope * (depth - 0.5))
+        shaped = Problem(problem.units, problem.levels, problem.cost, problem.limit, budget=problem.budget,
+                         error=problem.error * weight[:, None], params=problem.params, extra=problem.extra)  # fmt: skip
+        return Knapsack().search(shaped, 0)
+
+    def _record(self, trial, problem: Problem, choice, fit: float, bytes_cost, seconds: float) -> None:
+        """Plan, budget, fitness and timing as user attributes (what optuna-dashboard shows)."""
+        achieved = [float(c[np.arange(len(choice)), choice].sum()) for _, c, _ in problem.constraints()]
+        for (budget, _, limit), total in zip(problem.constraints(), achieved, strict=True):
+            if hasattr(trial, "set_constraint"):  # Optuna >= 5; on 4.x the margin is kept as an attribute
+                trial.set_constraint(str(budget), total - limit)
+            else:
+                trial.set_user_attr(f"constraint {budget}", total - limit)
+        trial.set_user_attr("plan", [problem.levels[k].name for k in choice])
+        trial.set_user_attr("budget", str(problem.budget))
+        trial.set_user_attr("achieved", problem.in_budget_units(problem.budget, achieved[0]))
+        trial.set_user_attr("bytes", float(bytes_cost[np.arange(len(choice)), choice].sum()))
+        trial.set_user_attr("fitness", fit)
+        trial.set_user_attr("seconds", seconds)
+
+    def _seed(self, study, problem: Problem, seed: int, score, bytes_cost) -> None:
+        """Queue the baseline plans (first trials, so the study starts at least as good as they are)."""
+        from allocator.search import get_searcher
+
+        plans = {}
+        for name in [s for s in self.seeds.split(",") if s]:
+            try:
+                plans[name] = get_searcher(name).search(problem, seed)
+            except AllocatorError as exc:
+                log.info("seed %s skipped: %s", name, exc)
+        for name, plan in plans.items():
+            if self.space == "levels":
+                study.enqueue_trial({u[0]: problem.levels[k].name for u, k in zip(problem.units, plan, strict=True)},
+                                    user_attrs={"seed": name}, skip_if_exists=True)  # fmt: skip
+            elif name == "knapsack":
+                study.enqueue_trial({p: 0.0 for p in self._compact_params(problem)}, user_attrs={"seed": name},
+                                    skip_if_exists=True)  # fmt: skip
+            else:  # not expressible as knobs (a param-less trial would blind GP/CMA-ES): kept beside the trials
+                fit = score(plan)
+                baselines = dict(study.user_attrs.get("baselines", {}))
+                baselines[name] = {"plan": [problem.levels[k].name for k in plan], "fitness": fit,
+                                   "bytes": float(bytes_cost[np.arange(len(plan)), plan].sum())}  # fmt: skip
+                study.set_user_attr("baselines", baselines)
+
+    def _compact_params(self, problem: Problem) -> list[str]:
+        roles, _ = unit_features(problem)
+        return [f"role.{r}" for r in dict.fromkeys(roles)] + ["depth_slope"]
+
+    @staticmethod
+    def _recover_stale(study) -> None:
+        """Trials left RUNNING by a killed worker are failed and their parameters queued again.
+
+        Only safe when no other worker is running on the storage: it is what ``--resume`` is for.
+        """
+        import optuna
+
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            if t.params:
+                study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "seed"})
+
+    def _result(self, study, problem: Problem, multi: bool) -> np.ndarray:
+        import optuna
+
+        names = [lv.name for lv in problem.levels]
+        complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                    if "plan" in t.user_attrs]  # fmt: skip
+        if not complete:
+            raise AllocatorError(f"study {self.study_name!r} has no finished trial")
+        self.history = [{"trial": t.number, "fitness": t.user_attrs["fitness"], "bytes": t.user_attrs["bytes"],
+                         "seed": t.user_attrs.get("seed", ""), "seconds": t.user_attrs.get("seconds", 0.0)}
+                        for t in sorted(complete, key=lambda t: t.number)]  # fmt: skip
+        if multi:
+            front = {t.number for t in study.best_trials}
+            self.pareto = [{"trial": t.number, "fitness": t.values[0], "bytes": t.values[1],
+                            "choice": np.array([names.index(n) for n in t.user_attrs["plan"]])}
+                           for t in complete if t.number in front]  # fmt: skip
+        candidates = [(t.user_attrs["fitness"], t.number, t.user_attrs["plan"]) for t in complete]
+        candidates += [(b["fitness"], -1, b["plan"]) for b in study.user_attrs.get("baselines", {}).values()]
+        best = min(candidates, key=lambda c: (c[0], c[1]))
+        return np.array([names.index(n) for n in best[2]])
+
+
+def _dropped(trial) -> bool:
+    import optuna
+
+    return trial.state == optuna.trial.TrialState.FAIL or trial.user_attrs.get("over_quota", False)
+
+
+def _evaluated(study) -> int:
+    import optuna
+
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
