@@ -58,6 +58,8 @@ def main() -> None:
         default="generations=12,offspring=8,stages=2@1024;1@4096",
         help="settings of the evolution-uniform / evolution-knapsack methods",
     )
+    ap.add_argument("--optuna", default="trials=150,sampler=tpe",
+                    help="settings of the optuna-levels / optuna-compact methods")  # fmt: skip
     ap.add_argument("--model", default=None)
     ap.add_argument("--calib", default=None)
     ap.add_argument("--eval", default=None)
@@ -95,7 +97,8 @@ def main() -> None:
         database = session.database(grid, backend) if args.apply == "database" else None
         for method in methods.split(","):
             counters: dict = {}
-            if method.startswith("evolution") and str(budget) not in args.evolution_budgets.split(","):
+            searches_model = method.startswith(("evolution", "optuna"))
+            if searches_model and str(budget) not in args.evolution_budgets.split(","):
                 continue
             if (str(budget), method) in done:
                 continue
@@ -106,13 +109,27 @@ def main() -> None:
                 searcher = get_searcher("evolution", start=method.split("-")[1], probe=args.probe,
                                         generations=int(evo["generations"]), offspring=int(evo["offspring"]),
                                         stages=evo["stages"])  # fmt: skip
+            elif method.startswith("optuna"):
+                db = database or session.database(grid, backend)
+                problem.fitness = KLFitness(session.model, session.inventory, problem, db, session.calib,
+                                            batch_size=args.fitness_batch)  # fmt: skip
+                opt = dict(item.split("=") for item in args.optuna.split(","))
+                searcher = get_searcher("optuna", space=method.split("-")[1], trials=int(opt["trials"]),
+                                        sampler=opt.get("sampler", "tpe"), probe=args.probe)  # fmt: skip
             else:
                 searcher = get_searcher(method)
             t0 = time.perf_counter()
             choice = searcher.search(problem, seed=0)
             search_s = time.perf_counter() - t0
+            if method.startswith("optuna"):
+                counters = {"evaluations": len(searcher.history),
+                            "search_tokens": len(searcher.history) * args.probe * args.seq_len}  # fmt: skip
+                histories += [{"budget": str(budget), "method": method, "generation": h["trial"],
+                               "fitness": h["fitness"], "parent_kl": None,
+                               "tokens": args.probe * args.seq_len} for h in searcher.history]  # fmt: skip
             if method.startswith("evolution"):
                 counters = {"search_tokens": sum(h["tokens"] for h in searcher.history),
+                            "evaluations": sum(h.get("evaluations", 0) for h in searcher.history),
                             "block_forwards_saved": problem.fitness.counters["block_forwards_saved"]
                             / max(1, problem.fitness.counters["block_forwards"]),
                             "generations": len([h for h in searcher.history if h["generation"] > 0])}  # fmt: skip
@@ -155,9 +172,10 @@ def plot_convergence(hist: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 3.8), squeeze=False)
     for ax, budget in zip(axes[0], budgets, strict=True):
         for method, g in hist[hist.budget == budget].groupby("method"):
-            y = g["parent_kl"] if "parent_kl" in g and g["parent_kl"].notna().any() else g["fitness"]
+            # evolution: its parent on the probe rows; optuna: best trial so far, scored on the same rows
+            y = g["parent_kl"] if "parent_kl" in g and g["parent_kl"].notna().any() else g["fitness"].cummin()
             ax.plot(g["tokens"].cumsum() / 1e6, y, label=method)
-        ax.set(xlabel="calibration tokens evaluated (M)", ylabel="parent KL to dense (fixed probe)", title=budget)
+        ax.set(xlabel="calibration tokens evaluated (M)", ylabel="best KL to dense (fixed probe rows)", title=budget)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -2,7 +2,8 @@
 # Real-model runs on the loaned GPU (device tool). The GGUF (98 MB) is larger than one upload (64 MB), so it
 # travels in two halves over two back-to-back calls:
 #   call 1 (carry .gpu/m.partA):                 bash scripts/gpu_real_model.sh stage
-#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution
+#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto
+# (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
@@ -27,5 +28,21 @@ stage)
       --sparsity-methods uniform,owl,knapsack,evolution-uniform,evolution-knapsack \
       --evolution "generations=${GENERATIONS:-150},offspring=16,stages=4@2048;1@8192" --fitness-batch 16 \
       --profiles-dir "$OUT/profiles" --out "$OUT/evolution" 2>&1 | sed "/it\\/s\\]/d" ;;
+  optuna)
+    # issue 6: optuna (both spaces) vs knapsack vs evolution at equal model evaluations (150 each:
+    # evolution 15 generations x (9 offspring + parent) on 8 sequences; optuna 150 trials on the same 8)
+    python3 scripts/compare_methods.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
+      --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
+      --sparsity 0.4,0.5,0.6 --bits "" --evolution-budgets sparsity=0.4,sparsity=0.5,sparsity=0.6 \
+      --sparsity-methods uniform,knapsack,evolution-uniform,optuna-levels,optuna-compact \
+      --evolution "generations=15,offspring=9,stages=1@4096" --optuna "trials=150,sampler=tpe" --probe 8 \
+      --fitness-batch 16 --profiles-dir "$OUT/profiles" --out "$OUT/optuna" 2>&1 | sed "/it\\/s\\]/d" ;;
+  pareto)
+    # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
+    python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
+      --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --batch-size 16 \
+      --backend wanda --levels 0:0.9:0.05 --target sparsity=0.3 --method optuna --sampler nsga2 \
+      --objectives fitness,bytes --trials 200 --profiles-dir /tmp/profiles -o "$OUT/pareto" 2>&1 | sed "/it\\/s\\]/d"
+    tar czf "$OUT/pareto.tgz" -C "$OUT" pareto && rm -rf "$OUT/pareto" ;;  # more files than come back
   esac ;;
 esac

@@ -93,7 +93,7 @@ class Evolution:
         for gen in tqdm(range(state["generation"], self.generations), desc="evolution", initial=state["generation"],
                         total=self.generations, leave=False):  # fmt: skip
             children = self._offspring(problem, parent, ladders, rng)
-            candidates, tokens = children, 0
+            candidates, tokens, evaluations = children, 0, 0
             for s, (survivors, n_tokens) in enumerate(stages):
                 if s == len(stages) - 1:
                     candidates = [*candidates, parent]  # elitism: the parent must be beaten
@@ -101,14 +101,16 @@ class Evolution:
                 batch = np.sort(rng.choice(fitness.pool_size, size=n_seq, replace=False))
                 scores = [fitness(c, batch) for c in candidates]
                 tokens += len(candidates) * n_seq * fitness.seq_len
+                evaluations += len(candidates)
                 order = np.argsort(scores, kind="stable")[:survivors]
                 candidates, best_score = [candidates[i] for i in order], float(scores[order[0]])
             if not np.array_equal(candidates[0], parent):
                 parent = candidates[0]
                 fitness.set_parent(parent)
                 probed = {"parent_kl": _uncounted(fitness, parent, probe)} if self.probe else {}
-            record = {"generation": gen + 1, "fitness": best_score, "tokens": tokens, "time_s": time.perf_counter()
-                      - t_start, **probed, **getattr(fitness, "counters", {})}  # fmt: skip
+            elapsed = time.perf_counter() - t_start
+            record = {"generation": gen + 1, "fitness": best_score, "tokens": tokens, "evaluations": evaluations,
+                      "time_s": elapsed, **probed, **getattr(fitness, "counters", {})}  # fmt: skip
             self.history.append(record)
             state = {"generation": gen + 1, "parent": parent.tolist(), "history": self.history,
                      "elapsed_s": time.perf_counter() - t_start, "rng": rng.bit_generator.state}  # fmt: skip
