@@ -7,8 +7,8 @@ Two search spaces (``space``):
   profile error per cost saved first, until every budget holds; single-objective studies then
   spend leftover slack on the steps that buy the most error per cost.
 * ``compact``: a handful of continuous knobs, a log-multiplier per layer role and a depth slope,
-  that re-weight the profile errors; the knapsack turns the re-weighted profile into a plan that
-  meets the budget exactly. Small enough for GP and CMA-ES.
+  that re-weight the profile errors; the knapsack (its DP for one budget, the MILP for several)
+  turns the re-weighted profile into a plan within the budget. Small enough for GP and CMA-ES.
 
 The study is seeded with the uniform, OWL and knapsack plans (``enqueue_trial`` in the levels
 space; the compact space's origin *is* the knapsack plan, the others are scored once and kept beside the
@@ -228,14 +228,19 @@ class OptunaSearch:
                 choices = [names[k] for k in np.flatnonzero(np.isfinite(problem.cost[u]))]
                 picks.append(names.index(trial.suggest_categorical(unit[0], choices)))
             return np.array(picks)
-        from allocator.search.knapsack import Knapsack
+        from allocator.search.knapsack import Knapsack, frontier
 
         mult = {r: trial.suggest_float(f"role.{r}", -2.0, 2.0) for r in dict.fromkeys(roles)}
         slope = trial.suggest_float("depth_slope", -2.0, 2.0)
         weight = np.exp(np.array([mult[r] for r in roles]) + slope * (depth - 0.5))
         shaped = Problem(problem.units, problem.levels, problem.cost, problem.limit, budget=problem.budget,
                          error=problem.error * weight[:, None], params=problem.params, extra=problem.extra)  # fmt: skip
-        return Knapsack().search(shaped, 0)
+        if problem.extra:  # several budgets: the exact MILP
+            return Knapsack().search(shaped, 0)
+        # one budget: the knapsack's DP (deterministic, a fraction of a second; the MILP on re-weighted
+        # errors took up to 40 s per trial), then the slack its cost rounding leaves is spent greedily
+        point = frontier(shaped, [problem.limit], buckets=20_000)[0]
+        return project(shaped, point.choice)
 
     def _record(self, trial, problem: Problem, choice, fit: float, bytes_cost, seconds: float) -> None:
         """Plan, budget, fitness and timing as user attributes (what optuna-dashboard shows)."""
