@@ -33,7 +33,7 @@ stage)
     # evolution 15 generations x (9 offspring + parent) on 8 sequences; optuna 150 trials on the same 8)
     python3 scripts/compare_methods.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
       --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
-      --sparsity 0.4,0.5,0.6 --bits "" --evolution-budgets sparsity=0.4,sparsity=0.5,sparsity=0.6 \
+      --sparsity ${SPARSITY:-0.4,0.5,0.6} --bits "" --evolution-budgets sparsity=0.4,sparsity=0.5,sparsity=0.6 \
       --sparsity-methods uniform,knapsack,evolution-uniform,optuna-levels,optuna-compact \
       --evolution "generations=15,offspring=9,stages=1@4096" --optuna "trials=150,sampler=tpe" --probe 8 \
       --fitness-batch 16 --profiles-dir "$OUT/profiles" --out "$OUT/optuna" 2>&1 | sed "/it\\/s\\]/d" ;;
