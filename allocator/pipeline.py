@@ -267,7 +267,8 @@ def _write_pareto(pareto, problem, session: Session, config: RunConfig, budget, 
     rows = []
     for i, point in enumerate(sorted(pareto, key=lambda p: p["bytes"])):
         assignment = problem.assignment(point["choice"])
-        m = session.evaluate(assignment, config.backend)
+        # levels copied from the study's own level database: a front of many plans stays cheap to evaluate
+        m = session.evaluate(assignment, config.backend, getattr(problem.fitness, "db", None))
         plan = Plan.create(assignment, session.inventory, session.loaded.model_id, budget, grid, "optuna-pareto",
                            config.seed, config.per, m["timings"], extra)  # fmt: skip
         plan.save(out / "pareto" / f"plan_{i:02d}.json")
