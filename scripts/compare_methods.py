@@ -102,17 +102,15 @@ def main() -> None:
                 continue
             if (str(budget), method) in done:
                 continue
-            if method.startswith("evolution"):
+            if searches_model:
                 db = database or session.database(grid, backend)
                 problem.fitness = KLFitness(session.model, session.inventory, problem, db, session.calib,
                                             batch_size=args.fitness_batch)  # fmt: skip
+            if method.startswith("evolution"):
                 searcher = get_searcher("evolution", start=method.split("-")[1], probe=args.probe,
                                         generations=int(evo["generations"]), offspring=int(evo["offspring"]),
                                         stages=evo["stages"])  # fmt: skip
             elif method.startswith("optuna"):
-                db = database or session.database(grid, backend)
-                problem.fitness = KLFitness(session.model, session.inventory, problem, db, session.calib,
-                                            batch_size=args.fitness_batch)  # fmt: skip
                 opt = dict(item.split("=") for item in args.optuna.split(","))
                 searcher = get_searcher("optuna", space=method.split("-")[1], trials=int(opt["trials"]),
                                         sampler=opt.get("sampler", "tpe"), probe=args.probe)  # fmt: skip

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from allocator.budget import Problem
 from allocator.errors import AllocatorError
+from allocator.search.evolution import _ladders
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def project(problem: Problem, choice: np.ndarray, fill: bool = True) -> np.ndarr
     choice = choice.copy()
     cost = problem.cost
     err = problem.error if problem.error is not None else np.zeros_like(cost)
-    ladders = [np.flatnonzero(np.isfinite(row))[np.argsort(-row[np.isfinite(row)], kind="stable")] for row in cost]
+    ladders = _ladders(problem)
     rank = np.array([int(np.flatnonzero(ladders[u] == choice[u])[0]) for u in range(len(choice))])
 
     def step(u: int, d: int) -> tuple[float, float]:
