@@ -180,6 +180,7 @@ def test_pareto_front_is_not_dominated():
         assert not any(f2 <= f and b2 <= b and (f2 < f or b2 < b) for f2, b2 in every)
     for p in searcher.pareto:
         assert problem.feasible(p["choice"])
+    assert len({p["choice"].tobytes() for p in searcher.pareto}) == len(searcher.pareto)  # no plan twice
 
 
 def test_brute_force_small_problem_found_by_levels_space():

@@ -312,9 +312,14 @@ class OptunaSearch:
                         for t in sorted(complete, key=lambda t: t.number)]  # fmt: skip
         if multi:
             front = {t.number for t in study.best_trials}
-            self.pareto = [{"trial": t.number, "fitness": t.values[0], "bytes": t.values[1],
-                            "choice": np.array([names.index(n) for n in t.user_attrs["plan"]])}
-                           for t in complete if t.number in front]  # fmt: skip
+            seen: set[tuple[str, ...]] = set()  # NSGA-II proposes some plans again: one entry per plan
+            self.pareto = []
+            for t in complete:
+                plan = tuple(t.user_attrs["plan"])
+                if t.number in front and plan not in seen:
+                    seen.add(plan)
+                    self.pareto.append({"trial": t.number, "fitness": t.values[0], "bytes": t.values[1],
+                                        "choice": np.array([names.index(n) for n in plan])})  # fmt: skip
         candidates = [(t.user_attrs["fitness"], t.number, t.user_attrs["plan"]) for t in complete]
         candidates += [(b["fitness"], -1, b["plan"]) for b in study.user_attrs.get("baselines", {}).values()]
         best = min(candidates, key=lambda c: (c[0], c[1]))
