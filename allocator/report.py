@@ -27,11 +27,7 @@ def write_history(history: list[dict], out: Path) -> None:
         ax.plot(df["trial"], df["fitness"].cummin(), label="best so far")
         ax.set(xlabel="trial", ylabel="fitness (KL to dense)", yscale="log", title="optuna")
         ax.legend()
-    fig.tight_layout()
-    tmp = out / ".history.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(out / "history.png")
+    _save_figure(fig, out / "history.png")
 
 
 def write_pareto(rows: list[dict], out: Path) -> None:
@@ -46,8 +42,15 @@ def write_pareto(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(df["bytes"] / 2**20, df["perplexity"], "o-")
     ax.set(xlabel="compressible weights (MiB)", ylabel="WikiText-2 perplexity", yscale="log", title="Pareto front")
+    _save_figure(fig, out / "pareto.png")
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write a PNG atomically (temporary name, then rename) and free the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    tmp = out / ".pareto.png.tmp"
+    tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(out / "pareto.png")
+    tmp.replace(path)

@@ -11,9 +11,8 @@ Two search spaces (``space``):
   turns the re-weighted profile into a plan within the budget. Small enough for GP and CMA-ES.
 
 The study is seeded with the uniform, OWL and knapsack plans (``enqueue_trial`` in the levels
-space; the compact space's origin *is* the knapsack plan, the others are scored once and kept beside the
-trials),
-so its best plan is never worse than the best seed on the same fitness. Several processes pointed
+space; the compact space's origin *is* the knapsack plan, the others are scored once and kept beside
+the trials), so its best plan is never worse than the best seed on the same fitness. Several processes pointed
 at one storage (a journal file, or any RDB URL) share one study: trial numbers are handed out by
 the storage, and a trial numbered at or beyond the study's quota is pruned unevaluated, so the
 workers finish exactly ``trials`` evaluations between them.
@@ -192,7 +191,7 @@ class OptunaSearch:
             choice = project(problem, proposal, fill=not multi) if self.space == "levels" else proposal
             fit = score(choice)
             self._record(trial, problem, choice, fit, bytes_cost, time.perf_counter() - t0)
-            return (fit, float(bytes_cost[np.arange(len(choice)), choice].sum())) if multi else fit
+            return (fit, _summed(bytes_cost, choice)) if multi else fit
 
         with tqdm(total=self.trials, initial=_evaluated(study), desc=f"optuna ({self.space})", leave=False) as bar:
             while _evaluated(study) < self.trials and not over_quota[0]:
@@ -245,7 +244,7 @@ class OptunaSearch:
 
     def _record(self, trial, problem: Problem, choice, fit: float, bytes_cost, seconds: float) -> None:
         """Plan, budget, fitness and timing as user attributes (what optuna-dashboard shows)."""
-        achieved = [float(c[np.arange(len(choice)), choice].sum()) for _, c, _ in problem.constraints()]
+        achieved = [_summed(c, choice) for _, c, _ in problem.constraints()]
         for (budget, _, limit), total in zip(problem.constraints(), achieved, strict=True):
             if hasattr(trial, "set_constraint"):  # Optuna >= 5; on 4.x the margin is kept as an attribute
                 trial.set_constraint(str(budget), total - limit)
@@ -254,7 +253,7 @@ class OptunaSearch:
         trial.set_user_attr("plan", [problem.levels[k].name for k in choice])
         trial.set_user_attr("budget", str(problem.budget))
         trial.set_user_attr("achieved", problem.in_budget_units(problem.budget, achieved[0]))
-        trial.set_user_attr("bytes", float(bytes_cost[np.arange(len(choice)), choice].sum()))
+        trial.set_user_attr("bytes", _summed(bytes_cost, choice))
         trial.set_user_attr("fitness", fit)
         trial.set_user_attr("seconds", seconds)
 
@@ -279,7 +278,7 @@ class OptunaSearch:
                 fit = score(plan)
                 baselines = dict(study.user_attrs.get("baselines", {}))
                 baselines[name] = {"plan": [problem.levels[k].name for k in plan], "fitness": fit,
-                                   "bytes": float(bytes_cost[np.arange(len(plan)), plan].sum())}  # fmt: skip
+                                   "bytes": _summed(bytes_cost, plan)}  # fmt: skip
                 study.set_user_attr("baselines", baselines)
 
     def _compact_params(self, problem: Problem) -> list[str]:
@@ -319,11 +318,21 @@ class OptunaSearch:
                 if t.number in front and plan not in seen:
                     seen.add(plan)
                     self.pareto.append({"trial": t.number, "fitness": t.values[0], "bytes": t.values[1],
-                                        "choice": np.array([names.index(n) for n in plan])})  # fmt: skip
+                                        "choice": _indices(names, plan)})  # fmt: skip
         candidates = [(t.user_attrs["fitness"], t.number, t.user_attrs["plan"]) for t in complete]
         candidates += [(b["fitness"], -1, b["plan"]) for b in study.user_attrs.get("baselines", {}).values()]
         best = min(candidates, key=lambda c: (c[0], c[1]))
-        return np.array([names.index(n) for n in best[2]])
+        return _indices(names, best[2])
+
+
+def _summed(cost: np.ndarray, choice: np.ndarray) -> float:
+    """Total of a per-unit cost matrix [U, K] over one choice."""
+    return float(cost[np.arange(len(choice)), choice].sum())
+
+
+def _indices(names: list[str], plan) -> np.ndarray:
+    """Level names (as trials store plans) back to level indices."""
+    return np.array([names.index(n) for n in plan])
 
 
 def _dropped(trial) -> bool:
