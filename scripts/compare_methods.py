@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 from allocator.budget import Budget, build_problem  # noqa: E402
 from allocator.fitness import KLFitness  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
-from allocator.levels import parse_grid  # noqa: E402
+from allocator.levels import parse_grid, parse_level  # noqa: E402
 from allocator.pipeline import RunConfig, Session  # noqa: E402
 from allocator.search import get_searcher  # noqa: E402
 
@@ -82,7 +82,9 @@ def main() -> None:
     histories = pd.read_csv(history_csv).to_dict("records") if history_csv.is_file() and rows else []
     session = Session(config)
     evo = {k: v.replace(";", ",") for k, v in (item.split("=") for item in args.evolution.split(","))}
-    allocations = {}
+    # per-layer levels of every row, kept beside the rows so a resumed run plots all of them
+    alloc_json = out.with_name(out.name + "_allocations.json")
+    allocations = json.loads(alloc_json.read_text()) if alloc_json.is_file() and rows else {}
     experiments = [("sparsity", v, args.sparsity_backend, args.sparsity_levels, args.sparsity_methods)
                    for v in args.sparsity.split(",")]  # fmt: skip
     experiments += [("bits", v, args.bits_backend, args.bits_levels, args.bits_methods)
@@ -140,7 +142,7 @@ def main() -> None:
                          "dense_ppl": m["dense_perplexity"], "ppl": m["perplexity"], "kl": m["kl_to_dense"],
                          "search_s": search_s, "apply": args.apply, "eval_tokens": m["eval_tokens"], **counters,
                          "calibration_tokens": m["calibration_tokens"]})  # fmt: skip
-            allocations[(str(budget), method)] = [assignment[lay.name] for lay in session.inventory.layers]
+            allocations[f"{budget} {method}"] = [assignment[lay.name].name for lay in session.inventory.layers]
             print(rows[-1], flush=True)
             write_outputs(rows, out, command, session.inventory, allocations, histories)
 
@@ -161,6 +163,7 @@ def write_outputs(rows: list[dict], out: Path, command: str, inventory, allocati
     )
     plot_ppl(df, out.with_name(out.name + "_ppl.png"))
     if allocations:
+        write_json_atomic(out.with_name(out.name + "_allocations.json"), allocations)
         plot_allocation(inventory, allocations, out.with_name(out.name + "_allocation.png"))
 
 
@@ -196,17 +199,19 @@ def plot_ppl(df: pd.DataFrame, path: Path) -> None:
 def plot_allocation(inventory, allocations: dict, path: Path) -> None:
     """Heatmap per method: decoder block x layer role, colour = sparsity (or bits)."""
     roles = list(dict.fromkeys(lay.role for lay in inventory.layers))
-    chosen = [k for k in allocations if k[1] != "uniform"]
+    chosen = [k for k in allocations if not k.endswith(" uniform")]
     if not chosen:
         return
     fig, axes = plt.subplots(1, len(chosen), figsize=(2.2 * len(chosen) + 1, 6), squeeze=False)
     for ax, key in zip(axes[0], chosen, strict=True):
         grid = np.full((inventory.n_blocks, len(roles)), np.nan)
-        bits = key[0].startswith("bits")
-        for lay, lv in zip(inventory.layers, allocations[key], strict=True):
+        bits = key.startswith("bits")
+        for lay, name in zip(inventory.layers, allocations[key], strict=True):
+            lv = parse_level(name)
             grid[lay.block, roles.index(lay.role)] = lv.bits if bits else lv.sparsity
         im = ax.imshow(grid, aspect="auto", cmap="viridis_r" if not bits else "viridis")
-        ax.set_title(f"{key[1]}\n{key[0]}", fontsize=8)
+        budget, method = key.split(" ", 1)
+        ax.set_title(f"{method}\n{budget}", fontsize=8)
         ax.set_xticks(
             range(len(roles)), [r.split(".")[-1].replace("_proj", "") for r in roles], fontsize=7, rotation=90
         )

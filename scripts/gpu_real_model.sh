@@ -18,7 +18,9 @@ stage)
   export PYTHONPATH=$PWD:/tmp/site
   mkdir -p "$OUT"
   # a run cut at the 10-minute limit continues: carry what came back as .gpu/resume (the scripts resume)
-  [ -d .gpu/resume ] && cp -r .gpu/resume/. "$OUT"/
+  # (profiles go to /tmp/profiles, outside $OUT: fewer files to bring back)
+  if [ -d .gpu/resume ]; then cp -r .gpu/resume/. "$OUT"/; fi
+  if [ -d "$OUT/profiles" ]; then mv "$OUT/profiles" /tmp/profiles; fi
   case "$1" in
   evolution)
     # issue 5: uniform / OWL / knapsack / evolution from both starts at three sparsity budgets, one run
@@ -27,7 +29,7 @@ stage)
       --sparsity 0.4,0.5,0.6 --bits "" --evolution-budgets sparsity=0.4,sparsity=0.5,sparsity=0.6 \
       --sparsity-methods uniform,owl,knapsack,evolution-uniform,evolution-knapsack \
       --evolution "generations=${GENERATIONS:-150},offspring=16,stages=4@2048;1@8192" --fitness-batch 16 \
-      --profiles-dir "$OUT/profiles" --out "$OUT/evolution" 2>&1 | sed "/it\\/s\\]/d" ;;
+      --profiles-dir /tmp/profiles --out "$OUT/evolution" 2>&1 | sed "/it\\/s\\]/d" ;;
   optuna)
     # issue 6: optuna (both spaces) vs knapsack vs evolution at equal model evaluations (150 each:
     # evolution 15 generations x (9 offspring + parent) on 8 sequences; optuna 150 trials on the same 8)
@@ -36,7 +38,7 @@ stage)
       --sparsity ${SPARSITY:-0.4,0.5,0.6} --bits "" --evolution-budgets sparsity=0.4,sparsity=0.5,sparsity=0.6 \
       --sparsity-methods uniform,knapsack,evolution-uniform,optuna-levels,optuna-compact \
       --evolution "generations=15,offspring=9,stages=1@4096" --optuna "trials=150,sampler=tpe" --probe 8 \
-      --fitness-batch 16 --profiles-dir "$OUT/profiles" --out "$OUT/optuna" 2>&1 | sed "/it\\/s\\]/d" ;;
+      --fitness-batch 16 --profiles-dir /tmp/profiles --out "$OUT/optuna" 2>&1 | sed "/it\\/s\\]/d" ;;
   pareto)
     # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
