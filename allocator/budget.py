@@ -2,8 +2,11 @@
 
 A budget bounds one cost summed over layers: ``sparsity=0.5`` keeps at most half of the
 compressible weights, ``bits=3.5`` stores them in at most 3.5 bits per weight on average
-(scales and metadata included), ``bytes=5e7`` bounds their storage. Searchers see only the
-:class:`Problem`: cost and error matrices over (decision unit x level) and a limit.
+(scales and metadata included), ``bytes=5e7`` bounds their storage. ``latency=12.5`` (ms) and
+``speedup=1.3`` (x dense) hold the plan to a latency table measured on the target GPU at a
+given token count: the cost is each layer's looked-up time, the limit the target minus the
+model's measured non-linear overhead. Searchers see only the :class:`Problem`: cost and error
+matrices over (decision unit x level) and a limit.
 """
 
 from __future__ import annotations
@@ -14,23 +17,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from allocator.errors import AllocatorError
+from allocator.latency.table import LatencyModel
 from allocator.levels import Level
 from allocator.model import Inventory, Layer
 
-_KINDS = ("sparsity", "bits", "bytes")
+_KINDS = ("sparsity", "bits", "bytes", "latency", "speedup")
+LATENCY_KINDS = ("latency", "speedup")
 _REL_TOL = 1e-12  # float slack when comparing an exact integer cost to a float limit
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A global budget: ``kind`` in sparsity | bits | bytes and its target value."""
+    """A global budget: ``kind`` in sparsity | bits | bytes | latency | speedup and its target value."""
 
     kind: str
     value: float
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """Parse ``"sparsity=0.5"``, ``"bits=3.5"`` or ``"bytes=5e7"``."""
+        """Parse ``"sparsity=0.5"``, ``"bits=3.5"``, ``"bytes=5e7"``, ``"latency=12.5"`` or ``"speedup=1.3"``."""
         kind, sep, raw = text.partition("=")
         kind = kind.strip().lower()
         if not sep or kind not in _KINDS:
@@ -45,27 +50,44 @@ class Budget:
         """Return self if the value is in range for its kind, else raise naming the range."""
         if self.kind == "sparsity" and not 0 <= self.value < 1:
             raise AllocatorError(f"target sparsity must be in [0, 1), got {self.value}: e.g. --target sparsity=0.5")
-        if self.kind in ("bits", "bytes") and not self.value > 0:
+        if self.kind in ("bits", "bytes", "latency") and not self.value > 0:
             raise AllocatorError(f"target {self.kind} must be > 0, got {self.value}")
+        if self.kind == "speedup" and not self.value >= 1:
+            raise AllocatorError(f"target speedup must be >= 1 (x dense), got {self.value}")
         return self
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value:g}"
 
-    def cost(self, level: Level, layer: Layer) -> float:
-        """The budgeted cost of one layer at one level (kept weights, storage bits or bytes)."""
+    def cost(self, level: Level, layer: Layer, latency: LatencyModel | None = None) -> float:
+        """The budgeted cost of one layer at one level (kept weights, storage bits or bytes, ms)."""
+        if self.kind in LATENCY_KINDS:
+            model = self._needs(latency)
+            return model.table.linear_ms(layer.rows, layer.cols, level, model.tokens)
         if self.kind == "sparsity":
             return level.kept_params(layer.rows, layer.cols)
         bits = level.storage_bits(layer.rows, layer.cols)
         return bits if self.kind == "bits" else bits / 8
 
-    def limit(self, inventory: Inventory) -> float:
-        """The largest total cost allowed for this model."""
+    def limit(self, inventory: Inventory, latency: LatencyModel | None = None) -> float:
+        """The largest total cost allowed for this model (for latency: the linear layers' share)."""
+        if self.kind in LATENCY_KINDS:
+            model = self._needs(latency)
+            total = self.value if self.kind == "latency" else model.table.dense_ms(inventory, model.tokens) / self.value
+            return total - model.table.overhead_ms(model.tokens)
         if self.kind == "sparsity":
             return (1 - self.value) * inventory.params
         if self.kind == "bits":
             return self.value * inventory.params
         return self.value
+
+    def _needs(self, latency: LatencyModel | None) -> LatencyModel:
+        if latency is None:
+            raise AllocatorError(
+                f"budget {self} needs a latency table: pass --latency-table profiles/latency/GPU/MODEL.csv "
+                "(made by `allocator latency measure`)"
+            )
+        return latency
 
 
 def summarize(assignment: dict[str, Level], inventory: Inventory) -> dict[str, float]:
@@ -120,6 +142,8 @@ class Problem:
             return f"cost {total:.6g}"
         if budget.kind == "sparsity":
             return f"sparsity {1 - total / self.params:.4f}"
+        if budget.kind in LATENCY_KINDS:
+            return f"linear-layer time {total:.4f} ms"
         return f"bits {total / self.params:.4f}" if budget.kind == "bits" else f"bytes {total:.6g}"
 
     def reach_error(self) -> AllocatorError | None:
@@ -140,11 +164,13 @@ class Problem:
 
 
 def build_problem(
-    inventory: Inventory, levels: list[Level], budget: Budget, per: str = "layer", extra: list[Budget] | None = None
-) -> Problem:
+    inventory: Inventory, levels: list[Level], budget: Budget, per: str = "layer", extra: list[Budget] | None = None,
+    latency: LatencyModel | None = None,
+) -> Problem:  # fmt: skip
     """The cost matrix of every unit at every level under ``budget`` (and any ``extra`` budgets).
 
-    ``per="tie-group"`` makes q/k/v and gate/up of a block one unit each, as vLLM requires.
+    ``per="tie-group"`` makes q/k/v and gate/up of a block one unit each, as vLLM requires;
+    ``latency`` (a measured table and a token count) prices latency and speed-up budgets.
     """
     if per not in ("layer", "tie-group"):
         raise AllocatorError(f"--per must be 'layer' or 'tie-group', got {per!r}")
@@ -156,16 +182,16 @@ def build_problem(
             layers = [inventory[name] for name in unit]
             for k, level in enumerate(levels):
                 fits = not any(level.applies_to(lay.rows, lay.cols) for lay in layers)
-                cost[u, k] = sum(b.cost(level, lay) for lay in layers) if fits else np.inf
+                cost[u, k] = sum(b.cost(level, lay, latency) for lay in layers) if fits else np.inf
         return cost
 
     cost = matrix(budget)
     if np.isinf(cost).all(axis=1).any():
         bad = [unit[0] for unit, row in zip(units, cost, strict=True) if np.isinf(row).all()]
         raise AllocatorError(f"no level of the grid applies to {bad}: add a level such as 'dense' to the grid")
-    more = [(b, matrix(b), b.limit(inventory)) for b in extra or []]
+    more = [(b, matrix(b), b.limit(inventory, latency)) for b in extra or []]
     problem = Problem(
-        units, list(levels), cost, budget.limit(inventory), budget=budget, params=inventory.params, extra=more
+        units, list(levels), cost, budget.limit(inventory, latency), budget=budget, params=inventory.params, extra=more
     )
     problem.info["bytes"] = cost if budget.kind == "bytes" else matrix(Budget("bytes", 1.0))  # for Pareto fronts
     return problem

@@ -11,6 +11,7 @@ import numpy as np
 from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
 from allocator.fitness import KLFitness
+from allocator.latency import cli as latency_cli
 from allocator.levels import DEFAULT_GRID, parse_grid
 from allocator.pipeline import RunConfig, Session, run
 from allocator.search import SEARCHERS
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--storage", default=None,
                    help="optuna: journal file or RDB URL; workers on one storage share a study")  # fmt: skip
     r.add_argument("--study-name", default=d.study_name, help="optuna: study name within the storage")
+    r.add_argument("--latency-table", default=None, help="latency/speedup budgets: a table from `allocator latency`")
+    r.add_argument("--latency-tokens", type=int, default=d.latency_tokens, help="token count latency budgets hold at")
     r.add_argument("--plan", default=None, help="apply this saved plan.json instead of searching")
     r.add_argument("--output-dir", "-o", default=None, help="run folder (default: runs/<method>-<target>)")
     p = sub.add_parser("profile", help="measure (or reuse) the layer x level sensitivity profile")
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="also measure end-to-end KL with only one layer compressed, on this many calibration windows",
     )
+    latency_cli.add_parser(sub)
     return parser
 
 
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": _run, "profile": _profile}[args.command](args)
+        return {"run": _run, "profile": _profile, "latency": latency_cli.run}[args.command](args)
     except AllocatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -105,6 +109,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"dense perplexity       {m['dense_perplexity']:.3f}")
     print(f"compressed perplexity  {m['perplexity']:.3f}")
     print(f"KL to dense (nats/tok) {m['kl_to_dense']:.5f}")
+    if "latency" in m:
+        lat = m["latency"]
+        print(f"predicted latency      {lat['predicted_ms']:.4f} ms at {lat['tokens']} tokens "
+              f"(dense {lat['dense_ms']:.4f} ms, speed-up {lat['speedup']:.3f}x)")  # fmt: skip
     print(f"wrote {result.output_dir}/plan.json, metrics.json, config.json")
     return 0
 

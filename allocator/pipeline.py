@@ -20,6 +20,7 @@ from allocator.errors import AllocatorError
 from allocator.evaluate import kl_divergence, log_probs, perplexity
 from allocator.fitness import KLFitness
 from allocator.io import write_json_atomic
+from allocator.latency.table import LatencyModel, LatencyTable
 from allocator.levels import DEFAULT_GRID, Level, parse_grid
 from allocator.model import Inventory, cache_dir, load_model
 from allocator.plan import Plan
@@ -68,6 +69,8 @@ class RunConfig:
     objectives: str = "fitness"
     storage: str | None = None  # None: a journal file in the output folder
     study_name: str = "allocator"
+    latency_table: str | None = None  # a measured table: prices latency/speedup budgets, predicts the plan's time
+    latency_tokens: int = 1  # token count latency budgets and predictions hold at
 
 
 @dataclass
@@ -225,6 +228,9 @@ def run(config: RunConfig) -> RunResult:
     searcher = None if config.plan else get_searcher(config.method, **options)
     saved = Plan.load(config.plan) if config.plan else None
     get_backend(config.backend)
+    latency = (
+        LatencyModel(LatencyTable.load(config.latency_table), config.latency_tokens) if config.latency_table else None
+    )
     session = Session(config)
     inventory = session.inventory
     t0 = time.perf_counter()
@@ -233,7 +239,7 @@ def run(config: RunConfig) -> RunResult:
         assignment, budget, grid, method = saved.assignment, saved.budget, saved.grid, f"plan:{saved.method}"
         extra = saved.extra_budgets
     else:
-        problem = build_problem(inventory, grid, budget, config.per, extra)
+        problem = build_problem(inventory, grid, budget, config.per, extra, latency)
         if config.method in NEEDS_PROFILE or config.start == "knapsack" and config.method == "evolution":
             profile = session.profile(grid, config.backend, config.profile)
             problem.error = profile.error_matrix(problem.units, grid)
@@ -246,6 +252,11 @@ def run(config: RunConfig) -> RunResult:
     search_s = time.perf_counter() - t0
     metrics = session.evaluate(assignment, config.backend)
     metrics = {"budget": str(budget), "method": method, **metrics}
+    if latency is not None:
+        metrics["latency"] = {
+            **latency.table.predict(assignment, inventory, latency.tokens),
+            "table": config.latency_table,
+        }
     metrics["timings"]["search_s"] = search_s
     plan = Plan.create(
         assignment, inventory, session.loaded.model_id, budget, grid, method, config.seed, config.per,

@@ -1,0 +1,1 @@
+"""Latency lookup tables measured on the target GPU, predictions of plans, end-to-end checks."""

@@ -1,0 +1,257 @@
+"""Measure latency tables and whole compressed models on the target device.
+
+On CUDA every timing is the median of many CUDA-event-timed replays of a CUDA graph (launch
+overhead out, as in a serving engine), after warm-up. One replay runs the layer over enough
+distinct weight copies to exceed the L2 cache, so a layer is timed streaming its weights from
+memory as it does inside the model, not L2-hot. On CPU (tests) the same code times with
+``perf_counter``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from allocator.latency.kernels import (
+    ALL_KERNELS,
+    NO_KERNEL_NOTE,
+    SERVING,
+    KernelLinear,
+    KernelUnavailable,
+    build,
+)
+from allocator.latency.table import COLUMNS, LatencyTable
+from allocator.levels import Level
+from allocator.model import Inventory
+
+log = logging.getLogger(__name__)
+
+DECODE_TOKENS = (1, 2, 4, 8, 16)
+PREFILL_TOKENS = (512, 1024, 2048, 4096)
+_STREAM_BYTES = 256 * 2**20  # weight bytes streamed per timed replay: well above any L2 (H100: 50 MB)
+_MAX_COPIES = 256
+
+
+@dataclass
+class Timer:
+    """Median time of a function; CUDA graphs and events on GPU, ``perf_counter`` on CPU."""
+
+    device: str
+    repeats: int = 30
+    warmup: int = 5
+    graphs: bool = True
+    used_graph: bool = field(default=False, init=False)
+
+    def __call__(self, fn: Callable[[], object], per_call: int = 1) -> float:
+        """Milliseconds of one of the ``per_call`` units of work one ``fn()`` does."""
+        if not self.device.startswith("cuda"):
+            for _ in range(self.warmup):
+                fn()
+            times = []
+            for _ in range(self.repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times) / per_call
+        run = self._graphed(fn) if self.graphs else None
+        self.used_graph = run is not None
+        run = run or fn
+        for _ in range(self.warmup):
+            run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(self.repeats):
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times) / per_call
+
+    def _graphed(self, fn: Callable[[], object]) -> Callable[[], object] | None:
+        """``fn`` captured as a CUDA graph (None where capture fails: timed eagerly instead)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture failed (%s): timing eagerly", str(exc).splitlines()[0][:120])
+            torch.cuda.synchronize()
+            return None
+        return graph.replay
+
+
+def linear_shapes(inventory: Inventory) -> list[tuple[int, int]]:
+    """The distinct (rows, cols) of a model's compressible layers, in first-seen order."""
+    return list(dict.fromkeys((lay.rows, lay.cols) for lay in inventory.layers))
+
+
+@torch.no_grad()
+def measure_linears(
+    shapes: list[tuple[int, int]], tokens: tuple[int, ...], kernels: tuple[str, ...] = ALL_KERNELS,
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, timer: Timer | None = None,
+) -> list[dict]:  # fmt: skip
+    """One row per shape x kernel x token count; a kernel that cannot run gets the dense time."""
+    timer = timer or Timer(device)
+    rows_out: list[dict] = []
+    bar = tqdm(total=len(shapes) * len(kernels) * len(tokens), desc="latency table", leave=False)
+    for rows, cols in shapes:
+        copies = 1 if device == "cpu" else max(1, min(_MAX_COPIES, math.ceil(_STREAM_BYTES / (rows * cols * 2))))
+        weights = [torch.randn(rows, cols, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+        dense: dict[int, float] = {}
+        for kernel in kernels:
+            try:
+                fns = [build(kernel, w) for w in weights]
+                runs, note = True, SERVING.get(kernel, "")
+            except KernelUnavailable as exc:
+                fns, runs, note = None, False, f"no kernel here ({exc}): dense time"
+            for m in tokens:
+                if fns is None:
+                    ms = dense[m]
+                else:
+                    x = torch.randn(m, cols, device=device, dtype=dtype)
+                    ms = timer(lambda fns=fns, x=x: [f(x) for f in fns], per_call=copies)
+                if kernel == "dense":
+                    dense[m] = ms
+                rows_out.append({"kind": "linear", "rows": rows, "cols": cols, "kernel": kernel, "tokens": m,
+                                 "ms": ms, "runs": runs, "serving": note})  # fmt: skip
+                bar.update()
+            del fns
+        del weights
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    bar.close()
+    return rows_out
+
+
+@torch.no_grad()
+def model_ms(model: nn.Module, tokens: int, timer: Timer) -> float:
+    """End-to-end time of one forward over ``tokens`` tokens (one sequence, no KV cache)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    return timer(lambda: model(input_ids=ids, use_cache=False).logits)
+
+
+def measure_table(
+    model: nn.Module, inventory: Inventory, tokens: tuple[int, ...], kernels: tuple[str, ...] = ALL_KERNELS,
+    timer: Timer | None = None, env: dict | None = None, meta: dict | None = None,
+) -> LatencyTable:  # fmt: skip
+    """The table of a model: its layer shapes x kernels x tokens, plus its non-linear overhead.
+
+    The overhead at each token count is the model's measured dense end-to-end time minus the
+    table's dense times of its layers, so that a dense plan is predicted exactly and every other
+    plan is predicted from measured pieces.
+    """
+    device = str(next(model.parameters()).device)
+    dtype = next(model.parameters()).dtype
+    timer = timer or Timer(device)
+    rows = measure_linears(linear_shapes(inventory), tokens, kernels, device, dtype, timer)
+    dense = {(r["rows"], r["cols"], r["tokens"]): r["ms"] for r in rows if r["kernel"] == "dense"}
+    for m in tokens:
+        total = model_ms(model, m, timer)
+        linear = sum(dense[(lay.rows, lay.cols, m)] for lay in inventory.layers)
+        rows.append({"kind": "overhead", "rows": 0, "cols": 0, "kernel": "non-linear", "tokens": m,
+                     "ms": total - linear, "runs": True, "serving": f"end-to-end dense {total:.4f} ms"})  # fmt: skip
+    df = pd.DataFrame(rows)
+    for key, value in (env or {}).items():
+        df[key] = value
+    meta = {**(meta or {}), **(env or {}), "dtype": str(dtype).removeprefix("torch."), "repeats": timer.repeats,
+            "cuda_graphs": timer.graphs, "no_kernel": NO_KERNEL_NOTE, "sparse24": "cusparselt"}  # fmt: skip
+    return LatencyTable(df[COLUMNS], meta)
+
+
+def environment(device: str) -> dict[str, str]:
+    """GPU name, driver and torch version, stored with every table."""
+    if device.startswith("cuda"):
+        import subprocess
+
+        name = torch.cuda.get_device_name(device)
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.split()[0]  # fmt: skip
+        except (OSError, IndexError, subprocess.SubprocessError):
+            driver = "unknown"
+    else:
+        import platform
+
+        name, driver = f"cpu-{platform.machine()}", "none"
+    return {"gpu": name, "driver": driver, "torch": torch.__version__}
+
+
+class Compressor:
+    """Swaps a model's linear layers to the kernels of a plan, caching each (layer, kernel) once."""
+
+    def __init__(self, model: nn.Module, inventory: Inventory, table: LatencyTable) -> None:
+        self.model, self.inventory, self.table = model, inventory, table
+        self.dense = {lay.name: model.get_submodule(lay.name) for lay in inventory.layers}
+        self._cache: dict[tuple[str, str], nn.Module] = {}
+
+    def apply(self, assignment: dict[str, Level]) -> dict[str, int]:
+        """Put every layer on its level's kernel (the same choice the table's prediction made)."""
+        used: dict[str, int] = {}
+        for lay in self.inventory.layers:
+            kernel = self.table.kernel(assignment[lay.name], lay.rows, lay.cols)
+            if kernel == "drop":
+                raise ValueError("dropped layers are not timed end to end: remove 'drop' from the plan")
+            self._set(lay.name, self._module(lay.name, kernel))
+            used[kernel] = used.get(kernel, 0) + 1
+        return used
+
+    def restore(self) -> None:
+        """Back to the dense layers."""
+        for name, module in self.dense.items():
+            self._set(name, module)
+
+    def _module(self, name: str, kernel: str) -> nn.Module:
+        if kernel == "dense":
+            return self.dense[name]
+        if (name, kernel) not in self._cache:
+            linear = self.dense[name]
+            self._cache[(name, kernel)] = KernelLinear(build(kernel, linear.weight.detach()), linear.bias)
+        return self._cache[(name, kernel)]
+
+    def _set(self, name: str, module: nn.Module) -> None:
+        parent, _, leaf = name.rpartition(".")
+        setattr(self.model.get_submodule(parent), leaf, module)
+
+
+def check_plans(
+    model: nn.Module, inventory: Inventory, table: LatencyTable, plans: dict[str, dict[str, Level]],
+    tokens: tuple[int, ...], timer: Timer,
+) -> list[dict]:  # fmt: skip
+    """Predicted vs measured end-to-end time of each plan at each token count (plus dense)."""
+    compressor = Compressor(model, inventory, table)
+    out = []
+    with torch.no_grad():
+        for m in tokens:
+            dense = model_ms(model, m, timer)
+            for name, assignment in tqdm(plans.items(), desc=f"check @{m} tokens", leave=False):
+                kernels = compressor.apply(assignment)
+                try:
+                    measured = model_ms(model, m, timer)
+                finally:
+                    compressor.restore()
+                pred = table.predict(assignment, inventory, m)
+                out.append({"plan": name, "tokens": m, "predicted_ms": pred["predicted_ms"], "measured_ms": measured,
+                            "error_pct": 100 * (pred["predicted_ms"] - measured) / measured,
+                            "predicted_speedup": pred["speedup"], "measured_speedup": dense / measured,
+                            "measured_dense_ms": dense, "graph": timer.used_graph,
+                            "kernels": " ".join(f"{k}:{n}" for k, n in sorted(kernels.items()))})  # fmt: skip
+            if str(next(model.parameters()).device).startswith("cuda"):
+                torch.cuda.empty_cache()
+    return out

@@ -1,0 +1,114 @@
+"""Issue 7 on the GPU, one command: latency tables for SmolLM2-135M and Llama-3-8B shapes, then
+predicted vs measured end-to-end latency of 12 plans per model at decode and prefill token counts.
+
+    python scripts/latency_gpu.py --out $OUT           (on the GPU; see scripts/gpu_latency.sh)
+
+Plans: dense; uniform s0.5 (no kernel: runs dense), 2:4, w8, w4g64, w4g128; five seeded random
+mixes of those levels; and two knapsack plans held to a speed-up budget through the table (decode
+x1.5, prefill x1.1) over a synthetic per-level error, to show a budget kept end to end.
+Writes OUT/<model>.csv/.json (the tables) and OUT/latency_check.csv/.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from allocator.budget import Budget, build_problem  # noqa: E402
+from allocator.errors import AllocatorError  # noqa: E402
+from allocator.latency.architectures import config_for, random_model  # noqa: E402
+from allocator.latency.measure import (  # noqa: E402
+    DECODE_TOKENS,
+    PREFILL_TOKENS,
+    Timer,
+    check_plans,
+    environment,
+    measure_table,
+)
+from allocator.latency.table import LatencyModel  # noqa: E402
+from allocator.levels import parse_grid  # noqa: E402
+from allocator.model import Inventory  # noqa: E402
+from allocator.search import get_searcher  # noqa: E402
+
+GRID = parse_grid("dense,s0.5,2:4,w8,w4g64,w4g128")
+# synthetic relative error per level (only used to make the knapsack trade quality for time)
+PROXY_ERROR = {"dense": 0.0, "s0.5": 0.3, "2:4": 0.35, "w8": 0.01, "w4g64": 0.08, "w4g128": 0.1}
+
+
+def plans_for(inventory: Inventory, table, check_tokens: tuple[int, ...]) -> dict[str, dict]:
+    """The 12 plans checked per model."""
+    names = [lay.name for lay in inventory.layers]
+    plans = {f"uniform-{lv.name}": {n: lv for n in names} for lv in GRID}
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        p = rng.dirichlet(np.ones(len(GRID)))
+        picks = rng.choice(len(GRID), len(names), p=p)
+        plans[f"random-{seed}"] = {n: GRID[k] for n, k in zip(names, picks, strict=True)}
+    for tokens, speedup in ((check_tokens[0], 1.5), (check_tokens[-1], 1.1)):
+        problem = build_problem(inventory, GRID, Budget("speedup", speedup), latency=LatencyModel(table, tokens))
+        depth = np.array([1 + inventory[u[0]].block / inventory.n_blocks for u in problem.units])
+        problem.error = depth[:, None] * np.array([PROXY_ERROR[lv.name] for lv in GRID])[None, :]
+        try:
+            choice = get_searcher("knapsack").search(problem, 0)
+        except AllocatorError as exc:
+            print(f"knapsack speedup={speedup} at {tokens} tokens: {exc}", flush=True)
+            continue
+        plans[f"knapsack-x{speedup:g}@{tokens}"] = problem.assignment(choice)
+    return plans
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="smollm2-135m,llama-3-8b")
+    ap.add_argument("--check-tokens", default="1,2048")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--tokens", default=",".join(map(str, DECODE_TOKENS + PREFILL_TOKENS)), help="table token counts")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the whole script")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    check_tokens = tuple(int(t) for t in args.check_tokens.split(","))
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    env = environment(args.device)
+    timer = Timer(args.device, repeats=args.repeats)
+    rows = []
+    for spec in args.models.split(","):
+        t0 = time.perf_counter()
+        model = random_model(config_for(spec), dtype, args.device)
+        inventory = Inventory.from_model(model)
+        meta = {"model": spec, "fingerprint": inventory.fingerprint, "command": command}
+        table = measure_table(model, inventory, tokens, timer=timer, env=env, meta=meta)
+        table.save(out / f"{spec}.csv")
+        print(f"{spec}: table in {time.perf_counter() - t0:.0f} s", flush=True)
+        plans = plans_for(inventory, table, check_tokens)
+        for r in check_plans(model, inventory, table, plans, check_tokens, timer):
+            rows.append({"model": spec, **r})
+            print(rows[-1], flush=True)
+        pd.DataFrame(rows).to_csv(out / "latency_check.csv", index=False)
+        print(f"{spec}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    df = pd.DataFrame(rows)
+    summary = {"command": command, **env, "plans_checked": int(df.plan.nunique()),
+               "checks": len(df), "within_5pct": int((df.error_pct.abs() <= 5).sum()),
+               "max_abs_error_pct": float(df.error_pct.abs().max())}  # fmt: skip
+    (out / "latency_check.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
