@@ -185,6 +185,6 @@ class KernelLinear(nn.Module):
         self.fn, self.bias = fn, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fn(x.reshape(-1, x.shape[-1]))
+        y = self.fn(x.reshape(-1, x.shape[-1]).contiguous())  # the int4/int8 kernels need a contiguous input
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y + self.bias if self.bias is not None else y

@@ -37,44 +37,56 @@ log = logging.getLogger(__name__)
 
 DECODE_TOKENS = (1, 2, 4, 8, 16)
 PREFILL_TOKENS = (512, 1024, 2048, 4096)
-_STREAM_BYTES = 256 * 2**20  # weight bytes streamed per timed replay: well above any L2 (H100: 50 MB)
+_STREAM_BYTES = 256 * 2**20  # weight bytes streamed per decode replay: well above any L2 (H100: 50 MB)
+_PREFILL_BYTES = 32 * 2**20  # prefill is compute-bound: fewer copies, enough to time tiny layers
 _MAX_COPIES = 256
 
 
 @dataclass
 class Timer:
-    """Median time of a function; CUDA graphs and events on GPU, ``perf_counter`` on CPU."""
+    """Median time of a function; CUDA graphs and events on GPU, ``perf_counter`` on CPU.
+
+    Repeats adapt to the cost of one call (at least 5, at most ``repeats``, about ``budget_ms`` in
+    all), so slow kernels (int8 weight-only at prefill sizes) do not dominate a table's time.
+    """
 
     device: str
     repeats: int = 30
-    warmup: int = 5
+    warmup: int = 2
     graphs: bool = True
+    budget_ms: float = 300.0
     used_graph: bool = field(default=False, init=False)
+    graph_error: str = field(default="", init=False)
 
     def __call__(self, fn: Callable[[], object], per_call: int = 1) -> float:
         """Milliseconds of one of the ``per_call`` units of work one ``fn()`` does."""
-        if not self.device.startswith("cuda"):
-            for _ in range(self.warmup):
-                fn()
-            times = []
-            for _ in range(self.repeats):
+        if self.device.startswith("cuda"):
+            graphed = self._graphed(fn) if self.graphs else None
+            self.used_graph = graphed is not None
+            run = graphed or fn
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+            def once() -> float:
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end)
+        else:
+            run = fn
+
+            def once() -> float:
                 t0 = time.perf_counter()
                 fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times) / per_call
-        run = self._graphed(fn) if self.graphs else None
-        self.used_graph = run is not None
-        run = run or fn
+                return (time.perf_counter() - t0) * 1e3
+
         for _ in range(self.warmup):
             run()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(self.repeats):
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        times: list[float] = []
+        while len(times) < self.repeats:
+            times.append(once())
+            if len(times) >= 5 and sum(times) > self.budget_ms:
+                break
         return statistics.median(times) / per_call
 
     def _graphed(self, fn: Callable[[], object]) -> Callable[[], object] | None:
@@ -90,7 +102,8 @@ class Timer:
             with torch.cuda.graph(graph):
                 fn()
         except RuntimeError as exc:
-            log.warning("CUDA graph capture failed (%s): timing eagerly", str(exc).splitlines()[0][:120])
+            self.graph_error = str(exc).splitlines()[0][:160]
+            log.warning("CUDA graph capture failed (%s): timing eagerly", self.graph_error)
             torch.cuda.synchronize()
             return None
         return graph.replay
@@ -111,8 +124,12 @@ def measure_linears(
     rows_out: list[dict] = []
     bar = tqdm(total=len(shapes) * len(kernels) * len(tokens), desc="latency table", leave=False)
     for rows, cols in shapes:
-        copies = 1 if device == "cpu" else max(1, min(_MAX_COPIES, math.ceil(_STREAM_BYTES / (rows * cols * 2))))
-        weights = [torch.randn(rows, cols, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+
+        def copies(m: int, size: int = rows * cols * 2) -> int:
+            stream = _STREAM_BYTES if m <= max(DECODE_TOKENS) else _PREFILL_BYTES
+            return 1 if device == "cpu" else max(1, min(_MAX_COPIES, math.ceil(stream / size)))
+
+        weights = [torch.randn(rows, cols, device=device, dtype=dtype) * 0.02 for _ in range(copies(min(tokens)))]
         dense: dict[int, float] = {}
         for kernel in kernels:
             try:
@@ -125,7 +142,8 @@ def measure_linears(
                     ms = dense[m]
                 else:
                     x = torch.randn(m, cols, device=device, dtype=dtype)
-                    ms = timer(lambda fns=fns, x=x: [f(x) for f in fns], per_call=copies)
+                    n = copies(m)
+                    ms = timer(lambda fns=fns[:n], x=x: [f(x) for f in fns], per_call=n)
                 if kernel == "dense":
                     dense[m] = ms
                 rows_out.append({"kind": "linear", "rows": rows, "cols": cols, "kernel": kernel, "tokens": m,
@@ -165,8 +183,9 @@ def measure_table(
     for m in tokens:
         total = model_ms(model, m, timer)
         linear = sum(dense[(lay.rows, lay.cols, m)] for lay in inventory.layers)
+        how = "CUDA graph" if timer.used_graph else f"eager ({timer.graph_error or 'no graphs'})"
         rows.append({"kind": "overhead", "rows": 0, "cols": 0, "kernel": "non-linear", "tokens": m,
-                     "ms": total - linear, "runs": True, "serving": f"end-to-end dense {total:.4f} ms"})  # fmt: skip
+                     "ms": total - linear, "runs": True, "serving": f"dense {total:.4f} ms, {how}"})  # fmt: skip
     df = pd.DataFrame(rows)
     for key, value in (env or {}).items():
         df[key] = value
@@ -232,21 +251,29 @@ class Compressor:
 
 def check_plans(
     model: nn.Module, inventory: Inventory, table: LatencyTable, plans: dict[str, dict[str, Level]],
-    tokens: tuple[int, ...], timer: Timer,
+    tokens: tuple[int, ...], timer: Timer, max_slowdown: float | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Predicted vs measured end-to-end time of each plan at each token count (plus dense)."""
+    """Predicted vs measured end-to-end time of each plan at each token count (plus dense).
+
+    A plan predicted slower than ``max_slowdown`` x dense is listed but not run (int8 weight-only
+    at prefill sizes takes seconds per forward here).
+    """
     compressor = Compressor(model, inventory, table)
     out = []
     with torch.no_grad():
         for m in tokens:
             dense = model_ms(model, m, timer)
             for name, assignment in tqdm(plans.items(), desc=f"check @{m} tokens", leave=False):
+                pred = table.predict(assignment, inventory, m)
+                if max_slowdown and pred["speedup"] < 1 / max_slowdown:
+                    out.append({"plan": name, "tokens": m, "predicted_ms": pred["predicted_ms"],
+                                "skipped": f"predicted {1 / pred['speedup']:.1f}x slower than dense"})  # fmt: skip
+                    continue
                 kernels = compressor.apply(assignment)
                 try:
                     measured = model_ms(model, m, timer)
                 finally:
                     compressor.restore()
-                pred = table.predict(assignment, inventory, m)
                 out.append({"plan": name, "tokens": m, "predicted_ms": pred["predicted_ms"], "measured_ms": measured,
                             "error_pct": 100 * (pred["predicted_ms"] - measured) / measured,
                             "predicted_speedup": pred["speedup"], "measured_speedup": dense / measured,
