@@ -77,8 +77,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--tokens", default=",".join(map(str, DECODE_TOKENS + PREFILL_TOKENS)), help="table token counts")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the whole script")
+    ap.add_argument("--report-only", action="store_true", help="only redraw OUT/latency_check.md/.png from its CSV")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.report_only:
+        write_report(pd.read_csv(out / "latency_check.csv"), out)
+        return
     out.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     check_tokens = tuple(int(t) for t in args.check_tokens.split(","))
@@ -111,7 +115,44 @@ def main() -> None:
                "checks": len(df), "within_5pct": int((df.error_pct.abs() <= 5).sum()),
                "max_abs_error_pct": float(df.error_pct.abs().max())}  # fmt: skip
     (out / "latency_check.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
+    write_report(df, out)
     print(json.dumps(summary), flush=True)
+
+
+def write_report(df: pd.DataFrame, out: Path) -> None:
+    """latency_check.md (the table) and latency_check.png (predicted vs measured, one panel per token count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = df[df.measured_ms.notna()]
+    cols = ["model", "plan", "tokens", "predicted_ms", "measured_ms", "error_pct", "predicted_speedup",
+            "measured_speedup"]  # fmt: skip
+    within = int((ran.error_pct.abs() <= 5).sum())
+    text = (f"Predicted vs measured end-to-end latency (CUDA graphs, bf16, one forward of TOKENS tokens).\n\n"
+            f"{within} of {len(ran)} checks within 5 %; max |error| {ran.error_pct.abs().max():.2f} %.\n\n"
+            f"{ran[cols].round(4).to_markdown(index=False)}\n")  # fmt: skip
+    skipped = df[df.measured_ms.isna()]
+    if len(skipped):
+        listed = skipped[["model", "plan", "tokens", "skipped"]].to_markdown(index=False)
+        text += f"\nNot run (predicted too slow):\n\n{listed}\n"
+    (out / "latency_check.md").write_text(text)
+    groups = list(ran.groupby(["model", "tokens"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), squeeze=False)
+    for ax, ((model, tokens), g) in zip(axes[0], groups, strict=True):
+        ax.loglog(g.measured_ms, g.predicted_ms, "o", ms=4)
+        lo, hi = (
+            g[["measured_ms", "predicted_ms"]].min().min() * 0.9,
+            g[["measured_ms", "predicted_ms"]].max().max() * 1.1,
+        )
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.fill_between([lo, hi], [lo * 0.95, hi * 0.95], [lo * 1.05, hi * 1.05], color="0.85", label="±5 %")
+        ax.set(title=f"{model}, {tokens} tokens", xlabel="measured (ms)", ylabel="predicted (ms)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency_check.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
