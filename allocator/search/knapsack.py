@@ -49,11 +49,7 @@ class Knapsack:
         rows = [coo_array((np.ones(n), (uu, np.arange(n))), shape=(U, n))]
         constraints = [LinearConstraint(rows[0], 1, 1)]  # exactly one level per unit
         for _, cost, limit in problem.constraints():
-            # Costs are integers (weights, bits) or eighths (bytes); a solver tolerance below one unit
-            # cannot admit an infeasible 0/1 point once the limit is rounded down to that grain.
-            grain = 8 if not np.allclose(cost[ok], np.round(cost[ok])) else 1
-            bound = math.floor(limit * grain * (1 + 1e-12) + 1e-6) / grain
-            constraints.append(LinearConstraint(cost[uu, kk][None, :], -np.inf, bound))
+            constraints.append(_budget_row(cost[uu, kk], limit))
         options = {"time_limit": self.time_limit} if self.time_limit else {}
         res = milp(err[uu, kk], constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
         if res.x is None:
@@ -67,6 +63,21 @@ class Knapsack:
         if not problem.feasible(choice) or np.bincount(uu[x], minlength=U).max() != 1:
             raise AllocatorError("knapsack solution failed the exact budget check: report this with the grid used")
         return choice
+
+
+def _budget_row(cost: np.ndarray, limit: float) -> LinearConstraint:
+    """One budget as a MILP row that no solver tolerance can turn into an over-budget 0/1 point.
+
+    Integer costs (weights, bits) and eighths (bytes): the limit is rounded down to that grain, so a
+    tolerance below one grain admits nothing infeasible. Real costs (milliseconds from a latency
+    table): the row is scaled to the limit and kept a relative 1e-6 inside it.
+    """
+    for grain in (1, 8):
+        if np.allclose(cost * grain, np.round(cost * grain)):
+            return LinearConstraint(cost[None, :], -np.inf, math.floor(limit * grain * (1 + 1e-12) + 1e-6) / grain)
+    if limit <= 0:  # below the fixed overhead: nothing fits, and reach_error has said so
+        return LinearConstraint(cost[None, :], -np.inf, limit)
+    return LinearConstraint(cost[None, :] / limit, -np.inf, 1 - 1e-6)
 
 
 @dataclass
