@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 
+from allocator.apply import apply_plan
 from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
+from allocator.export import FORMATS, export
 from allocator.fitness import KLFitness
 from allocator.latency import cli as latency_cli
 from allocator.levels import DEFAULT_GRID, parse_grid
 from allocator.pipeline import RunConfig, Session, run
+from allocator.plan import Plan
+from allocator.report import write_run_report
 from allocator.search import SEARCHERS
 
 
@@ -79,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="also measure end-to-end KL with only one layer compressed, on this many calibration windows",
     )
+    a = sub.add_parser("apply", help="compress a model by a plan and save a Hugging Face checkpoint")
+    a.add_argument("plan", help="plan.json (settings are read from the config.json beside it)")
+    a.add_argument("--output-dir", "-o", required=True, help="checkpoint folder (must be new or empty)")
+    for flag in ("--model", "--calib", "--eval", "--backend", "--device", "--dtype"):
+        a.add_argument(flag, default=None, help="override the run's setting")
+    for flag in ("--calib-samples", "--eval-samples", "--batch-size"):
+        a.add_argument(flag, type=int, default=None, help="override the run's setting")
+    e = sub.add_parser("export", help="write a plan in another toolkit's format")
+    e.add_argument("plan", help="plan.json")
+    e.add_argument("--to", required=True, choices=list(FORMATS), help="target format")
+    e.add_argument("--output-dir", "-o", default=None, help="default: exports/<format> beside the plan")
+    e.add_argument("--backend", default=None, help="pruner for llm-compressor (default: the run's backend)")
+    rep = sub.add_parser("report", help="Markdown report (plots included) of a run folder or a folder of runs")
+    rep.add_argument("folder")
     latency_cli.add_parser(sub)
     return parser
 
@@ -88,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": _run, "profile": _profile, "latency": latency_cli.run}[args.command](args)
+        verbs = {"run": _run, "profile": _profile, "apply": _apply, "export": _export, "report": _report,
+                 "latency": latency_cli.run}  # fmt: skip
+        return verbs[args.command](args)
     except AllocatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +136,29 @@ def _run(args: argparse.Namespace) -> int:
         print(f"predicted latency      {lat['predicted_ms']:.4f} ms at {lat['tokens']} tokens "
               f"(dense {lat['dense_ms']:.4f} ms, speed-up {lat['speedup']:.3f}x)")  # fmt: skip
     print(f"wrote {result.output_dir}/plan.json, metrics.json, config.json")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    m = apply_plan(args.plan, args.output_dir, vars(args))
+    print(f"compressed {m['model']} by {args.plan} with {m['backend']}: perplexity {m['perplexity']:.3f} "
+          f"(dense {m['dense_perplexity']:.3f})")  # fmt: skip
+    print(f"wrote {args.output_dir} (reload with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    here = Path(args.plan).parent
+    saved = here / "config.json"
+    backend = args.backend or (json.loads(saved.read_text()).get("backend") if saved.is_file() else None)
+    for path in export(plan, args.to, args.output_dir or here / "exports" / args.to, backend):
+        print(f"wrote {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    print(f"wrote {write_run_report(args.folder)}")
     return 0
 
 

@@ -1,11 +1,14 @@
-"""Run artefacts people look at: the search history as CSV and as a plot."""
+"""Run artefacts people look at: search history, Pareto front, and the Markdown report of runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from allocator.errors import AllocatorError
 from allocator.io import write_text_atomic
 
 
@@ -54,3 +57,99 @@ def _save_figure(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(path)
+
+
+def write_run_report(folder: str | Path) -> Path:
+    """``report.md`` for a run folder, or for a folder of run folders (one section each).
+
+    Per run: budget, method, achieved costs and perplexity; a heatmap of the per-layer allocation
+    (decoder block x layer role, colour = stored bits per weight, which reads the same for pruning,
+    quantization or both); the search history and Pareto plots when the run has them. Several runs:
+    also a table and a plot of perplexity against achieved bits per weight, one line per method.
+    """
+    folder = Path(folder)
+    runs = [folder] if (folder / "plan.json").is_file() else sorted(p.parent for p in folder.glob("*/plan.json"))
+    if not runs:
+        raise AllocatorError(f"{str(folder)!r} holds no run (no plan.json): pass a folder written by `allocator run`")
+    lines = [f"# allocator report: {folder}", ""]
+    rows = []
+    for run in runs:
+        plan = json.loads((run / "plan.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        achieved = plan["achieved"]
+        budget = f"{plan['budget']['kind']}={plan['budget']['value']:g}"
+        rows.append({"run": run.name, "method": plan["method"], "budget": budget,
+                     "sparsity": achieved["sparsity"], "bits": achieved["bits"],
+                     "perplexity": metrics.get("perplexity"), "dense perplexity": metrics.get("dense_perplexity"),
+                     "KL": metrics.get("kl_to_dense")})  # fmt: skip
+        _plot_allocation(plan, run / "allocation.png")
+        prefix = "" if run == folder else f"{run.name}/"
+        summary = pd.DataFrame(rows[-1:]).round(4).to_markdown(index=False)
+        lines += [f"## {run.name}", "", summary, "", f"![per-layer allocation]({prefix}allocation.png)", ""]
+        if "latency" in metrics:
+            lat = metrics["latency"]
+            lines += [f"Predicted latency {lat['predicted_ms']:.4f} ms at {lat['tokens']} tokens "
+                      f"(speed-up {lat['speedup']:.3f}x, table `{lat['table']}`).", ""]  # fmt: skip
+        for name, title in (("history.png", "search history"), ("pareto.png", "Pareto front")):
+            if (run / name).is_file():
+                lines += [f"![{title}]({prefix}{name})", ""]
+    if len(runs) > 1:
+        df = pd.DataFrame(rows)
+        lines[2:2] = [
+            "## All runs",
+            "",
+            df.round(4).to_markdown(index=False),
+            "",
+            "![perplexity vs bits](perplexity.png)",
+            "",
+        ]
+        _plot_perplexity(df, folder / "perplexity.png")
+    path = folder / "report.md"
+    write_text_atomic(path, "\n".join(lines))
+    return path
+
+
+def _plot_allocation(plan: dict, path: Path) -> None:
+    """Heatmap of stored bits per weight: decoder block x layer role."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from allocator.levels import parse_level
+
+    cells: dict[tuple[int, str], float] = {}
+    for name, level in plan["assignment"].items():
+        m = re.search(r"\.(\d+)\.(.+)$", name)
+        if m is None:
+            continue
+        rows, cols = plan["model"]["shapes"][name]
+        cells[(int(m.group(1)), m.group(2))] = parse_level(level).storage_bits(rows, cols) / (rows * cols)
+    roles = list(dict.fromkeys(role for _, role in cells))
+    blocks = 1 + max(b for b, _ in cells)
+    grid = np.full((blocks, len(roles)), np.nan)
+    for (b, role), bits in cells.items():
+        grid[b, roles.index(role)] = bits
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(roles), 1.5 + 0.18 * blocks))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=16)
+    ax.set_xticks(range(len(roles)), [r.split(".")[-1].removesuffix("_proj") for r in roles], rotation=90, fontsize=7)
+    ax.set(ylabel="decoder block", title=f"{plan['method']}, {plan['budget']['kind']}={plan['budget']['value']:g}")
+    fig.colorbar(im, ax=ax, label="stored bits / weight")
+    _save_figure(fig, path)
+
+
+def _plot_perplexity(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, g in df.dropna(subset=["perplexity"]).groupby("method"):
+        g = g.sort_values("bits")
+        ax.plot(g["bits"], g["perplexity"], "o-", label=method)
+    ax.set(xlabel="stored bits per weight (achieved)", ylabel="perplexity", yscale="log", title="perplexity vs budget")
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)

@@ -1,0 +1,32 @@
+"""Exporters: a plan into the files other toolkits take (``allocator export PLAN --to FORMAT``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from allocator.errors import AllocatorError
+from allocator.export import autoround, gptqmodel, llamacpp, llmcompressor, tabular
+from allocator.io import write_text_atomic
+from allocator.plan import Plan
+
+FORMATS: dict[str, Callable[..., dict[str, str]]] = {
+    "llmcompressor": llmcompressor.export,
+    "gptqmodel": gptqmodel.export,
+    "autoround": autoround.export,
+    "llamacpp": llamacpp.export,
+    "json": lambda plan, backend=None: tabular.to_json(plan),
+    "csv": lambda plan, backend=None: tabular.to_csv(plan),
+}
+
+
+def export(plan: Plan, fmt: str, out: str | Path, backend: str | None = None) -> list[Path]:
+    """Write the files of ``fmt`` for ``plan`` into ``out`` (nothing is written if the plan is refused)."""
+    if fmt not in FORMATS:
+        raise AllocatorError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    files = FORMATS[fmt](plan, backend)
+    paths = []
+    for name, text in files.items():
+        write_text_atomic(Path(out) / name, text)
+        paths.append(Path(out) / name)
+    return paths

@@ -1,0 +1,58 @@
+"""What every exporter shares: level-type checks, tie groups, anchored name patterns.
+
+Plans are keyed by Hugging Face module names (``named_modules()``); each exporter derives its
+target's names from them. Patterns are always escaped and anchored, so ``layers.1.`` can never
+match ``layers.10.`` (a pitfall of substring matching in several toolkits).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from allocator.errors import AllocatorError
+from allocator.levels import Level
+from allocator.plan import Plan
+
+# serving engines (vLLM) fuse these shards into one kernel: they must share one setting
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}  # fmt: skip
+
+
+def require_kinds(plan: Plan, allowed: set[str], target: str) -> None:
+    """Refuse a plan using level types ``target`` cannot express, naming them and what it can."""
+    bad = sorted({lv.name for lv in plan.assignment.values() if lv.kind not in allowed})
+    if bad:
+        raise AllocatorError(
+            f"{target} cannot express levels {bad[:6]} (it takes {', '.join(sorted(allowed))} levels): "
+            "re-plan with a grid of those, or export to json/csv"
+        )
+
+
+def require_tied(plan: Plan, setting, target: str) -> None:
+    """Refuse a plan giving one fused group (q/k/v, gate/up of a block) different settings."""
+    groups: dict[str, set] = defaultdict(set)
+    for name, level in plan.assignment.items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf in FUSED:
+            groups[f"{parent}.{FUSED[leaf]}"].add(setting(level))
+    split = sorted(g for g, settings in groups.items() if len(settings) > 1)
+    if split:
+        raise AllocatorError(
+            f"{target} is loaded by vLLM, which fuses q/k/v and gate/up and needs one setting per fused "
+            f"layer, but the plan splits {split[:3]}{' …' if len(split) > 3 else ''}: "
+            "re-plan with --per tie-group"
+        )
+
+
+def anchored(name: str, fused_too: bool = True) -> str:
+    """An anchored regex for one module that also matches its fused vLLM name (``…qkv_proj``)."""
+    parent, _, leaf = name.rpartition(".")
+    if fused_too and leaf in FUSED:
+        return f"^{re.escape(parent)}\\.({leaf.removesuffix('_proj')}|{FUSED[leaf].removesuffix('_proj')})_proj$"
+    return f"^{re.escape(name)}$"
+
+
+def quant_setting(level: Level) -> tuple[int, int, bool]:
+    """(bits, group_size, sym) of a level (16 bits: not quantized)."""
+    return (level.bits, level.group_size, level.sym)

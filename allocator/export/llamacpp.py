@@ -1,0 +1,47 @@
+"""llama.cpp: a ``--tensor-type-file`` for ``llama-quantize`` and the command that uses it.
+
+HF module names become GGUF tensor names through gguf-py's own ``TensorNameMap``
+(``model.layers.3.mlp.down_proj`` -> ``blk.3.ffn_down``). llama-quantize lower-cases each pattern and
+applies it with ``std::regex_search`` (unanchored, first match wins), so every pattern is anchored
+with ``^…$``: ``blk.1.`` never matches ``blk.10.``. GGUF types have fixed block sizes, so a level's
+group size is not carried: bits map to the nearest type (w4 -> q4_K, …). Research: ecosystem.md §2.11.
+"""
+
+from __future__ import annotations
+
+import re
+
+from allocator.errors import AllocatorError
+from allocator.export.common import require_kinds
+from allocator.plan import Plan
+
+KINDS = {"dense", "bits"}
+GGML_TYPES = {16: "f16", 8: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
+_ARCHS = ("LLAMA", "QWEN2", "QWEN3", "GEMMA3", "GPT2")  # tried in turn to name a tensor
+
+
+def gguf_name(hf_name: str, n_blocks: int) -> str:
+    """The GGUF tensor name of an HF module (``…down_proj`` -> ``blk.3.ffn_down.weight``)."""
+    import gguf
+
+    for arch in _ARCHS:
+        mapping = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), n_blocks)
+        name = mapping.get_name(hf_name)
+        if name is not None:
+            return f"{name}.weight"
+    raise AllocatorError(f"no GGUF tensor name for {hf_name!r}: llama.cpp does not know this layer's architecture")
+
+
+def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
+    """``tensor-types.txt`` (one ``^blk\\.N\\.x\\.weight$=type`` per line) and ``llama-quantize.sh``."""
+    require_kinds(plan, KINDS, "llama.cpp")
+    odd = sorted({lv.name for lv in plan.assignment.values() if lv.bits not in GGML_TYPES})
+    if odd:
+        raise AllocatorError(f"llama.cpp has no type for {odd}: use {sorted(GGML_TYPES)}-bit levels")
+    blocks = 1 + max(int(m.group(1)) for n in plan.assignment if (m := re.search(r"\.(\d+)\.", n)))
+    lines = [f"^{re.escape(gguf_name(name, blocks))}$={GGML_TYPES[lv.bits]}" for name, lv in plan.assignment.items()]
+    quantized = [lv.bits for lv in plan.assignment.values() if lv.quantized]
+    base = GGML_TYPES[max(set(quantized), key=quantized.count)].upper() if quantized else "Q8_0"
+    command = f"llama-quantize --tensor-type-file tensor-types.txt model-f16.gguf model-allocator.gguf {base}"
+    script = f"#!/usr/bin/env bash\n# per-tensor types from the plan; unlisted tensors get the base type\n{command}\n"
+    return {"tensor-types.txt": "\n".join(lines) + "\n", "llama-quantize.sh": script}

@@ -1,0 +1,248 @@
+"""Exports read back by each toolkit's own matching rules give the plan's levels; apply round-trips."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import gguf
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from allocator.apply import run_config
+from allocator.budget import Budget
+from allocator.cli import main
+from allocator.errors import AllocatorError
+from allocator.evaluate import perplexity
+from allocator.export import FORMATS
+from allocator.latency.architectures import meta_model
+from allocator.levels import DENSE_BITS, Level, parse_grid, parse_level
+from allocator.model import Inventory
+from allocator.pipeline import Session
+from allocator.plan import Plan
+from tests.test_cli import _args
+
+# 12 blocks: a pattern for block 1 that leaked into blocks 10 and 11 would show up
+CONFIG = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=256)  # fmt: skip
+INV = Inventory.from_model(meta_model(CONFIG))
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}  # fmt: skip
+
+
+def make_plan(grid_text: str, seed: int, tied: bool = True) -> Plan:
+    """A random plan over ``grid_text``; ``tied``: q/k/v and gate/up of a block share a level."""
+    grid = parse_grid(grid_text)
+    rng = np.random.default_rng(seed)
+    assignment = {}
+    for group in INV.groups:
+        k = rng.integers(len(grid))
+        for name in group:
+            assignment[name] = grid[k if tied else rng.integers(len(grid))]
+    return Plan.create(assignment, INV, "tiny-12", Budget("bits", 16), grid, "test", seed)
+
+
+def fused_names(names) -> list[str]:
+    return sorted(
+        {f"{n.rpartition('.')[0]}.{FUSED[n.rpartition('.')[2]]}" for n in names if n.rpartition(".")[2] in FUSED}
+    )
+
+
+# ---- readers: each toolkit's documented matching rules, written independently of the exporters ----------------
+def ct_target(name: str, targets: list[str]) -> bool:
+    """compressed-tensors: an exact name, or ``re:`` applied with re.match."""
+    return any(t == name or (t.startswith("re:") and re.match(t[3:], name)) for t in targets)
+
+
+def read_llmcompressor(text: str) -> tuple[dict[str, Level], dict[str, str]]:
+    recipe = yaml.safe_load(text)
+    names = [lay.name for lay in INV.layers]
+    sparse: dict[str, Level] = {}
+    quant: dict[str, tuple] = {}
+    fused_group: dict[str, str] = {}
+    for stage in recipe.values():
+        for group in stage.values():
+            for modifier, args in group.items():
+                if modifier in ("SparseGPTModifier", "WandaPruningModifier"):
+                    matched = [n for n in names if ct_target(n, args["targets"])]  # named_modules() order
+                    assert len(matched) == len(args["sparsity"]), "sparsity list must align with the matches"
+                    n_, m_ = map(int, args["mask_structure"].split(":"))
+                    for name, s in zip(matched, args["sparsity"], strict=True):
+                        sparse[name] = Level(n=n_, m=m_) if m_ else Level(sparsity=s)
+                else:
+                    assert modifier == "GPTQModifier"
+                    for name in names + fused_names(names):
+                        if ct_target(name, args["ignore"]):
+                            continue
+                        hits = [g for g, cfg in args["config_groups"].items() if ct_target(name, cfg["targets"])]
+                        if not hits:
+                            continue
+                        w = args["config_groups"][hits[0]]["weights"]
+                        setting = (
+                            w["num_bits"],
+                            w.get("group_size", 0) if w["strategy"] == "group" else 0,
+                            w["symmetric"],
+                        )
+                        if name in names:
+                            quant[name] = setting
+                        else:
+                            fused_group[name] = hits[0]
+    levels = {}
+    for name in names:
+        base = sparse.get(name, Level())
+        bits, group, sym = quant.get(name, (DENSE_BITS, 0, True))
+        levels[name] = Level(sparsity=base.sparsity, n=base.n, m=base.m, bits=bits, group_size=group, sym=sym)
+    return levels, fused_group
+
+
+def read_gptqmodel(config: dict, name: str) -> Level:
+    """GPTQModel / vLLM: the first ``dynamic`` key that re.match-es wins; ``-:`` skips the module."""
+    for key, override in config["dynamic"].items():
+        sign, pattern = (key[:2], key[2:]) if key[:2] in ("+:", "-:") else ("+:", key)
+        if re.match(pattern, name):
+            if sign == "-:":
+                return Level()
+            g = override.get("group_size", config["group_size"])
+            return Level(
+                bits=override.get("bits", config["bits"]), group_size=max(g, 0), sym=override.get("sym", config["sym"])
+            )
+    return Level(bits=config["bits"], group_size=max(config["group_size"], 0), sym=config["sym"])
+
+
+def read_llamacpp(text: str) -> dict[str, int]:
+    """llama-quantize: lower-cased patterns, std::regex_search (unanchored), first match wins."""
+    rules = [line.rsplit("=", 1) for line in text.split()]
+    types = {"f16": 16, "q8_0": 8, "q6_k": 6, "q5_k": 5, "q4_k": 4, "q3_k": 3, "q2_k": 2}
+    mapping = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, INV.n_blocks)
+    out = {}
+    for lay in INV.layers:
+        tensor = mapping.get_name(lay.name) + ".weight"
+        hit = next(t for p, t in rules if re.search(p.lower(), tensor))
+        out[lay.name] = types[hit.lower()]
+    return out
+
+
+# ---- round trips ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_llmcompressor_round_trip_pruning_and_quantization(seed, tmp_path):
+    plan = make_plan("dense,s0.3,s0.55,2:4,w4g32,w8,w4g64a,s0.5+w4g32", seed)
+    files = FORMATS["llmcompressor"](plan, "wanda")
+    levels, fused_group = read_llmcompressor(files["recipe.yaml"])
+    assert {n: lv.name for n, lv in levels.items()} == {n: lv.name for n, lv in plan.assignment.items()}
+    assert "WandaPruningModifier" in files["recipe.yaml"] and "sparsity: {" not in files["recipe.yaml"]
+    # vLLM matches the fused qkv_proj / gate_up_proj names: they land in the group of their shards
+    recipe = yaml.safe_load(files["recipe.yaml"])
+    groups = recipe.get("quant_stage", {}).get("quant_modifiers", {}).get("GPTQModifier", {}).get("config_groups", {})
+    for fused, group in fused_group.items():
+        parent, _, leaf = fused.rpartition(".")
+        shard = next(
+            n for n in plan.assignment if n.rpartition(".")[0] == parent and FUSED.get(n.rpartition(".")[2]) == leaf
+        )
+        assert ct_target(shard, groups[group]["targets"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptqmodel_round_trip_including_fused_names(seed):
+    plan = make_plan("dense,w2g64,w3g128,w4g128,w4g32a,w8", seed)
+    config = json.loads(FORMATS["gptqmodel"](plan)["quantize_config.json"])
+    for name, level in plan.assignment.items():
+        assert read_gptqmodel(config, name).name == level.name
+    for fused in fused_names(plan.assignment):
+        shard = next(n for n in plan.assignment if n.rpartition(".")[0] == fused.rpartition(".")[0]
+                     and FUSED.get(n.rpartition(".")[2]) == fused.rpartition(".")[2])  # fmt: skip
+        assert read_gptqmodel(config, fused).name == plan.assignment[shard].name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_autoround_and_llamacpp_round_trip(seed):
+    plan = make_plan("dense,w2g64,w3g128,w4g128,w5g32,w6g64,w8", seed, tied=False)
+    config = json.loads(FORMATS["autoround"](plan)["layer_config.json"])
+    for name, level in plan.assignment.items():
+        got = config["layer_config"][name]
+        assert Level(bits=got["bits"], group_size=max(got["group_size"], 0), sym=got["sym"]) == level
+    files = FORMATS["llamacpp"](plan)
+    assert read_llamacpp(files["tensor-types.txt"]) == {n: lv.bits for n, lv in plan.assignment.items()}
+    assert "llama-quantize --tensor-type-file tensor-types.txt" in files["llama-quantize.sh"]
+    assert "^blk\\.1\\.ffn_down\\.weight$" in files["tensor-types.txt"]
+
+
+def test_json_and_csv_round_trip(tmp_path):
+    plan = make_plan("dense,s0.5,2:4,w4g128,s0.5+w4g128,drop", 3, tied=False)
+    (tmp_path / "p.json").write_text(FORMATS["json"](plan)["plan.json"])
+    assert Plan.load(tmp_path / "p.json", INV).assignment == plan.assignment
+    (tmp_path / "p.csv").write_text(FORMATS["csv"](plan)["plan.csv"])
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert list(df.layer) == [lay.name for lay in INV.layers]
+    assert {r.layer: parse_level(r.level) for r in df.itertuples()} == plan.assignment
+
+
+@pytest.mark.parametrize(("fmt", "grid", "message"), [
+    ("gptqmodel", "dense,s0.5", "GPTQModel cannot express levels \\['s0.5'\\]"),
+    ("gptqmodel", "dense,w5g128", "GPTQModel runs \\[2, 3, 4, 8\\]-bit"),
+    ("llamacpp", "dense,2:4", "llama.cpp cannot express levels \\['2:4'\\]"),
+    ("autoround", "dense,s0.5+w4g128", "AutoRound cannot express"),
+    ("llmcompressor", "dense,drop", "llm-compressor cannot express levels \\['drop'\\]"),
+])  # fmt: skip
+def test_exporters_refuse_what_their_target_cannot_express(fmt, grid, message):
+    with pytest.raises(AllocatorError, match=message):
+        FORMATS[fmt](make_plan(grid, 0))
+
+
+@pytest.mark.parametrize("fmt", ["llmcompressor", "gptqmodel"])
+def test_vllm_bound_formats_refuse_split_tie_groups(fmt):
+    grid = parse_grid("w4g128,w8")
+    assignment = {lay.name: grid[0] for lay in INV.layers}
+    assignment["model.layers.10.self_attn.k_proj"] = grid[1]
+    plan = Plan.create(assignment, INV, "tiny-12", Budget("bits", 16), grid, "test", 0)
+    with pytest.raises(AllocatorError, match=r"model\.layers\.10\.self_attn\.qkv_proj.*--per tie-group"):
+        FORMATS[fmt](plan)
+    FORMATS["autoround"](plan)  # per-module formats take it
+
+
+def test_cli_export_writes_files_and_refuses_cleanly(tmp_path, capsys):
+    plan = make_plan("dense,w4g128,w8", 0)
+    plan.save(tmp_path / "plan.json")
+    assert main(["export", str(tmp_path / "plan.json"), "--to", "gptqmodel"]) == 0
+    assert (tmp_path / "exports" / "gptqmodel" / "quantize_config.json").is_file()
+    make_plan("dense,s0.5", 0).save(tmp_path / "sparse.json")
+    assert main(["export", str(tmp_path / "sparse.json"), "--to", "llamacpp", "-o", str(tmp_path / "x")]) == 2
+    assert "llama.cpp cannot express" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_apply_reloads_with_plain_transformers_and_reproduces_perplexity(tiny_model_dir, text_files, tmp_path):
+    run = tmp_path / "run"
+    args = _args(tiny_model_dir, text_files, run, "--target", "bits=4", "--method", "knapsack", "--backend", "rtn",
+                 "--levels", "dense,w8,w4g32,w2g16a", "--profiles-dir", str(tmp_path / "profiles"))  # fmt: skip
+    assert main(args) == 0
+    out = tmp_path / "ckpt"
+    assert main(["apply", str(run / "plan.json"), "-o", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "allocator_plan.json").is_file()
+    recorded = json.loads((run / "metrics.json").read_text())["perplexity"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no allocator code
+    session = Session(run_config(run / "plan.json", {}))
+    assert perplexity(reloaded, session.eval_seqs, 4) == pytest.approx(recorded, rel=1e-4)
+    # the weights really are the compressed ones: a dense reload is measurably different
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert abs(perplexity(dense, session.eval_seqs, 4) / recorded - 1) > 1e-3
+    plan = Plan.load(run / "plan.json")
+    low = [(n, lv) for n, lv in plan.assignment.items() if lv.bits <= 4]
+    assert low
+    for name, level in low:  # each stored row holds at most 2**bits values per quantization group
+        row = reloaded.get_submodule(name).weight[0]
+        assert len(row.unique()) <= 2**level.bits * -(-row.numel() // level.group_size)
+    assert main(["apply", str(run / "plan.json"), "-o", str(out)]) == 2  # never overwrites a checkpoint
+
+
+def test_report_of_a_folder_of_runs(tiny_model_dir, text_files, tmp_path):
+    runs = tmp_path / "runs"
+    for target in ("sparsity=0.3", "sparsity=0.6"):
+        out = runs / target.replace("=", "")
+        assert main(_args(tiny_model_dir, text_files, out, "--target", target)) == 0
+    assert main(["report", str(runs)]) == 0
+    text = (runs / "report.md").read_text()
+    assert "## All runs" in text and "sparsity0.3/allocation.png" in text
+    assert (runs / "perplexity.png").is_file() and (runs / "sparsity0.6" / "allocation.png").is_file()
+    assert main(["report", str(tmp_path / "empty")]) == 2
