@@ -246,3 +246,59 @@ def test_report_of_a_folder_of_runs(tiny_model_dir, text_files, tmp_path):
     assert "## All runs" in text and "sparsity0.3/allocation.png" in text
     assert (runs / "perplexity.png").is_file() and (runs / "sparsity0.6" / "allocation.png").is_file()
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def _llmcompressor():
+    """llm-compressor and compressed-tensors as setup.sh installs them (apart, in .venv/toolkits)."""
+    import sys
+    from pathlib import Path
+
+    site = Path(sys.prefix) / "toolkits"
+    if site.is_dir() and str(site) not in sys.path:
+        sys.path.append(str(site))
+    recipe = pytest.importorskip("llmcompressor.recipe", reason="llm-compressor not installed (scripts/setup.sh)")
+    match = pytest.importorskip("compressed_tensors.utils.match")
+    return recipe.Recipe, match
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_llmcompressor_own_parser_reads_our_recipe(seed, tmp_path):
+    """llm-compressor builds its modifiers from the recipe, and compressed-tensors' matcher, run on the
+    model's modules, gives every layer the plan's level (fused vLLM names included)."""
+    Recipe, match = _llmcompressor()
+    from torch import nn
+
+    plan = make_plan("dense,s0.3,s0.55,2:4,w4g32,w8,w4g64a,s0.5+w4g32", seed)
+    (tmp_path / "recipe.yaml").write_text(FORMATS["llmcompressor"](plan, "sparsegpt")["recipe.yaml"])
+    modifiers = Recipe.create_instance(str(tmp_path / "recipe.yaml")).modifiers
+    model = meta_model(CONFIG)
+    got = {lay.name: {} for lay in INV.layers}
+    for m in modifiers:
+        kind = type(m).__name__
+        if kind == "SparseGPTModifier":
+            matched = [name for name, _ in match.match_named_modules(model, m.targets, m.ignore)]
+            assert len(matched) == len(m.sparsity)
+            n_, m_ = map(int, m.mask_structure.split(":"))
+            for name, s in zip(matched, m.sparsity, strict=True):
+                got[name].update(n=n_, m=m_) if m_ else got[name].update(sparsity=s)
+        else:
+            assert kind == "GPTQModifier"
+            fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+            for name in got:
+                module = model.get_submodule(name)
+                hits = [g for g, scheme in m.config_groups.items()
+                        if match.is_match(name, module, scheme.targets, m.ignore)]  # fmt: skip
+                assert len(hits) <= 1
+                if hits:
+                    w = m.config_groups[hits[0]].weights
+                    got[name].update(bits=w.num_bits, group_size=w.group_size or 0, sym=w.symmetric)
+            for name in fused_names(got):  # vLLM's fused layers resolve to their shards' group
+                hits = [
+                    g
+                    for g, s in m.config_groups.items()
+                    if match.is_match(name, nn.Linear(1, 1), s.targets, fused=fused)
+                ]
+                shard = next(n for n in got if n.rpartition(".")[0] == name.rpartition(".")[0]
+                             and FUSED.get(n.rpartition(".")[2]) == name.rpartition(".")[2])  # fmt: skip
+                assert (len(hits) == 1) == plan.assignment[shard].quantized
+    assert {n: Level(**fields).name for n, fields in got.items()} == {n: lv.name for n, lv in plan.assignment.items()}
