@@ -194,6 +194,8 @@ def build_problem(
         units, list(levels), cost, budget.limit(inventory, latency), budget=budget, params=inventory.params, extra=more
     )
     problem.info["bytes"] = cost if budget.kind == "bytes" else matrix(Budget("bytes", 1.0))  # for Pareto fronts
+    if latency is not None:
+        problem.info["latency"] = matrix(Budget("latency", 1.0))  # linear-layer ms: a Pareto objective
     return problem
 
 

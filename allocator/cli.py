@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--space", default=d.space, choices=["levels", "compact"], help="optuna: search space")
     r.add_argument("--sampler", default=d.sampler, choices=["tpe", "gp", "cmaes", "nsga2"], help="optuna: sampler")
     r.add_argument("--trials", type=int, default=d.trials, help="optuna: model evaluations in the study (all workers)")
-    r.add_argument("--objectives", default=d.objectives, choices=["fitness", "fitness,bytes"],
-                   help="optuna: fitness,bytes gives a Pareto front of plans")  # fmt: skip
+    r.add_argument("--objectives", default=d.objectives, choices=["fitness", "fitness,bytes", "fitness,latency"],
+                   help="optuna: fitness,bytes or fitness,latency gives a Pareto front of plans")  # fmt: skip
     r.add_argument("--storage", default=None,
                    help="optuna: journal file or RDB URL; workers on one storage share a study")  # fmt: skip
     r.add_argument("--study-name", default=d.study_name, help="optuna: study name within the storage")

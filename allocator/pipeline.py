@@ -266,14 +266,15 @@ def run(config: RunConfig) -> RunResult:
         if getattr(searcher, "history", None):
             write_history(searcher.history, out)
         if getattr(searcher, "pareto", None):
-            _write_pareto(searcher.pareto, problem, session, config, budget, grid, extra, out)
+            _write_pareto(searcher.pareto, problem, session, config, budget, grid, extra, out, latency)
         write_json_atomic(out / "config.json", {**asdict(config), "versions": _versions()})
         plan.save(out / "plan.json")
         write_json_atomic(out / "metrics.json", metrics)
     return RunResult(plan, metrics, out)
 
 
-def _write_pareto(pareto, problem, session: Session, config: RunConfig, budget, grid, extra, out: Path) -> None:
+def _write_pareto(pareto, problem, session: Session, config: RunConfig, budget, grid, extra, out: Path,
+                  latency: LatencyModel | None = None) -> None:  # fmt: skip
     """Every Pareto plan of a multi-objective study as a Plan, evaluated, plus the front as CSV and plot."""
     rows = []
     for i, point in enumerate(sorted(pareto, key=lambda p: p["bytes"])):
@@ -286,7 +287,11 @@ def _write_pareto(pareto, problem, session: Session, config: RunConfig, budget, 
         rows.append({"plan": f"pareto/plan_{i:02d}.json", "trial": point["trial"], "fitness": point["fitness"],
                      "bytes": m["achieved"]["bytes"], "bits": m["achieved"]["bits"], "perplexity": m["perplexity"],
                      "kl_to_dense": m["kl_to_dense"]})  # fmt: skip
-    write_pareto(rows, out)
+        if latency is not None:
+            rows[-1]["latency_ms"] = latency.table.predict(assignment, session.inventory, latency.tokens)[
+                "predicted_ms"
+            ]
+    write_pareto(rows, out, x="latency_ms" if config.objectives.endswith("latency") else "bytes")
 
 
 def _versions() -> dict[str, str]:

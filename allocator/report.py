@@ -33,8 +33,8 @@ def write_history(history: list[dict], out: Path) -> None:
     _save_figure(fig, out / "history.png")
 
 
-def write_pareto(rows: list[dict], out: Path) -> None:
-    """``pareto.csv`` and ``pareto.png``: perplexity against model bytes of a multi-objective study's front."""
+def write_pareto(rows: list[dict], out: Path, x: str = "bytes") -> None:
+    """``pareto.csv`` and ``pareto.png``: perplexity against model bytes (or predicted latency) of a front."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,8 +43,14 @@ def write_pareto(rows: list[dict], out: Path) -> None:
     df = pd.DataFrame(rows)
     write_text_atomic(out / "pareto.csv", df.to_csv(index=False))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(df["bytes"] / 2**20, df["perplexity"], "o-")
-    ax.set(xlabel="compressible weights (MiB)", ylabel="WikiText-2 perplexity", yscale="log", title="Pareto front")
+    df = df.sort_values(x)
+    if x == "bytes":
+        ax.plot(df["bytes"] / 2**20, df["perplexity"], "o-")
+        ax.set(xlabel="compressible weights (MiB)")
+    else:
+        ax.plot(df[x], df["perplexity"], "o-")
+        ax.set(xlabel="predicted latency (ms)")
+    ax.set(ylabel="WikiText-2 perplexity", yscale="log", title="Pareto front")
     _save_figure(fig, out / "pareto.png")
 
 

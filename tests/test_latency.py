@@ -219,3 +219,21 @@ def test_cli_measure_predict_check_on_cpu(tiny_model_dir, tmp_path, capsys):
     assert "outside the measured range" in capsys.readouterr().err
     assert main(["latency", "predict", str(tmp_path / "plan.json"), "--table", str(tmp_path / "nope.csv")]) == 2
     assert "allocator latency measure" in capsys.readouterr().err
+
+
+def test_optuna_pareto_front_of_fitness_and_latency(inv, tmp_path):
+    problem, table, _ = _latency_problem(inv, "latency=1e9")  # no binding limit: the front spans the grid
+    problem.fitness = ToyFitness(problem)
+    search = get_searcher("optuna", trials=24, sampler="nsga2", objectives="fitness,latency",
+                          storage=str(tmp_path / "s.journal"))  # fmt: skip
+    search.search(problem, 0)
+    points = [(p["fitness"], float(problem.info["latency"][np.arange(len(p["choice"])), p["choice"]].sum()))
+              for p in search.pareto]  # fmt: skip
+    assert len(points) >= 2
+    for a in points:  # no front point is dominated by another
+        assert not any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in points)
+    problem.info.pop("latency")
+    with pytest.raises(AllocatorError, match="latency-table"):
+        get_searcher("optuna", trials=2, objectives="fitness,latency", storage=str(tmp_path / "t.journal")).search(
+            problem, 0
+        )

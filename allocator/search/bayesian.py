@@ -132,7 +132,8 @@ def project(problem: Problem, choice: np.ndarray, fill: bool = True) -> np.ndarr
 
 @dataclass
 class OptunaSearch:
-    """An Optuna study over allocations; ``objectives`` is ``fitness`` or ``fitness,bytes`` (Pareto)."""
+    """An Optuna study over allocations; ``objectives``: ``fitness``, or a Pareto front of ``fitness,bytes``
+    or ``fitness,latency`` (the latter priced by a latency table, see :mod:`allocator.latency`)."""
 
     space: str = "levels"
     sampler: str = "tpe"
@@ -154,9 +155,14 @@ class OptunaSearch:
         if self.space not in SPACES:
             raise AllocatorError(f"unknown search space {self.space!r}: choose one of {', '.join(SPACES)}")
         objectives = self.objectives.split(",")
-        if objectives not in (["fitness"], ["fitness", "bytes"]):
-            raise AllocatorError(f"objectives must be 'fitness' or 'fitness,bytes', got {self.objectives!r}")
+        if objectives not in (["fitness"], ["fitness", "bytes"], ["fitness", "latency"]):
+            raise AllocatorError(
+                f"objectives must be 'fitness', 'fitness,bytes' or 'fitness,latency', got {self.objectives!r}"
+            )
         multi = len(objectives) > 1
+        if multi and objectives[1] not in problem.info:
+            raise AllocatorError(f"objective {objectives[1]!r} needs its cost: pass --latency-table for latency")
+        second = problem.info[objectives[1]] if multi else None
         if self.space == "compact" and problem.error is None:
             raise AllocatorError("the compact space re-weights a sensitivity profile: run with a profile")
         if (error := problem.reach_error()) is not None:
@@ -191,7 +197,7 @@ class OptunaSearch:
             choice = project(problem, proposal, fill=not multi) if self.space == "levels" else proposal
             fit = score(choice)
             self._record(trial, problem, choice, fit, bytes_cost, time.perf_counter() - t0)
-            return (fit, _summed(bytes_cost, choice)) if multi else fit
+            return (fit, _summed(second, choice)) if multi else fit
 
         with tqdm(total=self.trials, initial=_evaluated(study), desc=f"optuna ({self.space})", leave=False) as bar:
             while _evaluated(study) < self.trials and not over_quota[0]:
@@ -317,8 +323,9 @@ class OptunaSearch:
                 plan = tuple(t.user_attrs["plan"])
                 if t.number in front and plan not in seen:
                     seen.add(plan)
-                    self.pareto.append({"trial": t.number, "fitness": t.values[0], "bytes": t.values[1],
-                                        "choice": _indices(names, plan)})  # fmt: skip
+                    choice = _indices(names, plan)
+                    self.pareto.append({"trial": t.number, "fitness": t.values[0], "choice": choice,
+                                        "bytes": _summed(problem.info.get("bytes", problem.cost), choice)})  # fmt: skip
         candidates = [(t.user_attrs["fitness"], t.number, t.user_attrs["plan"]) for t in complete]
         candidates += [(b["fitness"], -1, b["plan"]) for b in study.user_attrs.get("baselines", {}).values()]
         best = min(candidates, key=lambda c: (c[0], c[1]))
