@@ -3,6 +3,7 @@
 # travels in two halves over two back-to-back calls:
 #   call 1 (carry .gpu/m.partA):                 bash scripts/gpu_real_model.sh stage
 #   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto
+#   (pareto: fitness vs bytes, then fitness vs predicted latency on the committed H100 table)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
@@ -45,6 +46,13 @@ stage)
       --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --batch-size 16 \
       --backend wanda --levels 0:0.9:0.05 --target sparsity=0.3 --method optuna --sampler nsga2 \
       --objectives fitness,bytes --trials 200 --profiles-dir /tmp/profiles -o "$OUT/pareto" 2>&1 | sed "/it\\/s\\]/d"
-    tar czf "$OUT/pareto.tgz" -C "$OUT" pareto && rm -rf "$OUT/pareto" ;;  # more files than come back
+    tar czf "$OUT/pareto.tgz" -C "$OUT" pareto && rm -rf "$OUT/pareto"  # more files than come back
+    # and one NSGA-II study of KL vs predicted decode latency on this GPU's table (int4/int8 kernels)
+    python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
+      --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --batch-size 16 \
+      --backend rtn --levels dense,w8,w4g64,w3g64 --target speedup=1 --method optuna --sampler nsga2 \
+      --objectives fitness,latency --latency-table profiles/latency/nvidia-h100-80gb-hbm3/smollm2-135m.csv \
+      --latency-tokens 1 --trials 150 --profiles-dir /tmp/profiles -o "$OUT/pareto_latency" 2>&1 | sed "/it\\/s\\]/d"
+    tar czf "$OUT/pareto_latency.tgz" -C "$OUT" pareto_latency && rm -rf "$OUT/pareto_latency" ;;
   esac ;;
 esac

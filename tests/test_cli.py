@@ -115,3 +115,20 @@ def test_optuna_pareto_run_writes_a_plan_per_front_point(tiny_model_dir, text_fi
         plan = Plan.load(out / line.split(",")[0])
         assert plan.achieved["sparsity"] >= 0.5 - 1e-9  # every front plan within the budget
     assert (out / "history.csv").read_text().count("\n") == 13  # header + 12 trials
+
+
+def test_latency_budget_and_latency_pareto_run(tiny_model_dir, text_files, tmp_path):
+    """A table measured here (CPU), then a speed-up budget and a fitness-vs-latency front through `run`."""
+    assert main(["latency", "measure", "--model", str(tiny_model_dir), "--device", "cpu", "--tokens", "1,8",
+                 "--kernels", "dense,rows0.5", "--repeats", "3", "--out", str(tmp_path / "lat")]) == 0  # fmt: skip
+    (table,) = (tmp_path / "lat").glob("*/*.csv")
+    out = tmp_path / "front"
+    args = _args(tiny_model_dir, text_files, out, "--target", "speedup=1", "--method", "optuna",
+                 "--objectives", "fitness,latency", "--sampler", "nsga2", "--trials", "8", "--latency-table",
+                 str(table), "--latency-tokens", "4", "--levels", "dense,w8,w4g32", "--backend", "rtn",
+                 "--profiles-dir", str(tmp_path / "p"))  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["latency"]["tokens"] == 4 and metrics["latency"]["speedup"] >= 1 - 1e-9
+    front = (out / "pareto.csv").read_text().splitlines()
+    assert "latency_ms" in front[0] and len(front) >= 2 and (out / "pareto.png").is_file()
