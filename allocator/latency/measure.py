@@ -121,6 +121,7 @@ def measure_linears(
 ) -> list[dict]:  # fmt: skip
     """One row per shape x kernel x token count; a kernel that cannot run gets the dense time."""
     timer = timer or Timer(device)
+    kernels = ("dense", *(k for k in kernels if k != "dense"))  # dense first: the fallback time of the rest
     rows_out: list[dict] = []
     bar = tqdm(total=len(shapes) * len(kernels) * len(tokens), desc="latency table", leave=False)
     for rows, cols in shapes:
