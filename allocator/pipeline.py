@@ -22,14 +22,13 @@ from allocator.fitness import KLFitness
 from allocator.io import write_json_atomic
 from allocator.latency.table import LatencyModel, LatencyTable
 from allocator.levels import DEFAULT_GRID, Level, parse_grid
-from allocator.model import Inventory, cache_dir, load_model
+from allocator.model import DTYPES, Inventory, cache_dir, load_model
 from allocator.plan import Plan
 from allocator.profile import Profile, artifact_name
 from allocator.report import write_history, write_pareto
 from allocator.search import NEEDS_PROFILE, get_searcher
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -90,14 +89,14 @@ class Session:
     """
 
     def __init__(self, config: RunConfig) -> None:
-        if config.dtype not in _DTYPES:
-            raise AllocatorError(f"unknown --dtype {config.dtype!r}: choose one of {', '.join(_DTYPES)}")
+        if config.dtype not in DTYPES:
+            raise AllocatorError(f"unknown --dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
         calib_records = data.load_records(config.calib or data.default_calibration())
         eval_records = data.load_records(config.eval or data.default_evaluation())
         self.config = config
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.loaded = load_model(config.model, dtype=_DTYPES[config.dtype], device=config.device)
+        self.loaded = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
         self.model = self.loaded.model
         self.inventory = Inventory.from_model(self.model)
         self.timings["load_s"] = time.perf_counter() - t0

@@ -12,11 +12,11 @@ from collections import defaultdict
 
 from allocator.errors import AllocatorError
 from allocator.levels import Level
+from allocator.model import TIE_KINDS
 from allocator.plan import Plan
 
 # serving engines (vLLM) fuse these shards into one kernel: they must share one setting
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-         "up_proj": "gate_up_proj"}  # fmt: skip
+FUSED = {role: f"{kind}_proj" for role, kind in TIE_KINDS.items()}
 
 
 def require_kinds(plan: Plan, allowed: set[str], target: str) -> None:

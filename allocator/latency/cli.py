@@ -19,10 +19,8 @@ from allocator.latency.measure import (
     measure_table,
 )
 from allocator.latency.table import LatencyTable, slug
-from allocator.model import Inventory
+from allocator.model import DTYPES, Inventory
 from allocator.plan import Plan
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -44,7 +42,7 @@ def add_parser(sub) -> None:
     m.add_argument("--model", default="smollm2-135m", help=shapes)
     m.add_argument("--tokens", type=_ints, default=DECODE_TOKENS + PREFILL_TOKENS, help="token counts, e.g. 1,16,2048")
     m.add_argument("--kernels", default=",".join(ALL_KERNELS), help="kernels to time (dense is always timed)")
-    m.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES))
+    m.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     m.add_argument("--device", default="cuda")
     m.add_argument("--repeats", type=int, default=30, help="timed repeats per cell (median)")
     m.add_argument("--out", default="profiles/latency", help="tables go to OUT/<gpu>/<model>.csv")
@@ -78,7 +76,7 @@ def _measure(args: argparse.Namespace) -> int:
     if unknown:
         raise AllocatorError(f"unknown kernels {unknown}: choose from {', '.join(ALL_KERNELS)}")
     config = config_for(args.model)
-    model = random_model(config, _DTYPES[args.dtype], args.device)
+    model = random_model(config, DTYPES[args.dtype], args.device)
     inventory = Inventory.from_model(model)
     env = environment(args.device)
     timer = Timer(args.device, repeats=args.repeats)
@@ -121,7 +119,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     _cuda_or_refuse(args.device)
     plan, table, spec = _plan_and_model(args)
-    dtype = _DTYPES.get(table.meta.get("dtype", "bfloat16"), torch.bfloat16)
+    dtype = DTYPES.get(table.meta.get("dtype", "bfloat16"), torch.bfloat16)
     model = random_model(config_for(spec), dtype, args.device)
     inventory = Inventory.from_model(model)
     plan.check_against(inventory)
