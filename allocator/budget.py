@@ -26,6 +26,11 @@ LATENCY_KINDS = ("latency", "speedup")
 _REL_TOL = 1e-12  # float slack when comparing an exact integer cost to a float limit
 
 
+def allowed(limit: float) -> float:
+    """The largest total that keeps a budget of ``limit`` (float summation noise forgiven)."""
+    return limit * (1 + _REL_TOL) + 1e-9
+
+
 @dataclass(frozen=True)
 class Budget:
     """A global budget: ``kind`` in sparsity | bits | bytes | latency | speedup and its target value."""
@@ -134,7 +139,7 @@ class Problem:
     def feasible(self, choice: np.ndarray) -> bool:
         """True when the choice keeps every budget."""
         rows = np.arange(len(self.units))
-        return all(c[rows, choice].sum() <= lim * (1 + _REL_TOL) + 1e-9 for _, c, lim in self.constraints())
+        return all(c[rows, choice].sum() <= allowed(lim) for _, c, lim in self.constraints())
 
     def in_budget_units(self, budget: Budget | None, total: float) -> str:
         """A total cost stated as the budget's quantity (``sparsity 0.4987``), for messages."""
@@ -150,7 +155,7 @@ class Problem:
         """An error naming the achievable range when even the cheapest choice breaks a budget."""
         for budget, cost, limit in self.constraints():
             cheapest = float(np.min(cost, axis=1).sum())
-            if cheapest > limit * (1 + _REL_TOL) + 1e-9:
+            if cheapest > allowed(limit):
                 richest = float(np.where(np.isfinite(cost), cost, -np.inf).max(axis=1).sum())
                 return AllocatorError(
                     f"budget {budget} is out of reach: this grid spans {self.in_budget_units(budget, richest)} "

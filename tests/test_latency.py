@@ -237,3 +237,17 @@ def test_optuna_pareto_front_of_fitness_and_latency(inv, tmp_path):
         get_searcher("optuna", trials=2, objectives="fitness,latency", storage=str(tmp_path / "t.journal")).search(
             problem, 0
         )
+
+
+def test_plans_at_a_latency_limit_are_feasible_for_optuna_too(inv, tmp_path):
+    """Real-valued costs sum with float noise: optuna must judge feasibility as Problem.feasible does."""
+    problem, _, _ = _latency_problem(inv, "speedup=1")
+    problem.cost[:] = problem.cost[:, :1]  # every level costs dense time: every plan sits at the limit
+    problem.info["latency"] = problem.cost
+    problem.limit = problem.cost[:, 0].sum() * (1 - 1e-14)  # a hair under: summation noise, not an overshoot
+    assert problem.feasible(np.zeros(len(problem.units), dtype=int))
+    problem.fitness = ToyFitness(problem)
+    search = get_searcher("optuna", trials=6, sampler="nsga2", objectives="fitness,latency",
+                          storage=str(tmp_path / "s.journal"))  # fmt: skip
+    search.search(problem, 0)
+    assert search.pareto

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from allocator.budget import Problem
+from allocator.budget import Problem, allowed
 from allocator.errors import AllocatorError
 from allocator.search.evolution import _ladders
 
@@ -252,10 +252,11 @@ class OptunaSearch:
         """Plan, budget, fitness and timing as user attributes (what optuna-dashboard shows)."""
         achieved = [_summed(c, choice) for _, c, _ in problem.constraints()]
         for (budget, _, limit), total in zip(problem.constraints(), achieved, strict=True):
+            # the same tolerance as Problem.feasible: a plan exactly at the limit is feasible for the study too
             if hasattr(trial, "set_constraint"):  # Optuna >= 5; on 4.x the margin is kept as an attribute
-                trial.set_constraint(str(budget), total - limit)
+                trial.set_constraint(str(budget), total - allowed(limit))
             else:
-                trial.set_user_attr(f"constraint {budget}", total - limit)
+                trial.set_user_attr(f"constraint {budget}", total - allowed(limit))
         trial.set_user_attr("plan", [problem.levels[k].name for k in choice])
         trial.set_user_attr("budget", str(problem.budget))
         trial.set_user_attr("achieved", problem.in_budget_units(problem.budget, achieved[0]))
