@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from allocator.apply import apply_plan
+from allocator.apply import apply_plan, run_config
 from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
 from allocator.export import FORMATS, export
@@ -150,8 +149,7 @@ def _apply(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     here = Path(args.plan).parent
-    saved = here / "config.json"
-    backend = args.backend or (json.loads(saved.read_text()).get("backend") if saved.is_file() else None)
+    backend = run_config(Path(args.plan), {"backend": args.backend}).backend  # the run's, unless overridden
     for path in export(plan, args.to, args.output_dir or here / "exports" / args.to, backend):
         print(f"wrote {path}")
     return 0

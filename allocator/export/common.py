@@ -45,10 +45,10 @@ def require_tied(plan: Plan, setting, target: str) -> None:
         )
 
 
-def anchored(name: str, fused_too: bool = True) -> str:
+def anchored(name: str) -> str:
     """An anchored regex for one module that also matches its fused vLLM name (``…qkv_proj``)."""
     parent, _, leaf = name.rpartition(".")
-    if fused_too and leaf in FUSED:
+    if leaf in FUSED:
         return f"^{re.escape(parent)}\\.({leaf.removesuffix('_proj')}|{FUSED[leaf].removesuffix('_proj')})_proj$"
     return f"^{re.escape(name)}$"
 
