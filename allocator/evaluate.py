@@ -41,6 +41,32 @@ def log_probs(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4, desc: s
     return torch.cat(out)
 
 
+_EXP_SAFE = 20.0  # above this log-ratio, expm1 would overflow float32 where the teacher's mass underflows
+_CHUNK = 1024  # token rows per KL chunk: a few [rows, V] float32 temporaries at a time
+
+
+def kl_sum(teacher: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of KL(teacher ‖ softmax(logits)), a float64 scalar that is ≥ 0 by construction.
+
+    Written as Σ_v p_v (r_v − 1 − log r_v) with r = q/p (equal to Σ p log p/q because Σ q = Σ p = 1):
+    every term is non-negative, and with expm1 a term near r = 1 keeps its relative precision, so a
+    layer that barely moves the output gives a tiny positive KL instead of float32 noise of either sign.
+    Only the last rounding of each term is clamped; sums run in float64.
+    """
+    teacher, logits = teacher.flatten(0, -2), logits.flatten(0, -2)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for i in range(0, len(logits), _CHUNK):
+        p_log = teacher[i : i + _CHUNK].to(logits.device, torch.float32)
+        q_log = F.log_softmax(logits[i : i + _CHUNK].float(), dim=-1)
+        d = torch.nan_to_num(q_log - p_log, nan=0.0)  # log r; both -inf (no mass either side) contributes 0
+        p = p_log.exp()
+        near = torch.expm1(d.clamp(max=_EXP_SAFE)) - d.clamp(max=_EXP_SAFE)
+        far = q_log.exp() - p - torch.where(p > 0, p * d, 0.0)  # q − p − p·log r without p·e^d overflowing
+        term = torch.where(d > _EXP_SAFE, far, p * near)
+        total += term.clamp_min(0).sum(dtype=torch.float64)
+    return total
+
+
 @torch.no_grad()
 def kl_divergence(
     model: nn.Module, seqs: torch.Tensor, teacher: torch.Tensor, batch_size: int = 4, desc: str = "KL to dense"
@@ -49,8 +75,7 @@ def kl_divergence(
     device = _device(model)
     total, count = 0.0, 0
     for i, batch in enumerate(_batches(seqs, batch_size, desc)):
-        student = F.log_softmax(model(batch.to(device)).logits.float(), dim=-1)  # [b, T, V]
-        p_log = teacher[i * batch_size : i * batch_size + len(batch)].to(device)
-        total += (p_log.exp() * (p_log - student)).sum().item()
+        logits = model(batch.to(device)).logits  # [b, T, V]
+        total += kl_sum(teacher[i * batch_size : i * batch_size + len(batch)], logits).item()
         count += batch.numel()
     return total / count

@@ -12,12 +12,11 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from allocator.backends.database import LevelDatabase
 from allocator.budget import Problem
-from allocator.evaluate import log_probs
+from allocator.evaluate import kl_sum, log_probs
 from allocator.model import Inventory
 
 
@@ -109,10 +108,8 @@ class KLFitness:
         for i in range(0, len(batch), self.batch_size):
             rows = torch.as_tensor(batch[i : i + self.batch_size])
             with self._from_block(start, self.cache[start][rows] if start and self.cache else None):
-                logits = self.model(self.pool[rows].to(device), use_cache=False).logits.float()
-            student = F.log_softmax(logits, dim=-1)
-            p_log = self.teacher[rows.to(self.teacher.device)]
-            total += (p_log.exp() * (p_log - student)).sum().item()
+                logits = self.model(self.pool[rows].to(device), use_cache=False).logits
+            total += kl_sum(self.teacher[rows.to(self.teacher.device)], logits).item()
             count += rows.numel() * self.seq_len
         return total / count
 
