@@ -189,7 +189,7 @@ def test_end_to_end_kl_profile(measured, tmp_path):
         floor = (2 * ref) ** 0.5 * eta + eta**2
         assert abs(row["kl"] - ref) <= floor, (row["layer"], row["level"], row["kl"], ref)
         checked += ref > floor
-    assert checked >= 0.9 * (len(table) - len(inv.layers))  # the bound is tight enough to prove KL > 0 nearly everywhere
+    assert checked >= 0.9 * (len(table) - len(inv.layers))  # tight enough to prove KL > 0 nearly everywhere
     # one entry against a full forward with only that layer compressed
     u, k = 9, 3
     choice = np.zeros(len(problem.units), dtype=int)
