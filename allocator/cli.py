@@ -20,6 +20,7 @@ from allocator.pipeline import RunConfig, Session, run
 from allocator.plan import Plan
 from allocator.report import write_run_report
 from allocator.search import SEARCHERS
+from allocator.sensitivity import SENSITIVITIES
 
 
 def _samples(text: str) -> int | None:
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", default=d.method, help=f"allocation method: {', '.join(SEARCHERS)}")
     r.add_argument("--per", default=d.per, choices=["layer", "tie-group"], help="allocate per layer or tie group")
     r.add_argument("--profile", default=None, help="use this profile .parquet (default: reuse or measure)")
+    r.add_argument("--sensitivity", default=d.sensitivity, choices=list(SENSITIVITIES),
+                   help="what knapsack, optuna's compact space and a knapsack start minimise: error (relative "
+                   "output error), fisher (Fisher-weighted, in nats), kl (measured per layer), fitted (fisher "
+                   "re-weighted to the measured KL of real plans)")  # fmt: skip
+    r.add_argument("--fit-seqs", type=int, default=d.fit_seqs, help="kl/fitted: calibration windows measured")
+    r.add_argument("--fit-plans", type=int, default=d.fit_plans, help="fitted: random plans before the first fit")
+    r.add_argument("--fit-rounds", type=int, default=d.fit_rounds, help="fitted: knapsack-measure-refit rounds")
     r.add_argument("--lam", type=float, default=d.lam, help="OWL's lambda (sparsity spread)")
     r.add_argument("--time-limit", type=float, default=None, help="knapsack MILP time limit in seconds")
     r.add_argument("--generations", type=int, default=d.generations, help="evolution: generations")

@@ -27,6 +27,8 @@ from allocator.plan import Plan
 from allocator.profile import Profile, artifact_name
 from allocator.report import write_history, write_pareto
 from allocator.search import NEEDS_PROFILE, get_searcher
+from allocator.sensitivity import SENSITIVITIES
+from allocator.sensitivity.select import sensitivity_matrix
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,10 @@ class RunConfig:
     plan: str | None = None  # a saved plan.json to apply instead of searching
     profile: str | None = None  # a profile .parquet to use (None: reuse or measure one under profiles_dir)
     profiles_dir: str = "profiles"
+    sensitivity: str = "fisher"  # what knapsack / optuna-compact / a knapsack start minimise (allocator.sensitivity)
+    fit_seqs: int = 8  # kl and fitted sensitivities: calibration windows whose KL they measure
+    fit_plans: int = 64  # fitted: random feasible plans measured before the first fit
+    fit_rounds: int = 4  # fitted: knapsack -> measure -> refit rounds after it
     lam: float = 0.08  # OWL's λ
     time_limit: float | None = None  # knapsack MILP time limit (s)
     generations: int = 50  # evolution: generations, offspring per generation, selection stages, start point
@@ -141,10 +147,16 @@ class Session:
         cfg, calib_meta = self.config, self.calib_meta
         target = Path(path) if path else self.profile_file(levels, backend)
         if target.is_file() or path:
-            profile = Profile.load(target)
-            profile.check(self.inventory, levels, backend)
-            log.info("reusing profile %s", target)
-            return profile
+            try:
+                profile = Profile.load(target)
+            except AllocatorError:
+                if path:
+                    raise
+                profile = None  # a cached profile of an older version (or cut short): measure it again
+            if profile is not None:
+                profile.check(self.inventory, levels, backend)
+                log.info("reusing profile %s", target)
+                return profile
         self.restore_()
         t0 = time.perf_counter()
         profile = Profile.measure(self.model, self.inventory, levels, backend, self.calib, calib_meta, cfg.batch_size)
@@ -213,6 +225,10 @@ def run(config: RunConfig) -> RunResult:
     """
     budget, *extra = parse_budgets(config.target)
     grid = parse_grid(config.levels)
+    if config.sensitivity not in SENSITIVITIES:
+        raise AllocatorError(f"unknown --sensitivity {config.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
+    if min(config.fit_seqs, config.fit_plans) < 1 or config.fit_rounds < 0:
+        raise AllocatorError("--fit-seqs and --fit-plans must be >= 1 and --fit-rounds >= 0")
     out = Path(config.output_dir) if config.output_dir else None
     options = {
         "owl": {"lam": config.lam},
@@ -232,6 +248,7 @@ def run(config: RunConfig) -> RunResult:
     )
     session = Session(config)
     inventory = session.inventory
+    sensitivity = None
     t0 = time.perf_counter()
     if saved is not None:
         saved.check_against(inventory)
@@ -241,7 +258,8 @@ def run(config: RunConfig) -> RunResult:
         problem = build_problem(inventory, grid, budget, config.per, extra, latency)
         if config.method in NEEDS_PROFILE or config.start == "knapsack" and config.method == "evolution":
             profile = session.profile(grid, config.backend, config.profile)
-            problem.error = profile.error_matrix(problem.units, grid)
+            problem.error, sensitivity = sensitivity_matrix(session, profile, problem, config.backend,
+                                                            config.sensitivity)  # fmt: skip
             problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
         if config.method in ("evolution", "optuna"):
             db = session.database(grid, config.backend)
@@ -251,6 +269,9 @@ def run(config: RunConfig) -> RunResult:
     search_s = time.perf_counter() - t0
     metrics = session.evaluate(assignment, config.backend)
     metrics = {"budget": str(budget), "method": method, **metrics}
+    if sensitivity is not None:
+        metrics["sensitivity"] = {"kind": config.sensitivity, **{k: v for k, v in sensitivity.items()
+                                                                 if k not in ("choices", "kl", "weights")}}  # fmt: skip
     if latency is not None:
         metrics["latency"] = {
             **latency.table.predict(assignment, inventory, latency.tokens),
@@ -267,6 +288,8 @@ def run(config: RunConfig) -> RunResult:
         if getattr(searcher, "pareto", None):
             _write_pareto(searcher.pareto, problem, session, config, budget, grid, extra, out, latency)
         write_json_atomic(out / "config.json", {**asdict(config), "versions": _versions()})
+        if sensitivity:
+            write_json_atomic(out / "sensitivity.json", sensitivity)
         plan.save(out / "plan.json")
         write_json_atomic(out / "metrics.json", metrics)
     return RunResult(plan, metrics, out)

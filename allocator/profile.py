@@ -1,8 +1,11 @@
 """Sensitivity profiles: the error of every layer at every level, from calibration data, as a tidy table.
 
 error = ||W X - Ŵ X||² / ||W X||² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H = 2/n XᵀX the layer's input
-Gram matrix on dense inputs (one calibration pass for all levels). The same pass records OWL's
-layer-wise outlier ratio (the share of Wanda scores |W_ij|·||X_j|| above M times their block mean).
+Gram matrix on dense inputs (one calibration pass for all levels). fisher = the same output error
+weighted by the Fisher of the model's predictions (:mod:`allocator.sensitivity.fisher`): a predicted KL
+in nats, comparable across layers. The same pass records OWL's layer-wise outlier ratio (the share of
+Wanda scores |W_ij|·||X_j|| above M times their block mean). ``kl`` (measured end to end) and ``fitted``
+(fitted to measured plans) are added by :meth:`Profile.add_kl` and :mod:`allocator.sensitivity.fitted`.
 
 Stored as Parquet under ``profiles/<model>/`` with the metadata (model fingerprint, grid, backend,
 data, seed, tokens) in the file's schema, and reused when a later run asks for the same thing.
@@ -29,8 +32,11 @@ from allocator.backends.all_levels import for_each_level
 from allocator.errors import AllocatorError
 from allocator.levels import Level, parse_level
 from allocator.model import Inventory, weight_view
+from allocator.sensitivity import SENSITIVITIES
+from allocator.sensitivity.fisher import fisher_error, output_fisher
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the fisher column
+FISHER_SEQS = 32  # calibration windows the Fisher pass uses (its estimate settles well before 128)
 OWL_M = 5.0  # OWL's outlier threshold: scores above M x the block mean (paper default)
 
 
@@ -38,7 +44,7 @@ OWL_M = 5.0  # OWL's outlier threshold: scores above M x the block mean (paper d
 class Profile:
     """A layer x level error table plus the metadata that says what it was measured on."""
 
-    table: pd.DataFrame  # columns: layer, block, role, level, params, kept_params, bits, error, outlier_ratio
+    table: pd.DataFrame  # columns: layer, block, role, level, params, kept_params, bits, error, fisher, outlier_ratio
     meta: dict
 
     @classmethod
@@ -52,8 +58,10 @@ class Profile:
         meta: dict | None = None,
         batch_size: int = 8,
     ) -> Profile:
-        """Compress each layer at each level on dense inputs and record its relative output error."""
+        """Compress each layer at each level on dense inputs and record its relative and Fisher-weighted errors."""
         levels = list(dict.fromkeys([parse_level("dense"), *levels]))
+        seed = int((meta or {}).get("seed", 0))
+        fisher = output_fisher(model, inventory, calib[:FISHER_SEQS], batch_size, seed)
         rows: list[dict] = []
         outliers: dict[int, float] = {}
         base_energy: dict[str, float] = {}  # tr(W H Wᵀ) per layer, shared by its levels
@@ -67,7 +75,8 @@ class Profile:
             error = float(((D @ H) * D).double().sum()) / max(base, 1e-30)
             rows.append({"layer": layer.name, "block": layer.block, "role": layer.role, "level": level.name,
                          "params": layer.params, "kept_params": level.kept_params(layer.rows, layer.cols),
-                         "bits": level.storage_bits(layer.rows, layer.cols), "error": error})  # fmt: skip
+                         "bits": level.storage_bits(layer.rows, layer.cols), "error": error,
+                         "fisher": fisher_error(D, H, fisher[layer.name])})  # fmt: skip
 
         def on_block(layers, stats) -> None:
             # Wanda scores |W_ij| * ||X_j|| of every linear in the block, pooled (OWL's layer-wise LOD)
@@ -89,6 +98,7 @@ class Profile:
             "backend": backend,
             "calibration_tokens": int(calib.numel()),
             "owl_m": OWL_M,
+            "fisher_tokens": int(calib[:FISHER_SEQS].numel()),
             **(meta or {}),
         }
         return cls(table, meta)
@@ -162,9 +172,12 @@ class Profile:
             raise AllocatorError(f"profile was measured with backend {self.meta['backend']!r}, not {backend!r}")
 
     # ---- views for searchers ----------------------------------------------------------------
-    def error_matrix(self, units: list[tuple[str, ...]], levels: list[Level]) -> np.ndarray:
-        """Summed error of each unit at each level ([U, K]); +inf where a level was not measured."""
-        pivot = self.table.pivot(index="layer", columns="level", values="error")
+    def error_matrix(self, units: list[tuple[str, ...]], levels: list[Level], column: str = "error") -> np.ndarray:
+        """Summed ``column`` (a sensitivity) of each unit at each level ([U, K]); +inf where not measured."""
+        if column not in self.table:
+            known = [c for c in SENSITIVITIES if c in self.table]
+            raise AllocatorError(f"profile has no {column!r} sensitivity (it has {known}): re-profile with it")
+        pivot = self.table.pivot(index="layer", columns="level", values=column)
         names = [lv.name for lv in levels]
         pivot = pivot.reindex(columns=names)
         out = np.zeros((len(units), len(levels)))

@@ -1,0 +1,77 @@
+"""Turn a profile into the error matrix a searcher minimises, for the chosen sensitivity.
+
+``error`` and ``fisher`` are columns of every profile. ``kl`` is measured once per profile (only one
+layer compressed at a time, from the level database) and saved into it. ``fitted`` fits per-unit
+weights on the ``fisher`` prior to the measured KL of real plans near this run's budget
+(:func:`allocator.sensitivity.fitted.refine`), so it is measured per run, not cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from allocator.budget import Budget, Problem, build_problem
+from allocator.errors import AllocatorError
+from allocator.fitness import KLFitness
+from allocator.levels import Level, parse_level
+from allocator.profile import Profile
+from allocator.sensitivity import SENSITIVITIES
+from allocator.sensitivity.fitted import refine
+
+log = logging.getLogger(__name__)
+
+
+def add_kl_column(session, profile: Profile, grid: list[Level], backend: str, pool: int) -> None:
+    """Measure the ``kl`` column on ``pool`` calibration windows (blocks before each layer run once)."""
+    grid = list(dict.fromkeys([parse_level("dense"), *grid]))
+    problem = build_problem(session.inventory, grid, Budget("sparsity", 0.0))
+    db = session.database(grid, backend)
+    seqs = session.calib[:pool]
+    t0 = time.perf_counter()
+    fitness = KLFitness(session.model, session.inventory, problem, db, seqs, session.config.batch_size)
+    profile.add_kl(fitness, problem, np.arange(len(seqs)))
+    profile.meta["kl_s"] = time.perf_counter() - t0
+
+
+def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str, kind: str) -> tuple[np.ndarray, dict]:
+    """The [U, K] matrix of ``kind`` for ``problem``'s units and levels, and a record of how it was made."""
+    if kind not in SENSITIVITIES:
+        raise AllocatorError(f"unknown --sensitivity {kind!r}: choose one of {', '.join(SENSITIVITIES)}")
+    cfg = session.config
+    if kind == "kl":
+        if "kl" not in profile.table:
+            add_kl_column(session, profile, problem.levels, backend, cfg.fit_seqs)
+            profile.save(session.profile_file(problem.levels, backend))
+        return profile.error_matrix(problem.units, problem.levels, "kl"), {"kl_tokens": profile.meta["kl_tokens"]}
+    if kind != "fitted":
+        return profile.error_matrix(problem.units, problem.levels, kind), {}
+    from allocator.search.knapsack import Knapsack
+    from allocator.search.uniform import Uniform
+
+    prior = profile.error_matrix(problem.units, problem.levels, "fisher")
+    db = session.database(problem.levels, backend)
+    seqs = session.calib[: cfg.fit_seqs]
+    fitness = KLFitness(session.model, session.inventory, problem, db, seqs, cfg.batch_size)
+    rows = np.arange(len(seqs))
+
+    def solve(costs: np.ndarray) -> np.ndarray:
+        return Knapsack(time_limit=cfg.time_limit).search(_with_error(problem, costs), cfg.seed)
+
+    start = Uniform().search(problem, cfg.seed)
+    fitness.set_parent(start)
+    t0 = time.perf_counter()
+    model, record = refine(problem, prior, lambda c: fitness(c, rows), solve, start, plans=cfg.fit_plans,
+                           rounds=cfg.fit_rounds, seed=cfg.seed)  # fmt: skip
+    record = {**record, "fit_s": time.perf_counter() - t0, "weights": model.weights.tolist(), "lam": model.lam,
+              "held_out": model.held_out, "kl_tokens": int(seqs.numel())}  # fmt: skip
+    log.info("fitted sensitivity: held-out Spearman %.3f over %d plans", model.held_out["spearman"], len(record["kl"]))
+    return model.costs(prior), record
+
+
+def _with_error(problem: Problem, error: np.ndarray) -> Problem:
+    from dataclasses import replace
+
+    return replace(problem, error=error)
