@@ -2,7 +2,7 @@
 # Real-model runs on the loaned GPU (device tool). The GGUF (98 MB) is larger than one upload (64 MB), so it
 # travels in two halves over two back-to-back calls:
 #   call 1 (carry .gpu/m.partA):                 bash scripts/gpu_real_model.sh stage
-#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto
+#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto|sensitivity
 #   (pareto: fitness vs bytes, then fitness vs predicted latency on the committed H100 table)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
@@ -40,6 +40,17 @@ stage)
       --sparsity-methods uniform,knapsack,evolution-uniform,optuna-levels,optuna-compact \
       --evolution "generations=15,offspring=9,stages=1@4096" --optuna "trials=150,sampler=tpe" --probe 8 \
       --fitness-batch 16 --profiles-dir /tmp/profiles --out "$OUT/optuna" 2>&1 | sed "/it\\/s\\]/d" ;;
+  sensitivity)
+    # issue 13: sensitivities (error, fisher, kl, fitted) vs uniform/OWL per backend; RUNS lists
+    # BACKEND:LEVELS:BUDGETS:SEEDS[:EVOLUTION] entries separated by spaces, each one bench_sensitivity.py run
+    for run in ${RUNS:-"wanda:0:0.9:0.1:sparsity=0.5,sparsity=0.6,sparsity=0.7:0,1,2"}; do
+      IFS=: read -r backend lo hi step budgets seeds evo <<< "$run"
+      levels="$lo:$hi:$step"; [ "$backend" = gptq ] && levels="${GPTQ_LEVELS:-dense,w8g128,w6g128,w5g128,w4g128,w3g128,w2g128}"
+      python3 scripts/bench_sensitivity.py --model "$MODEL" --c4 .gpu/data/validation-2k.parquet \
+        --wikitext .gpu/data/test.txt --device cuda --backend "$backend" --levels "$levels" --budgets "$budgets" \
+        --seeds "$seeds" --batch-size 16 ${evo:+--evolution "$evo"} --profiles-dir /tmp/profiles \
+        --out "$OUT/sensitivity_$backend" 2>&1 | sed "/it\\/s\\]/d"
+    done ;;
   pareto)
     # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \

@@ -2,8 +2,8 @@
 
 ``error`` and ``fisher`` are columns of every profile. ``kl`` is measured once per profile (only one
 layer compressed at a time, from the level database) and saved into it. ``fitted`` fits per-unit
-weights on the ``fisher`` prior to the measured KL of real plans near this run's budget
-(:func:`allocator.sensitivity.fitted.refine`), so it is measured per run, not cached.
+weights on a prior (the ``kl`` column if the profile has one, else ``fisher``) to the measured KL of
+real plans near this run's budget (:func:`allocator.sensitivity.fitted.refine`), so it is measured per run, not cached.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
     from allocator.search.knapsack import Knapsack
     from allocator.search.uniform import Uniform
 
-    prior = profile.error_matrix(problem.units, problem.levels, "fisher")
+    prior_kind = "kl" if "kl" in profile.table else "fisher"  # the measured per-layer KL ranks plans better
+    prior = profile.error_matrix(problem.units, problem.levels, prior_kind)
     db = session.database(problem.levels, backend)
     seqs = session.calib[: cfg.fit_seqs]
     fitness = KLFitness(session.model, session.inventory, problem, db, seqs, cfg.batch_size)
@@ -65,8 +66,8 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
     t0 = time.perf_counter()
     model, record = refine(problem, prior, lambda c: fitness(c, rows), solve, start, plans=cfg.fit_plans,
                            rounds=cfg.fit_rounds, seed=cfg.seed)  # fmt: skip
-    record = {**record, "fit_s": time.perf_counter() - t0, "weights": model.weights.tolist(), "lam": model.lam,
-              "held_out": model.held_out, "kl_tokens": int(seqs.numel())}  # fmt: skip
+    record = {**record, "prior": prior_kind, "fit_s": time.perf_counter() - t0, "weights": model.weights.tolist(),
+              "lam": model.lam, "held_out": model.held_out, "kl_tokens": int(seqs.numel())}  # fmt: skip
     log.info("fitted sensitivity: held-out Spearman %.3f over %d plans", model.held_out["spearman"], len(record["kl"]))
     return model.costs(prior), record
 
