@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what knapsack, optuna's compact space and a knapsack start minimise: error (relative "
                    "output error), fisher (Fisher-weighted, in nats), kl (measured per layer), fitted (fisher "
                    "re-weighted to the measured KL of real plans)")  # fmt: skip
+    r.add_argument(
+        "--fit-prior",
+        default=d.fit_prior,
+        choices=["auto", "kl", "fisher"],
+        help="fitted: the per-layer prior it re-weights (auto: kl on a GPU or if already measured)",
+    )
     r.add_argument("--fit-seqs", type=int, default=d.fit_seqs, help="kl/fitted: calibration windows measured")
     r.add_argument("--fit-plans", type=int, default=d.fit_plans, help="fitted: random plans before the first fit")
     r.add_argument("--fit-rounds", type=int, default=d.fit_rounds, help="fitted: knapsack-measure-refit rounds")

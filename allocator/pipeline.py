@@ -57,7 +57,8 @@ class RunConfig:
     plan: str | None = None  # a saved plan.json to apply instead of searching
     profile: str | None = None  # a profile .parquet to use (None: reuse or measure one under profiles_dir)
     profiles_dir: str = "profiles"
-    sensitivity: str = "fisher"  # what knapsack / optuna-compact / a knapsack start minimise (allocator.sensitivity)
+    sensitivity: str = "fitted"  # what knapsack / optuna-compact / a knapsack start minimise (allocator.sensitivity)
+    fit_prior: str = "auto"  # fitted: the prior it re-weights (kl | fisher | auto: kl on a GPU or if measured)
     fit_seqs: int = 8  # kl and fitted sensitivities: calibration windows whose KL they measure
     fit_plans: int = 64  # fitted: random feasible plans measured before the first fit
     fit_rounds: int = 4  # fitted: knapsack -> measure -> refit rounds after it
@@ -227,6 +228,8 @@ def run(config: RunConfig) -> RunResult:
     grid = parse_grid(config.levels)
     if config.sensitivity not in SENSITIVITIES:
         raise AllocatorError(f"unknown --sensitivity {config.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
+    if config.fit_prior not in ("auto", "kl", "fisher"):
+        raise AllocatorError(f"unknown --fit-prior {config.fit_prior!r}: choose auto, kl or fisher")
     if min(config.fit_seqs, config.fit_plans) < 1 or config.fit_rounds < 0:
         raise AllocatorError("--fit-seqs and --fit-plans must be >= 1 and --fit-rounds >= 0")
     out = Path(config.output_dir) if config.output_dir else None

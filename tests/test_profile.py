@@ -89,9 +89,8 @@ def _args(tiny_model_dir, text_files, tmp_path, *extra):
 def test_knapsack_and_owl_runs_reuse_one_profile(tiny_model_dir, text_files, tmp_path):
     out = {m: tmp_path / m for m in ("uniform", "knapsack", "owl")}
     for method, folder in out.items():
-        argv = _args(
-            tiny_model_dir, text_files, tmp_path, "--target", "sparsity=0.5", "--method", method, "-o", str(folder)
-        )
+        argv = _args(tiny_model_dir, text_files, tmp_path, "--target", "sparsity=0.5", "--method", method,
+                     "--sensitivity", "error", "-o", str(folder))  # fmt: skip
         assert main(argv) == 0
     profiles = list((tmp_path / "profiles").rglob("*.parquet"))
     assert len(profiles) == 1  # measured by knapsack, reused by OWL
@@ -139,7 +138,8 @@ def test_evolution_run_end_to_end_and_resume(tiny_model_dir, text_files, tmp_pat
     out = tmp_path / "evo"
     assert main(_args(tiny_model_dir, text_files, tmp_path, *common, "-o", str(out))) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "evolution_state.json", "history.csv", "history.png", "metrics.json", "plan.json"]
+    assert names == ["config.json", "evolution_state.json", "history.csv", "history.png", "metrics.json", "plan.json",
+                     "sensitivity.json"]  # the knapsack start's fitted sensitivity
     history = (out / "history.csv").read_text().splitlines()
     assert history[0].startswith("generation,fitness") and len(history) == 4
     plan = Plan.load(out / "plan.json")

@@ -22,6 +22,7 @@ from scipy.stats import spearmanr
 from allocator.budget import Problem
 from allocator.errors import AllocatorError
 
+_MIN_PLANS = 10  # fewer measured plans than this: no fit (5-fold cross-validation needs two per fold)
 _LAMBDAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge strengths, relative to the mean diagonal of XᵀX
 
 
@@ -85,7 +86,7 @@ def fit(prior: np.ndarray, choices: np.ndarray, kl: np.ndarray, folds: int = 5, 
 def random_plans(
     problem: Problem, start: np.ndarray, n: int, seed: int, steps: tuple[int, int] = (4, 40)
 ) -> np.ndarray:
-    """``n`` distinct feasible plans, each ``start`` after a random number of budget-keeping level switches."""
+    """Up to ``n`` distinct feasible plans, each ``start`` after a random number of budget-keeping level switches."""
     from allocator.search.evolution import _ladders, mutate
 
     rng = np.random.default_rng(seed)
@@ -99,9 +100,7 @@ def random_plans(
         if plan is not None and plan.tobytes() not in seen:
             seen.add(plan.tobytes())
             plans.append(plan)
-    if len(plans) < n:
-        raise AllocatorError(f"found only {len(plans)} distinct budget-keeping plans of {n}: the grid is too coarse")
-    return np.array(plans)
+    return np.array(plans, dtype=int).reshape(len(plans), len(start))  # fewer than n where the grid allows no more
 
 
 def refine(
@@ -128,6 +127,8 @@ def refine(
 
     def refit() -> AdditiveFit:
         choices, kl = zip(*measured.values(), strict=True)
+        if len(kl) < _MIN_PLANS:  # a grid or budget with too few distinct plans: the prior as it is
+            return AdditiveFit(np.ones(prior.shape[0]), 0.0, {"plans": len(kl), "note": "too few plans to fit"})
         return fit(prior, np.array(choices), np.array(kl), seed=seed)
 
     for choice in [start, *random_plans(problem, start, plans - 1, seed)]:
@@ -136,7 +137,11 @@ def refine(
     history = [{"round": 0, "plans": len(measured), **model.held_out}]
     rng, ladders = np.random.default_rng(seed + 1), _ladders(problem)
     for r in range(1, rounds + 1):
-        proposal = solve(model.costs(prior))
+        try:
+            proposal = solve(model.costs(prior))
+        except AllocatorError as exc:  # e.g. a limit no MILP point meets within its safety margin
+            history.append({"round": r, "plans": len(measured), "stopped": str(exc)})
+            break
         proposal_kl = score(proposal)
         for _ in range(per_round - 1):
             child = mutate(problem, proposal, ladders, rng)
