@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default=None, help="use this profile .parquet (default: reuse or measure)")
     r.add_argument("--sensitivity", default=d.sensitivity, choices=list(SENSITIVITIES),
                    help="what knapsack, optuna's compact space and a knapsack start minimise: error (relative "
-                   "output error), fisher (Fisher-weighted, in nats), kl (measured per layer), fitted (fisher "
+                   "output error), fisher (Fisher-weighted, in nats), kl (measured per layer), fitted (a prior "
                    "re-weighted to the measured KL of real plans)")  # fmt: skip
     r.add_argument(
         "--fit-prior",

@@ -251,3 +251,16 @@ def test_plans_at_a_latency_limit_are_feasible_for_optuna_too(inv, tmp_path):
                           storage=str(tmp_path / "s.journal"))  # fmt: skip
     search.search(problem, 0)
     assert search.pareto
+
+
+def test_a_noisy_negative_overhead_predicts_finite_times(inv):
+    """Linears timed one by one can outweigh the whole model on a busy host: the prediction stays finite."""
+    table = synthetic(inv)
+    df = table.df
+    df.loc[(df.kind == "overhead") & (df.tokens == 4), "ms"] = -0.01
+    table = LatencyTable(df, table.meta)
+    dense = {lay.name: Level() for lay in inv.layers}
+    for m in (1, 2, 4, 8):
+        out = table.predict(dense, inv, m)
+        assert np.isfinite(out["predicted_ms"]) and out["speedup"] == pytest.approx(1.0)
+    assert 0 < table.overhead_ms(4) < 1e-5

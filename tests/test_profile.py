@@ -138,8 +138,15 @@ def test_evolution_run_end_to_end_and_resume(tiny_model_dir, text_files, tmp_pat
     out = tmp_path / "evo"
     assert main(_args(tiny_model_dir, text_files, tmp_path, *common, "-o", str(out))) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "evolution_state.json", "history.csv", "history.png", "metrics.json", "plan.json",
-                     "sensitivity.json"]  # the knapsack start's fitted sensitivity
+    assert names == [
+        "config.json",
+        "evolution_state.json",
+        "history.csv",
+        "history.png",
+        "metrics.json",
+        "plan.json",
+        "sensitivity.json",
+    ]  # the knapsack start's fitted sensitivity
     history = (out / "history.csv").read_text().splitlines()
     assert history[0].startswith("generation,fitness") and len(history) == 4
     plan = Plan.load(out / "plan.json")

@@ -107,3 +107,13 @@ def test_owl_refuses_bit_budgets():
     problem = _instance(3)
     with pytest.raises(AllocatorError, match="OWL allocates sparsity"):
         get_searcher("owl").search(problem, seed=0)
+
+
+def test_real_valued_limit_met_exactly_is_feasible():
+    """speedup=1 on a latency table: the dense plan sits exactly at the limit and every other level is slower."""
+    rng = np.random.default_rng(0)
+    ms = rng.uniform(0.01, 0.3, size=(6, 1)) * np.array([[1.0, 1.3, 1.7]])  # dense fastest, in milliseconds
+    error = np.tile([0.0, 1.0, 2.0], (6, 1))
+    problem = Problem([(f"l{u}",) for u in range(6)], parse_grid("dense,w8,w4g32"), ms, float(ms[:, 0].sum()),
+                      error=error, budget=Budget("latency", 1.0))  # fmt: skip
+    assert np.array_equal(get_searcher("knapsack").search(problem, 0), np.zeros(6, dtype=int))

@@ -26,6 +26,7 @@ from allocator.levels import Level
 from allocator.model import Inventory
 
 COLUMNS = ["kind", "rows", "cols", "kernel", "tokens", "ms", "runs", "serving", "gpu", "driver", "torch"]
+MIN_MS = 1e-6  # floor of a time in the table: a noisy negative overhead must not break the log-log interpolation
 
 
 def slug(text: str) -> str:
@@ -75,7 +76,8 @@ class LatencyTable:
         for key, g in self.df.groupby(["kind", "rows", "cols", "kernel"], sort=False):
             g = g.sort_values("tokens")
             out[(key[0], int(key[1]), int(key[2]), key[3])] = (
-                np.log(g["tokens"].to_numpy(float)), np.log(g["ms"].to_numpy(float)), bool(g["runs"].all()),
+                np.log(g["tokens"].to_numpy(float)), np.log(np.maximum(g["ms"].to_numpy(float), MIN_MS)),
+                bool(g["runs"].all()),
             )  # fmt: skip
         return out
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from allocator.budget import Problem
+from allocator.budget import Problem, allowed
 from allocator.errors import AllocatorError
 
 log = logging.getLogger(__name__)
@@ -46,38 +46,43 @@ class Knapsack:
         ok = np.isfinite(err) & np.all([np.isfinite(c) for _, c, _ in problem.constraints()], axis=0)
         uu, kk = np.nonzero(ok)  # one binary variable per allowed (unit, level)
         n = len(uu)
-        rows = [coo_array((np.ones(n), (uu, np.arange(n))), shape=(U, n))]
-        constraints = [LinearConstraint(rows[0], 1, 1)]  # exactly one level per unit
-        for _, cost, limit in problem.constraints():
-            constraints.append(_budget_row(cost[uu, kk], limit))
+        rows_one = coo_array((np.ones(n), (uu, np.arange(n))), shape=(U, n))  # exactly one level per unit
         options = {"time_limit": self.time_limit} if self.time_limit else {}
-        res = milp(err[uu, kk], constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
-        if res.x is None:
-            raise AllocatorError(f"knapsack found no solution within the budget ({res.message}): loosen the target")
+        # real-valued rows first admit plans exactly at the limit (speedup=1: all dense); only if the solver's
+        # tolerance then lets a point over the exact limit through are they solved again a margin inside it
+        for inside in (False, True):
+            rows = [LinearConstraint(rows_one, 1, 1)] + [_budget_row(cost[uu, kk], limit, inside)
+                                                         for _, cost, limit in problem.constraints()]  # fmt: skip
+            res = milp(err[uu, kk], constraints=rows, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
+            if res.x is None:
+                raise AllocatorError(f"knapsack found no solution within the budget ({res.message}): loosen the target")
+            x = res.x > 0.5
+            choice = np.zeros(U, dtype=int)
+            choice[uu[x]] = kk[x]
+            if problem.feasible(choice) and np.bincount(uu[x], minlength=U).max() == 1:
+                break
+        else:
+            raise AllocatorError("knapsack solution failed the exact budget check: report this with the grid used")
         self.gap = float(getattr(res, "mip_gap", 0.0) or 0.0) if res.status != 0 else 0.0
         if res.status != 0:
             log.warning("knapsack stopped early (%s); optimality gap %.3g", res.message, self.gap)
-        x = res.x > 0.5
-        choice = np.zeros(U, dtype=int)
-        choice[uu[x]] = kk[x]
-        if not problem.feasible(choice) or np.bincount(uu[x], minlength=U).max() != 1:
-            raise AllocatorError("knapsack solution failed the exact budget check: report this with the grid used")
         return choice
 
 
-def _budget_row(cost: np.ndarray, limit: float) -> LinearConstraint:
+def _budget_row(cost: np.ndarray, limit: float, inside: bool) -> LinearConstraint:
     """One budget as a MILP row that no solver tolerance can turn into an over-budget 0/1 point.
 
     Integer costs (weights, bits) and eighths (bytes): the limit is rounded down to that grain, so a
     tolerance below one grain admits nothing infeasible. Real costs (milliseconds from a latency
-    table): the row is scaled to the limit and kept a relative 1e-6 inside it.
+    table): the row is scaled to the limit; ``inside`` keeps it a relative 1e-6 inside it (for when the
+    solver's tolerance let a point over the limit through), else it admits the limit itself.
     """
     for grain in (1, 8):
         if np.allclose(cost * grain, np.round(cost * grain)):
             return LinearConstraint(cost[None, :], -np.inf, math.floor(limit * grain * (1 + 1e-12) + 1e-6) / grain)
     if limit <= 0:  # below the fixed overhead: nothing fits, and reach_error has said so
         return LinearConstraint(cost[None, :], -np.inf, limit)
-    return LinearConstraint(cost[None, :] / limit, -np.inf, 1 - 1e-6)
+    return LinearConstraint(cost[None, :] / limit, -np.inf, 1 - 1e-6 if inside else allowed(limit) / limit)
 
 
 @dataclass
