@@ -76,7 +76,7 @@ def test_fisher_column_predicts_measured_kl(tmp_path):
     t = profile.table.query("level != 'dense'")
     assert spearmanr(t["fisher"], t["kl"]).statistic > 0.8
     ratio = (t["fisher"] / t["kl"]).median()
-    assert 0.3 < ratio < 3  # same units (nats per token), not merely correlated
+    assert 0.7 < ratio < 1.4  # same units (nats per token), not merely correlated (measured: 0.97-0.99)
     assert spearmanr(t["fisher"], t["kl"]).statistic > spearmanr(t["error"], t["kl"]).statistic
 
 
