@@ -7,13 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from allocator.apply import apply_plan, run_config
-from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
 from allocator.export import FORMATS, export
-from allocator.fitness import KLFitness
 from allocator.latency import cli as latency_cli
 from allocator.levels import DEFAULT_GRID, parse_grid
 from allocator.pipeline import RunConfig, Session, run
@@ -21,6 +17,7 @@ from allocator.plan import Plan
 from allocator.report import write_run_report
 from allocator.search import SEARCHERS
 from allocator.sensitivity import SENSITIVITIES
+from allocator.sensitivity.select import add_kl_column
 
 
 def _samples(text: str) -> int | None:
@@ -179,12 +176,7 @@ def _profile(args: argparse.Namespace) -> int:
     session = Session(_config(args))
     profile = session.profile(grid, args.backend)
     if args.kl_pool:
-        problem = build_problem(session.inventory, grid, Budget("sparsity", 0.0))
-        db = session.database(grid, args.backend)
-        fitness = KLFitness(
-            session.model, session.inventory, problem, db, session.calib[: args.kl_pool], args.batch_size
-        )
-        profile.add_kl(fitness, problem, np.arange(min(args.kl_pool, len(session.calib))))
+        add_kl_column(session, profile, grid, args.backend, args.kl_pool)
         profile.save(session.profile_file(grid, args.backend))
     if args.output:
         profile.save(args.output)
