@@ -38,10 +38,6 @@ class AdditiveFit:
         """The fitted per-(unit, level) costs ([U, K]; +inf stays +inf)."""
         return prior * self.weights[:, None]
 
-    def predict(self, prior: np.ndarray, choices: np.ndarray) -> np.ndarray:
-        """Predicted KL of each plan in ``choices`` ([P, U] level indices)."""
-        return _features(prior, choices) @ self.weights
-
 
 def _features(prior: np.ndarray, choices: np.ndarray) -> np.ndarray:
     return prior[np.arange(prior.shape[0])[None, :], choices]  # [P, U]

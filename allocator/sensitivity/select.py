@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -43,9 +44,7 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
         raise AllocatorError(f"unknown --sensitivity {kind!r}: choose one of {', '.join(SENSITIVITIES)}")
     cfg = session.config
     if kind == "kl":
-        if "kl" not in profile.table:
-            add_kl_column(session, profile, problem.levels, backend, cfg.fit_seqs)
-            profile.save(session.profile_file(problem.levels, backend))
+        _ensure_kl(session, profile, problem.levels, backend)
         return profile.error_matrix(problem.units, problem.levels, "kl"), {"kl_tokens": profile.meta["kl_tokens"]}
     if kind != "fitted":
         return profile.error_matrix(problem.units, problem.levels, kind), {}
@@ -55,9 +54,8 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
     prior_kind = cfg.fit_prior
     if prior_kind == "auto":  # the per-layer KL ranks plans better; measuring it is cheap on a GPU only
         prior_kind = "kl" if "kl" in profile.table or session.model.device.type == "cuda" else "fisher"
-    if prior_kind == "kl" and "kl" not in profile.table:
-        add_kl_column(session, profile, problem.levels, backend, cfg.fit_seqs)
-        profile.save(session.profile_file(problem.levels, backend))
+    if prior_kind == "kl":
+        _ensure_kl(session, profile, problem.levels, backend)
     prior = profile.error_matrix(problem.units, problem.levels, prior_kind)
     db = session.database(problem.levels, backend)
     seqs = session.calib[: cfg.fit_seqs]
@@ -65,7 +63,7 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
     rows = np.arange(len(seqs))
 
     def solve(costs: np.ndarray) -> np.ndarray:
-        return Knapsack(time_limit=cfg.time_limit).search(_with_error(problem, costs), cfg.seed)
+        return Knapsack(time_limit=cfg.time_limit).search(replace(problem, error=costs), cfg.seed)
 
     start = Uniform().search(problem, cfg.seed)
     fitness.set_parent(start)
@@ -78,7 +76,8 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
     return model.costs(prior), record
 
 
-def _with_error(problem: Problem, error: np.ndarray) -> Problem:
-    from dataclasses import replace
-
-    return replace(problem, error=error)
+def _ensure_kl(session, profile: Profile, levels: list[Level], backend: str) -> None:
+    """Measure the ``kl`` column once and save it into the cached profile."""
+    if "kl" not in profile.table:
+        add_kl_column(session, profile, levels, backend, session.config.fit_seqs)
+        profile.save(session.profile_file(levels, backend))
