@@ -4,8 +4,8 @@ error = ||W X - Ŵ X||² / ||W X||² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H = 
 Gram matrix on dense inputs (one calibration pass for all levels). fisher = the same output error
 weighted by the Fisher of the model's predictions (:mod:`allocator.sensitivity.fisher`): a predicted KL
 in nats, comparable across layers. The same pass records OWL's layer-wise outlier ratio (the share of
-Wanda scores |W_ij|·||X_j|| above M times their block mean). ``kl`` (measured end to end) and ``fitted``
-(fitted to measured plans) are added by :meth:`Profile.add_kl` and :mod:`allocator.sensitivity.fitted`.
+Wanda scores |W_ij|·||X_j|| above M times their block mean). ``kl`` (measured end to end) is added by
+:meth:`Profile.add_kl`; ``fitted`` depends on the budget, so it lives in the run folder, not here.
 
 Stored as Parquet under ``profiles/<model>/`` with the metadata (model fingerprint, grid, backend,
 data, seed, tokens) in the file's schema, and reused when a later run asks for the same thing.
