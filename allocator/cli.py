@@ -174,7 +174,7 @@ def _report(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     grid = parse_grid(args.levels)
     session = Session(_config(args))
-    profile = session.profile(grid, args.backend)
+    profile = session.profile(grid, args.backend, with_database=bool(args.kl_pool))
     if args.kl_pool:
         add_kl_column(session, profile, grid, args.backend, args.kl_pool)
         profile.save(session.profile_file(grid, args.backend))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import subprocess
@@ -14,14 +15,14 @@ import torch
 
 from allocator import data
 from allocator.backends import apply_, get_backend
-from allocator.backends.database import LevelDatabase
+from allocator.backends.database import DatabaseWriter, LevelDatabase
 from allocator.budget import build_problem, parse_budgets, summarize
 from allocator.errors import AllocatorError
 from allocator.evaluate import kl_divergence, log_probs, perplexity
 from allocator.fitness import KLFitness
 from allocator.io import write_json_atomic
 from allocator.latency.table import LatencyModel, LatencyTable
-from allocator.levels import DEFAULT_GRID, Level, parse_grid
+from allocator.levels import DEFAULT_GRID, Level, parse_grid, parse_level
 from allocator.model import DTYPES, Inventory, cache_dir, load_model
 from allocator.plan import Plan
 from allocator.profile import Profile, artifact_name
@@ -143,8 +144,13 @@ class Session:
         name = artifact_name(self.loaded.model_id, backend, levels, self.calib_meta) + ".parquet"
         return Path(self.config.profiles_dir) / name
 
-    def profile(self, levels: list[Level], backend: str, path: str | None = None) -> Profile:
-        """The sensitivity profile of this model for ``levels``: loaded if saved, else measured and saved."""
+    def profile(
+        self, levels: list[Level], backend: str, path: str | None = None, with_database: bool = False
+    ) -> Profile:
+        """The sensitivity profile of this model for ``levels``: loaded if saved, else measured and saved.
+
+        ``with_database``: the caller will need the level database too; the profile's pass builds it.
+        """
         cfg, calib_meta = self.config, self.calib_meta
         target = Path(path) if path else self.profile_file(levels, backend)
         if target.is_file() or path:
@@ -160,19 +166,36 @@ class Session:
                 return profile
         self.restore_()
         t0 = time.perf_counter()
-        profile = Profile.measure(self.model, self.inventory, levels, backend, self.calib, calib_meta, cfg.batch_size)
+        db_path = self._database_path(levels, backend)
+        with contextlib.ExitStack() as stack:
+            also = []
+            if with_database and self._open_database(db_path, levels) is None:
+                writer = DatabaseWriter(self.inventory, _with_dense(levels), backend, db_path, self.calib)
+                also.append(stack.enter_context(writer))
+            profile = Profile.measure(self.model, self.inventory, levels, backend, self.calib, calib_meta,
+                                      cfg.batch_size, also)  # fmt: skip
         profile.meta["measure_s"] = time.perf_counter() - t0
         profile.save(target)
         log.info("saved profile %s (%.1f s)", target, profile.meta["measure_s"])
         return profile
 
-    def database(self, levels: list[Level], backend: str) -> LevelDatabase:
-        """The level database for ``levels`` (built once, cached under the allocator cache folder)."""
-        path = cache_dir() / "db" / artifact_name(self.loaded.model_id, backend, levels, self.calib_meta)
+    def _database_path(self, levels: list[Level], backend: str) -> Path:
+        """One database per grid (``dense`` is always stored, so a grid with or without it is the same)."""
+        return cache_dir() / "db" / artifact_name(self.loaded.model_id, backend, _with_dense(levels), self.calib_meta)
+
+    def _open_database(self, path: Path, levels: list[Level]) -> LevelDatabase | None:
+        """The cached database at ``path`` if it holds every level, else None."""
         if (path / "manifest.json").is_file():
             db = LevelDatabase.open(path, self.inventory)
             if {lv.name for lv in levels} <= set(db.manifest["levels"]):
                 return db
+        return None
+
+    def database(self, levels: list[Level], backend: str) -> LevelDatabase:
+        """The level database for ``levels`` (built once, cached under the allocator cache folder)."""
+        path = self._database_path(levels, backend)
+        if (db := self._open_database(path, levels)) is not None:
+            return db
         self.restore_()
         db = LevelDatabase.build(self.model, self.inventory, levels, backend, path, self.calib, self.config.batch_size)
         log.info("built level database %s (%.2f GB)", path, db.manifest["bytes"] / 1e9)
@@ -219,6 +242,10 @@ class Session:
         }
 
 
+def _with_dense(levels: list[Level]) -> list[Level]:
+    return list(dict.fromkeys([parse_level("dense"), *levels]))
+
+
 def run(config: RunConfig) -> RunResult:
     """Allocate, compress and evaluate as ``config`` says; write plan.json, metrics.json, config.json.
 
@@ -260,7 +287,8 @@ def run(config: RunConfig) -> RunResult:
     else:
         problem = build_problem(inventory, grid, budget, config.per, extra, latency)
         if config.method in NEEDS_PROFILE or config.start == "knapsack" and config.method == "evolution":
-            profile = session.profile(grid, config.backend, config.profile)
+            needs_db = config.method in ("evolution", "optuna") or config.sensitivity in ("kl", "fitted")
+            profile = session.profile(grid, config.backend, config.profile, with_database=needs_db)
             problem.error, sensitivity = sensitivity_matrix(session, profile, problem, config.backend,
                                                             config.sensitivity)  # fmt: skip
             problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)

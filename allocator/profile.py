@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,13 @@ class Profile:
         calib: torch.Tensor,
         meta: dict | None = None,
         batch_size: int = 8,
+        also: Sequence = (),
     ) -> Profile:
-        """Compress each layer at each level on dense inputs and record its relative and Fisher-weighted errors."""
+        """Compress each layer at each level on dense inputs and record its relative and Fisher-weighted errors.
+
+        ``also``: more receivers of the same pass (``visit``/``on_block`` methods, e.g. a
+        :class:`allocator.backends.database.DatabaseWriter`), so the database costs no second pass.
+        """
         levels = list(dict.fromkeys([parse_level("dense"), *levels]))
         seed = int((meta or {}).get("seed", 0))
         fisher = output_fisher(model, inventory, calib[:FISHER_SEQS], batch_size, seed)
@@ -77,6 +83,8 @@ class Profile:
                          "params": layer.params, "kept_params": level.kept_params(layer.rows, layer.cols),
                          "bits": level.storage_bits(layer.rows, layer.cols), "error": error,
                          "fisher": fisher_error(D, H, fisher[layer.name])})  # fmt: skip
+            for receiver in also:
+                receiver.visit(layer, level, W, Q, stats)
 
         def on_block(layers, stats) -> None:
             # Wanda scores |W_ij| * ||X_j|| of every linear in the block, pooled (OWL's layer-wise LOD)
@@ -87,6 +95,8 @@ class Profile:
                 ]
             )
             outliers[layers[0].block] = float((flat > OWL_M * flat.mean()).float().mean())
+            for receiver in also:
+                receiver.on_block(layers, stats)
 
         for_each_level(model, inventory, levels, backend, calib, visit, on_block, batch_size, desc="profile")
         table = pd.DataFrame(rows)

@@ -81,6 +81,10 @@ def main() -> None:
         "that budget, that many generations (16 offspring, 1@4096), parent KL on 8 fixed sequences",
     )
     ap.add_argument("--evolution-starts", default="error,fisher")
+    ap.add_argument("--optuna-trials", type=int, default=0, help="> 0: add optuna's compact space (that many trials, "
+                    "TPE, on 8 fixed windows) re-weighting the default sensitivity")  # fmt: skip
+    ap.add_argument("--timing-only", action="store_true", help="time profile, database, kl, fitted (first budget) "
+                    "and one backend pass, then stop (for CPU timings)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profiles-dir", default=None)
     ap.add_argument("--out", required=True)
@@ -94,8 +98,9 @@ def main() -> None:
     calib, held_out = split_c4(Path(args.c4 or data.default_calibration()), args.held_out_docs, tmp)
     grid, kinds = parse_grid(args.levels), args.kinds.split(",")
     budgets = [Budget.parse(b) for b in args.budgets.split(",")]
-    methods_of = {str(b): ["uniform", *(["owl"] if b.kind == "sparsity" else []), *(f"knapsack-{k}" for k in kinds)]
-                  for b in budgets}  # fmt: skip
+    optuna = ["optuna-compact"] if args.optuna_trials else []
+    methods_of = {str(b): ["uniform", *(["owl"] if b.kind == "sparsity" else []), *(f"knapsack-{k}" for k in kinds),
+                           *optuna] for b in budgets}  # fmt: skip
     first = int(args.seeds.split(",")[0])
     for seed in (int(s) for s in args.seeds.split(",")):
         todo = [(b, m) for b, ms in methods_of.items() for m in ms if (seed, b, m) not in done]
@@ -111,16 +116,25 @@ def main() -> None:
                                             args.eval_samples)  # fmt: skip
         timing = {"seed": seed, "backend": args.backend, "levels": args.levels, "device": args.device}
         t0 = time.perf_counter()
-        profile = session.profile(grid, args.backend)
-        timing["profile_s"] = time.perf_counter() - t0  # relative error and Fisher in one pass
+        profile = session.profile(grid, args.backend, with_database=True)
+        timing["profile_s"] = time.perf_counter() - t0  # relative error, Fisher and the level database in one pass
         t0 = time.perf_counter()
         db = session.database(grid, args.backend)
         timing["database_s"] = time.perf_counter() - t0
         if "kl" in kinds and "kl" not in profile.table:
             add_kl_column(session, profile, grid, args.backend, args.fit_seqs)
             timing["kl_s"] = profile.meta["kl_s"]
+        timing.update(backend_pass(session, grid, budgets[0], args.backend))
+        if args.timing_only:
+            t0 = time.perf_counter()
+            sensitivity_matrix(session, profile, build_problem(session.inventory, grid, budgets[0]), args.backend,
+                               "fitted")  # fmt: skip
+            timing["fitted_s"] = time.perf_counter() - t0
         timings.append(timing)
         print(timing, flush=True)
+        if args.timing_only:
+            write_outputs(out, command, rows, spearman, timings)
+            continue
         if seed == first:
             profile.save(out.with_name(out.name + "_profile.parquet"))
             if not any("measured" in s for s in spearman):
@@ -129,13 +143,26 @@ def main() -> None:
         for budget in budgets:
             problem = build_problem(session.inventory, grid, budget)
             problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
+            matrices: dict[str, tuple] = {}  # per sensitivity: the fitted one is measured once per budget
             for method in methods_of[str(budget)]:
                 if (seed, str(budget), method) in done:
                     continue
                 t0 = time.perf_counter()
+                # optuna's compact space re-weights the default sensitivity (fitted, listed last)
+                kind = method.split("-")[1] if method.startswith("knapsack") else kinds[-1]
+                if method.startswith(("knapsack", "optuna")) and kind not in matrices:
+                    matrices[kind] = sensitivity_matrix(session, profile, problem, args.backend, kind)
                 if method.startswith("knapsack"):
-                    error, record = sensitivity_matrix(session, profile, problem, args.backend, method.split("-")[1])
+                    error, record = matrices[kind]
                     choice = get_searcher("knapsack").search(replace(problem, error=error), seed)
+                elif method == "optuna-compact":
+                    error, record = matrices[kind]
+                    tuned = replace(problem, error=error)
+                    tuned.fitness = KLFitness(session.model, session.inventory, tuned, db, session.calib,
+                                              args.batch_size)  # fmt: skip
+                    searcher = get_searcher("optuna", space="compact", sampler="tpe", trials=args.optuna_trials,
+                                            probe=8)  # fmt: skip
+                    choice = searcher.search(tuned, seed)
                 else:
                     record, choice = {}, get_searcher(method).search(problem, seed)
                 search_s = time.perf_counter() - t0
@@ -149,9 +176,27 @@ def main() -> None:
                              "levels": [problem.levels[k].name for k in choice]})  # fmt: skip
                 print({k: v for k, v in rows[-1].items() if k != "levels"}, flush=True)
                 write_outputs(out, command, rows, spearman, timings)
+        key = (seed, str(budgets[0]), "knapsack-fitted")
+        fitted = [r["search_s"] for r in rows if (r["seed"], r["budget"], r["method"]) == key]
+        if fitted and "fitted_s" not in timing:
+            timing["fitted_s"] = fitted[0]  # the knapsack's search time: the fit (measured plans) dominates it
         if args.evolution and seed == first:
             evolve(session, profile, db, grid, args, out)
     write_outputs(out, command, rows, spearman, timings)
+
+
+def backend_pass(session, grid, budget: Budget, backend: str) -> dict:
+    """Seconds of one ordinary compression pass (the backend run block by block at the uniform plan)."""
+    from allocator.backends import apply_
+
+    problem = build_problem(session.inventory, grid, budget)
+    assignment = problem.assignment(get_searcher("uniform").search(problem, 0))
+    session.restore_()
+    t0 = time.perf_counter()
+    apply_(session.model, assignment, backend, session.calib, session.config.batch_size)
+    seconds = time.perf_counter() - t0
+    session.restore_()
+    return {"backend_pass_s": seconds, "backend_pass_budget": str(budget)}
 
 
 def evolve(session, profile, db, grid, args, out: Path) -> None:
@@ -248,8 +293,11 @@ def write_outputs(out: Path, command: str, rows: list[dict], spearman: list[dict
         lines += ["", "| sensitivity | Spearman vs measured KL |", "|---|---|"]
         lines += [f"| {s['sensitivity']} | {s['spearman']:.3f} |" for s in spearman if "spearman" in s]
     if timings:
-        lines += ["", "| seed | profile (error+fisher) s | database s | kl column s |", "|---|---|---|---|"]
-        lines += [f"| {t['seed']} | {t['profile_s']:.1f} | {t['database_s']:.1f} | {t.get('kl_s', float('nan')):.1f} |"
+        nan = float("nan")
+        lines += ["", "| device | seed | profile + database s (error, fisher, levels) | kl column s | fitted s "
+                  "(one budget) | one backend pass s |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {t['device']} | {t['seed']} | {t['profile_s'] + t['database_s']:.1f} | "
+                  f"{t.get('kl_s', nan):.1f} | {t.get('fitted_s', nan):.1f} | {t.get('backend_pass_s', nan):.1f} |"
                   for t in timings]  # fmt: skip
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -92,7 +92,7 @@ def main() -> None:
     for kind, value, backend, levels, methods in experiments:
         grid = parse_grid(levels)
         budget = Budget(kind, float(value)).checked()
-        profile = session.profile(grid, backend)
+        profile = session.profile(grid, backend, with_database=args.apply == "database")
         problem = build_problem(session.inventory, grid, budget)
         problem.error = profile.error_matrix(problem.units, grid)
         problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)

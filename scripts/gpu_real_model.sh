@@ -42,13 +42,15 @@ stage)
       --fitness-batch 16 --profiles-dir /tmp/profiles --out "$OUT/optuna" 2>&1 | sed "/it\\/s\\]/d" ;;
   sensitivity)
     # issue 13: sensitivities (error, fisher, kl, fitted) vs uniform/OWL per backend; RUNS lists
-    # BACKEND:LEVELS:BUDGETS:SEEDS[:EVOLUTION] entries separated by spaces, each one bench_sensitivity.py run
+    # BACKEND:LEVELS:BUDGETS:SEEDS[:EVOLUTION] entries separated by spaces, each one bench_sensitivity.py run;
+    # OPTUNA_TRIALS > 0 adds optuna's compact space. One backend per call: at most 8 files come back.
     for run in ${RUNS:-"wanda:0:0.9:0.1:sparsity=0.5,sparsity=0.6,sparsity=0.7:0,1,2"}; do
       IFS=: read -r backend lo hi step budgets seeds evo <<< "$run"
       levels="$lo:$hi:$step"; [ "$backend" = gptq ] && levels="${GPTQ_LEVELS:-dense,w8g128,w6g128,w5g128,w4g128,w3g128,w2g128}"
       python3 scripts/bench_sensitivity.py --model "$MODEL" --c4 .gpu/data/validation-2k.parquet \
         --wikitext .gpu/data/test.txt --device cuda --backend "$backend" --levels "$levels" --budgets "$budgets" \
-        --seeds "$seeds" --batch-size 16 ${evo:+--evolution "$evo"} --profiles-dir /tmp/profiles \
+        --seeds "$seeds" --batch-size 16 ${evo:+--evolution "$evo"} --optuna-trials "${OPTUNA_TRIALS:-0}" \
+        --profiles-dir /tmp/profiles \
         --out "$OUT/sensitivity_$backend" 2>&1 | sed "/it\\/s\\]/d"
     done ;;
   pareto)

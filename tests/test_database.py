@@ -42,3 +42,34 @@ def test_database_for_another_model_is_refused(tmp_path):
         LevelDatabase.open(tmp_path / "db", Inventory.from_model(tiny_model("qwen3")))
     with pytest.raises(AllocatorError, match="not a level database"):
         LevelDatabase.open(tmp_path / "nothing")
+
+
+def test_profile_pass_builds_the_same_database(tmp_path):
+    """One per-level pass feeds the profile and the database: equal to a database built on its own."""
+    from allocator.backends.database import DatabaseWriter
+    from allocator.profile import Profile
+
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    grid = parse_grid("dense,s0.4,2:4,w3g32")
+    calib = torch.randint(VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    alone = LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "alone", calib, batch_size=2)
+    with DatabaseWriter(inv, grid, "sparsegpt", tmp_path / "shared", calib) as writer:
+        Profile.measure(model, inv, grid, "sparsegpt", calib, batch_size=2, also=[writer])
+    shared = LevelDatabase.open(tmp_path / "shared", inv)
+    assert shared.manifest["levels"] == alone.manifest["levels"] and shared.manifest["bytes"] == alone.manifest["bytes"]
+    for layer in inv.layers:
+        for level in grid:
+            args = (layer.name, layer.block, level)
+            assert torch.equal(shared.weight(*args), alone.weight(*args))
+
+
+def test_interrupted_writer_leaves_no_database(tmp_path):
+    from allocator.backends.database import DatabaseWriter
+
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(KeyboardInterrupt), DatabaseWriter(inv, parse_grid("s0.5"), "magnitude", tmp_path / "db", calib):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from allocator.backends.obs import obs_compress
+from allocator.backends.obs import obs_compress, obs_compress_levels
 from allocator.backends.quant import grid_params, quantize
 from allocator.levels import Level, parse_level
 
@@ -62,3 +62,25 @@ def test_obs_matches_float64_reference(name):
         assert close.float().mean() > 0.97
     else:
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+
+
+def test_stacked_levels_equal_one_level_at_a_time(monkeypatch):
+    """Levels run stacked along rows (and in turns when the stack is capped) give each level's own result."""
+    gen = torch.Generator().manual_seed(2)
+    rows, cols = 5, 48
+    W = torch.randn(rows, cols, generator=gen)
+    X = torch.randn(300, cols, generator=gen) @ torch.randn(cols, cols, generator=gen) * 0.3
+    H = 2 * X.t() @ X / X.shape[0]
+    names = ["s0.25", "w4g16", "s0.5", "2:4", "s0.7", "1:4", "w3g16", "s0.5+w4g16", "w8g16", "4:8", "2:4+w3g16"]
+    levels = [parse_level(n) for n in names]
+    one = [obs_compress(W, H, lv, blocksize=16) for lv in levels]
+    tol = 50 * torch.finfo(torch.float32).eps * W.abs().max()
+    for cap in (10**9, 2 * W.numel()):  # everything in one stack per group; at most two levels per turn
+        monkeypatch.setattr("allocator.backends.obs.MAX_STACK", cap)
+        stacked = obs_compress_levels(W, H, levels, blocksize=16)
+        for name, a, b in zip(names, one, stacked, strict=True):
+            if parse_level(name).quantized:  # a rounding decision may flip on float32 noise
+                assert ((a - b).abs() <= tol).float().mean() > 0.97, name
+            else:
+                assert torch.equal(a == 0, b == 0), name  # the same mask
+                assert torch.allclose(a, b, rtol=0, atol=tol), name

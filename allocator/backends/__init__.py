@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from allocator.backends.calibrate import blockwise
 from allocator.backends.magnitude import magnitude_prune
-from allocator.backends.obs import obs_compress
+from allocator.backends.obs import obs_compress, obs_compress_levels
 from allocator.backends.quant import rtn
 from allocator.backends.stats import LayerStats
 from allocator.backends.wanda import wanda_prune
@@ -26,12 +26,16 @@ from allocator.model import Inventory, weight_view
 
 @dataclass(frozen=True)
 class Backend:
-    """A named compression rule; ``needs_data`` says whether it reads calibration statistics."""
+    """A named compression rule; ``needs_data`` says whether it reads calibration statistics.
+
+    ``compress_many`` (optional) compresses one weight to several levels at once, sharing work.
+    """
 
     name: str
     needs_data: bool
     compress: Callable[[torch.Tensor, Level, LayerStats | None], torch.Tensor]
     about: str
+    compress_many: Callable[[torch.Tensor, list[Level], LayerStats | None], list[torch.Tensor]] | None = None
 
 
 def _prune_then_rtn(prune: Callable[[torch.Tensor, Level, LayerStats | None], torch.Tensor]):
@@ -46,13 +50,14 @@ def _prune_then_rtn(prune: Callable[[torch.Tensor, Level, LayerStats | None], to
 
 _magnitude = _prune_then_rtn(lambda W, level, _stats: magnitude_prune(W, level))
 _obs = lambda W, level, stats: obs_compress(W, stats.H, level)  # noqa: E731
+_obs_many = lambda W, levels, stats: obs_compress_levels(W, stats.H, levels)  # noqa: E731
 
 BACKENDS: dict[str, Backend] = {
     "magnitude": Backend("magnitude", False, _magnitude, "prune smallest |W| per layer; bits by RTN"),
     "rtn": Backend("rtn", False, _magnitude, "round-to-nearest bits; sparsity by magnitude"),
     "wanda": Backend("wanda", True, _prune_then_rtn(wanda_prune), "prune by |W|·||X|| per row; bits by RTN"),
-    "sparsegpt": Backend("sparsegpt", True, _obs, "OBS pruning (and quantization) with the input Hessian"),
-    "gptq": Backend("gptq", True, _obs, "OBS quantization (and pruning) with the input Hessian"),
+    "sparsegpt": Backend("sparsegpt", True, _obs, "OBS pruning (and quantization) with the input Hessian", _obs_many),
+    "gptq": Backend("gptq", True, _obs, "OBS quantization (and pruning) with the input Hessian", _obs_many),
 }
 
 
@@ -70,6 +75,23 @@ def compress_weight(W: torch.Tensor, level: Level, backend: Backend, stats: Laye
     if level.kind == "dense":
         return W.clone()
     return backend.compress(W, level, stats).to(W.dtype)
+
+
+def compress_levels(
+    W: torch.Tensor, levels: list[Level], backend: Backend, stats: LayerStats | None
+) -> list[torch.Tensor]:
+    """:func:`compress_weight` at each of ``levels``, through the backend's shared-work path when it has one."""
+    if backend.compress_many is None:
+        return [compress_weight(W, level, backend, stats) for level in levels]
+    out: list[torch.Tensor | None] = [None] * len(levels)
+    hard = [i for i, lv in enumerate(levels) if not lv.drop and lv.kind != "dense"]
+    for i, lv in enumerate(levels):
+        if i not in hard:
+            out[i] = compress_weight(W, lv, backend, stats)
+    if hard:
+        for i, Q in zip(hard, backend.compress_many(W, [levels[i] for i in hard], stats), strict=True):
+            out[i] = Q.to(W.dtype)
+    return out  # type: ignore[return-value]
 
 
 @torch.no_grad()

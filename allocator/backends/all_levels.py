@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from allocator.backends import compress_weight, get_backend
+from allocator.backends import compress_levels, get_backend
 from allocator.backends.calibrate import blockwise
 from allocator.backends.stats import LayerStats
 from allocator.errors import AllocatorError
@@ -43,9 +43,9 @@ def for_each_level(
     def block_done(layers: list[Layer], stats: dict[str, LayerStats]) -> None:
         for layer in layers:
             W = weight_view(model.get_submodule(layer.name))
-            for level in levels:
-                if level.applies_to(layer.rows, layer.cols) is None:
-                    visit(layer, level, W, compress_weight(W, level, chosen, stats[layer.name]), stats[layer.name])
+            fits = [level for level in levels if level.applies_to(layer.rows, layer.cols) is None]
+            for level, Q in zip(fits, compress_levels(W, fits, chosen, stats[layer.name]), strict=True):
+                visit(layer, level, W, Q, stats[layer.name])
         if on_block is not None:
             on_block(layers, stats)
 

@@ -51,40 +51,11 @@ class LevelDatabase:
         dtype: torch.dtype | None = None,
     ) -> LevelDatabase:
         """Compress every layer at every level (``dense`` always included) and store the results."""
-        path = Path(path)
         levels = list(dict.fromkeys([parse_level("dense"), *levels]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        start = time.perf_counter()
-        tensors: dict[str, torch.Tensor] = {}
-        try:
-
-            def visit(layer, level, W, Q, _stats) -> None:
-                tensors[f"{layer.name}|{level.name}"] = Q.to(dtype or W.dtype).contiguous().cpu()
-
-            def on_block(layers, _stats) -> None:
-                if tensors:
-                    save_file(tensors, tmp / f"block_{layers[0].block:04d}.safetensors")
-                tensors.clear()
-
-            for_each_level(model, inventory, levels, backend, calib, visit, on_block, batch_size, desc="database")
-            size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-            manifest = {
-                "version": DB_VERSION,
-                "fingerprint": inventory.fingerprint,
-                "backend": backend,
-                "levels": [lv.name for lv in levels],
-                "calibration_tokens": int(calib.numel()),
-                "bytes": size,
-                "build_s": time.perf_counter() - start,
-            }
-            write_json_atomic(tmp / "manifest.json", manifest)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return cls(path, manifest)
+        with DatabaseWriter(inventory, levels, backend, path, calib, dtype) as writer:
+            for_each_level(model, inventory, levels, backend, calib, writer.visit, writer.on_block, batch_size,
+                           desc="database")  # fmt: skip
+        return writer.result
 
     @classmethod
     def open(cls, path: str | Path, inventory: Inventory | None = None) -> LevelDatabase:
@@ -122,3 +93,47 @@ class LevelDatabase:
         for name, level in assignment.items():
             W = weight_view(model.get_submodule(name))
             W.copy_(self.weight(name, inventory[name].block, level))
+
+
+class DatabaseWriter:
+    """Receives the compressed weights of a per-level pass (:func:`for_each_level`) and writes the database.
+
+    A context manager: blocks go to a temporary folder that is renamed into place only when the pass
+    completes, so an interrupted pass leaves no half-written database. Profiles use it to build the
+    database in their own calibration pass.
+    """
+
+    def __init__(self, inventory: Inventory, levels: list[Level], backend: str, path: str | Path,
+                 calib: torch.Tensor, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        self.path, self.dtype = Path(path), dtype
+        self.manifest = {"version": DB_VERSION, "fingerprint": inventory.fingerprint, "backend": backend,
+                         "levels": [lv.name for lv in levels], "calibration_tokens": int(calib.numel())}  # fmt: skip
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.result: LevelDatabase | None = None
+
+    def __enter__(self) -> DatabaseWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
+        self.start = time.perf_counter()
+        return self
+
+    def visit(self, layer, level, W, Q, _stats) -> None:
+        self.tensors[f"{layer.name}|{level.name}"] = Q.to(self.dtype or W.dtype).contiguous().cpu()
+
+    def on_block(self, layers, _stats) -> None:
+        if self.tensors:
+            save_file(self.tensors, self.tmp / f"block_{layers[0].block:04d}.safetensors")
+        self.tensors.clear()
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        try:
+            if exc_type is None:
+                size = sum(f.stat().st_size for f in self.tmp.glob("*.safetensors"))
+                manifest = {**self.manifest, "bytes": size, "build_s": time.perf_counter() - self.start}
+                write_json_atomic(self.tmp / "manifest.json", manifest)
+                if self.path.exists():
+                    shutil.rmtree(self.path)
+                os.replace(self.tmp, self.path)
+                self.result = LevelDatabase(self.path, manifest)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)

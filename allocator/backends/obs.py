@@ -7,16 +7,21 @@ Cholesky factor of ``H^-1`` (the OBS update, SparseGPT Alg. 1 / GPTQ Alg. 1), la
 per row (k weights per row and block, so each row ends with exactly the level's density) and per
 N:M group. GPTQ quantizes with grid parameters taken from the current (updated) weights of each
 group. A sparse+bits level does both in the same pass, as SparseGPT's joint mode.
+
+Rows never interact (every row is updated through the same ``H^-1``), so several levels of one layer
+run as one stacked problem: one inverse per layer, and one column loop for all levels that share an
+N:M group size and a quantization group (their sparsity, N and bit-width may differ row-block by
+row-block). On a GPU this loop is bound by kernel launches, so stacking L levels makes it ~L× faster.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from allocator.backends.quant import grid_params, quantize
 from allocator.levels import Level
+
+MAX_STACK = 2**26  # elements of one stacked problem (256 MB in float32); more levels run in turns
 
 
 def hinv_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +37,15 @@ def hinv_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01) -> tup
     return torch.linalg.cholesky(Hinv, upper=True).to(W.dtype if W.is_floating_point() else torch.float32), dead
 
 
-def _pruned_before(level: Level, c: int) -> int:
+def _pruned_before(sparsity: torch.Tensor, c: int) -> torch.Tensor:
     """Weights per row an unstructured level removes among the first c columns (sums to the level's count)."""
-    return min(c, math.ceil(level.sparsity * c - 1e-9))
+    return torch.ceil(sparsity * c - 1e-9).clamp(max=c).long()
+
+
+def _group_key(level: Level) -> tuple:
+    """Levels with equal keys share one column loop (blocks aligned to m, same quantization groups)."""
+    quant = level.quantized
+    return level.m, quant, level.group_size if quant else 0, level.sym if quant else True
 
 
 @torch.no_grad()
@@ -42,42 +53,72 @@ def obs_compress(
     W: torch.Tensor, H: torch.Tensor, level: Level, blocksize: int = 128, percdamp: float = 0.01
 ) -> torch.Tensor:
     """Prune and/or quantize ``W`` ([rows, cols]) to ``level`` minimising ||W X - Ŵ X||² under H."""
-    W = W.clone().float()
-    rows, cols = W.shape
+    return obs_compress_levels(W, H, [level], blocksize, percdamp)[0]
+
+
+@torch.no_grad()
+def obs_compress_levels(
+    W: torch.Tensor, H: torch.Tensor, levels: list[Level], blocksize: int = 128, percdamp: float = 0.01
+) -> list[torch.Tensor]:
+    """:func:`obs_compress` of ``W`` at each of ``levels``, sharing the inverse and stacking the levels."""
     Hinv, dead = hinv_factor(H.to(W.device), W, percdamp)  # [cols, cols], upper
+    out: list[torch.Tensor | None] = [None] * len(levels)
+    groups: dict[tuple, list[int]] = {}
+    for i, level in enumerate(levels):
+        groups.setdefault(_group_key(level), []).append(i)
+    per_turn = max(1, MAX_STACK // W.numel())
+    for members in groups.values():
+        for t in range(0, len(members), per_turn):
+            turn = members[t : t + per_turn]
+            stacked = _obs_stacked(W, Hinv, dead, [levels[i] for i in turn], blocksize)
+            for i, Q in zip(turn, stacked.split(W.shape[0]), strict=True):
+                out[i] = Q
+    return out  # type: ignore[return-value]
+
+
+def _obs_stacked(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, levels: list[Level], blocksize: int):
+    """The column loop on ``len(levels)`` copies of ``W`` stacked along rows; levels share ``_group_key``."""
+    rows, cols = W.shape
+    W = W.float().repeat(len(levels), 1)
     W[:, dead] = 0
-    prune_nm, prune_u = level.m > 0, (level.sparsity > 0 and not level.m)
-    quant, g = level.quantized, level.group_size or cols
-    if level.m:
-        blocksize = max(level.m, blocksize // level.m * level.m)
+    per_row = lambda values, dtype: torch.tensor(values, dtype=dtype, device=W.device).repeat_interleave(rows)  # noqa: E731
+    first = levels[0]
+    m, quant, g = first.m, first.quantized, first.group_size or cols
+    sparsity = per_row([0.0 if lv.m else lv.sparsity for lv in levels], torch.float64)
+    prune_u = bool((sparsity > 0).any())
+    if m:
+        blocksize = max(m, blocksize // m * m)
+        drop_nm = per_row([lv.m - lv.n for lv in levels], torch.long)[:, None]  # [R, 1]
+        slots = torch.arange(m, device=W.device)[None, :]
+    bits = per_row([lv.bits for lv in levels], torch.long)[:, None] if quant else None
     mask = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
     scale = zero = None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()  # [rows, b]
+        W1 = W[:, i1:i2].clone()  # [R, b]
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()  # [b]
-        if prune_u:  # SparseGPT's adaptive mask selection, per row within the block
-            k = _pruned_before(level, i2) - _pruned_before(level, i1)
-            if k:
-                score = W1**2 / d[None, :] ** 2
-                mask[:, i1:i2].scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
+        if prune_u:  # SparseGPT's adaptive mask selection, per row within the block: its k smallest scores
+            k = (_pruned_before(sparsity, i2) - _pruned_before(sparsity, i1)).to(W.device)[:, None]
+            order = torch.argsort(W1**2 / d[None, :] ** 2, dim=1, stable=True)
+            ranks = torch.arange(i2 - i1, device=W.device)[None, :]
+            mask[:, i1:i2].scatter_(1, order, ranks < k)
         for i in range(i2 - i1):
             col = i1 + i
-            if prune_nm and i % level.m == 0:
-                score = W1[:, i : i + level.m] ** 2 / d[None, i : i + level.m] ** 2  # [rows, m]
-                drop = torch.topk(score, level.m - level.n, dim=1, largest=False).indices
-                mask[:, col : col + level.m].scatter_(1, drop, True)
+            if m and i % m == 0:
+                score = W1[:, i : i + m] ** 2 / d[None, i : i + m] ** 2  # [R, m]
+                order = torch.argsort(score, dim=1, stable=True)
+                mask[:, col : col + m].scatter_(1, order, slots < drop_nm)
             if quant and col % g == 0:
                 current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
                 current = current.masked_fill(mask[:, col : col + current.shape[1]], 0)
-                scale, zero = grid_params(current, level.bits, level.sym)
+                scale, zero = grid_params(current, bits, first.sym)
             w = W1[:, i]
             q = w.masked_fill(mask[:, col], 0)
             if quant:
-                q = quantize(q[:, None], scale, zero, level.bits)[:, 0].masked_fill(mask[:, col], 0)
+                q = quantize(q[:, None], scale, zero, bits)[:, 0].masked_fill(mask[:, col], 0)
             Q1[:, i] = q
             err = (w - q) / d[i]
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]

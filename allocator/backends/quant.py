@@ -7,10 +7,11 @@ import torch
 from allocator.levels import Level
 
 
-def grid_params(W: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(W: torch.Tensor, bits: int | torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point per row of ``W`` ([rows, g]) so that 0 is exactly representable.
 
     The range always contains 0 (as in GPTQ), so pruned zeros stay zeros after quantization.
+    ``bits`` may be a [rows, 1] tensor (several levels stacked along rows).
     """
     maxq = 2**bits - 1
     xmin = W.min(dim=1, keepdim=True).values.clamp(max=0)
@@ -21,13 +22,13 @@ def grid_params(W: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = xmin.masked_fill(empty, -1), xmax.masked_fill(empty, 1)
     scale = (xmax - xmin) / maxq  # [rows, 1]
-    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    zero = torch.ones_like(scale) * ((maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
     """Dequantized round-to-nearest value of ``w`` on the grid ``scale * (q - zero)``, q in [0, 2^b - 1]."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    q = (torch.round(w / scale) + zero).clamp(min=0).minimum(torch.as_tensor(2**bits - 1, dtype=w.dtype))
     return scale * (q - zero)
 
 
