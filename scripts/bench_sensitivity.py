@@ -180,6 +180,7 @@ def main() -> None:
         fitted = [r["search_s"] for r in rows if (r["seed"], r["budget"], r["method"]) == key]
         if fitted and "fitted_s" not in timing:
             timing["fitted_s"] = fitted[0]  # the knapsack's search time: the fit (measured plans) dominates it
+            write_outputs(out, command, rows, spearman, timings)
         if args.evolution and seed == first:
             evolve(session, profile, db, grid, args, out)
     write_outputs(out, command, rows, spearman, timings)

@@ -120,7 +120,11 @@ def test_refine_reaches_the_true_optimum_of_a_known_additive_model():
                            plans=30, rounds=2, seed=0)  # fmt: skip
     final = solve(model.costs(prior))
     assert truth[np.arange(len(w)), final].sum() == pytest.approx(truth[np.arange(len(w)), optimum].sum(), rel=1e-9)
-    assert len(record["history"]) == 3 and record["history"][-1]["plans"] >= 31
+    history = record["history"]  # the prior's own solution, the first fit's, then one per round
+    assert [h["round"] for h in history] == [-1, 0, 1, 2] and history[-1]["plans"] >= 31
+    # the fit returned is the one whose solution measured best
+    assert truth[np.arange(len(w)), final].sum() == pytest.approx(min(h["proposal_kl"] for h in history), rel=1e-12)
+    assert history[record["chosen_round"] + 1]["proposal_kl"] == min(h["proposal_kl"] for h in history)
     # the plain prior (w = 1) is worse than the fitted costs on this problem
     naive = solve(prior)
     assert truth[np.arange(len(w)), naive].sum() > truth[np.arange(len(w)), final].sum()
@@ -155,4 +159,22 @@ def test_knapsack_run_with_each_sensitivity(kind, tiny_model_dir, text_files, tm
     if kind == "fitted":
         record = json.loads((out / "sensitivity.json").read_text())
         assert len(record["kl"]) >= 12 and -1 <= record["held_out"]["spearman"] <= 1
-        assert len(record["history"]) == 2
+        assert [h["round"] for h in record["history"]] == [-1, 0, 1]  # the prior, the first fit, one round
+
+
+def test_refine_keeps_the_prior_when_every_fit_misleads():
+    """A measured KL no additive model of these plans explains: the prior's own solution is returned."""
+    problem, prior, w = _synthetic(seed=2)
+
+    def solve(costs):
+        return Knapsack().search(type(problem)(**{**problem.__dict__, "error": costs}), 0)
+
+    plain = solve(prior)
+    rows = np.arange(len(w))
+
+    def measure(c):  # anti-correlated with the prior everywhere except at the prior's own solution
+        return 0.0 if np.array_equal(c, plain) else 100.0 - float(prior[rows, c].sum())
+
+    model, record = refine(problem, prior, measure, solve, np.full(len(w), 2), plans=30, rounds=2, seed=0)
+    assert record["chosen_round"] == -1 and np.array_equal(model.weights, np.ones(len(w)))
+    assert np.array_equal(solve(model.costs(prior)), plain)

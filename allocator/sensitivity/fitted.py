@@ -111,7 +111,13 @@ def refine(
     seed: int = 0,
 ) -> tuple[AdditiveFit, dict]:
     """Fit on ``plans`` random plans around ``start``, then ``rounds`` × (solve → measure the solution and
-    ``per_round`` − 1 of its neighbours → refit). Returns the last fit and a record of every plan and round."""
+    ``per_round`` − 1 of its neighbours → refit).
+
+    Every solution is measured, the plain prior's (weights 1, round -1) included, and the fit whose
+    solution measured the lowest KL is returned: a fit made from plans far from the optimum (e.g.
+    around a catastrophic uniform plan) can mislead the solver, and then the prior's own plan wins.
+    Returns that fit and a record of every plan and round.
+    """
     from allocator.search.evolution import _ladders, mutate
 
     measured: dict[bytes, tuple[np.ndarray, float]] = {}
@@ -129,21 +135,30 @@ def refine(
 
     for choice in [start, *random_plans(problem, start, plans - 1, seed)]:
         score(choice)
-    model = refit()
-    history = [{"round": 0, "plans": len(measured), **model.held_out}]
+    model = AdditiveFit(np.ones(prior.shape[0]), 0.0, {"note": "the prior itself"})
+    history: list[dict] = []
+    best: tuple[float, int, AdditiveFit] | None = None  # (measured KL of the solution, round, fit)
     rng, ladders = np.random.default_rng(seed + 1), _ladders(problem)
-    for r in range(1, rounds + 1):
+    for r in range(-1, rounds + 1):
+        if r >= 0:
+            model = refit()
         try:
             proposal = solve(model.costs(prior))
         except AllocatorError as exc:  # e.g. a limit no MILP point meets within its safety margin
             history.append({"round": r, "plans": len(measured), "stopped": str(exc)})
             break
         proposal_kl = score(proposal)
-        for _ in range(per_round - 1):
+        history.append({"round": r, "plans": len(measured), **model.held_out, "proposal_kl": proposal_kl})
+        if best is None or proposal_kl < best[0]:
+            best = (proposal_kl, r, model)
+        for _ in range(per_round - 1 if 0 <= r < rounds else 0):  # neighbours of the fits' solutions
             child = mutate(problem, proposal, ladders, rng)
             if child is not None:
                 score(child)
-        model = refit()
-        history.append({"round": r, "plans": len(measured), **model.held_out, "proposal_kl": proposal_kl})
+    chosen = model if best is None else best[2]
     choices, kl = zip(*measured.values(), strict=True)
-    return model, {"history": history, "choices": np.array(choices).tolist(), "kl": list(kl)}
+    fits = [h for h in history if "spearman" in h]  # how well the last fit predicts plans it did not see
+    record = {"history": history, "chosen_round": None if best is None else best[1],
+              "held_out": {k: fits[-1][k] for k in ("spearman", "r2", "plans", "folds")} if fits else {},
+              "choices": np.array(choices).tolist(), "kl": list(kl)}  # fmt: skip
+    return chosen, record

@@ -71,8 +71,9 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
     model, record = refine(problem, prior, lambda c: fitness(c, rows), solve, start, plans=cfg.fit_plans,
                            rounds=cfg.fit_rounds, seed=cfg.seed)  # fmt: skip
     record = {**record, "prior": prior_kind, "fit_s": time.perf_counter() - t0, "weights": model.weights.tolist(),
-              "lam": model.lam, "held_out": model.held_out, "kl_tokens": int(seqs.numel())}  # fmt: skip
-    log.info("fitted sensitivity (%s prior): held-out %s", prior_kind, model.held_out)
+              "lam": model.lam, "kl_tokens": int(seqs.numel())}  # fmt: skip
+    log.info("fitted sensitivity (%s prior): held-out %s, round %s chosen", prior_kind, record["held_out"],
+             record["chosen_round"])  # fmt: skip
     return model.costs(prior), record
 
 
