@@ -124,7 +124,8 @@ def main() -> None:
         if "kl" in kinds and "kl" not in profile.table:
             add_kl_column(session, profile, grid, args.backend, args.fit_seqs)
             timing["kl_s"] = profile.meta["kl_s"]
-        timing.update(backend_pass(session, grid, budgets[0], args.backend))
+        if seed == first:
+            timing.update(backend_pass(session, grid, budgets[0], args.backend))
         if args.timing_only:
             t0 = time.perf_counter()
             sensitivity_matrix(session, profile, build_problem(session.inventory, grid, budgets[0]), args.backend,
