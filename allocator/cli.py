@@ -41,6 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16 or float16")
     p.add_argument("--device", default=d.device)
     p.add_argument("--profiles-dir", default=d.profiles_dir, help="where profiles are saved and reused")
+    p.add_argument("--no-dense-cache", dest="dense_cache", action="store_false",
+                   help="measure the dense reference again instead of reusing an earlier run's")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from allocator.backends import apply_, get_backend
 from allocator.backends.database import DatabaseWriter, LevelDatabase
 from allocator.budget import build_problem, parse_budgets, summarize
 from allocator.errors import AllocatorError
-from allocator.evaluate import kl_divergence, log_probs, perplexity
+from allocator.evaluate import kl_divergence, perplexity
 from allocator.fitness import KLFitness
 from allocator.io import write_json_atomic
 from allocator.latency.table import LatencyModel, LatencyTable
@@ -26,6 +26,7 @@ from allocator.levels import DEFAULT_GRID, Level, parse_grid, parse_level
 from allocator.model import DTYPES, Inventory, cache_dir, load_model
 from allocator.plan import Plan
 from allocator.profile import Profile, artifact_name
+from allocator.reference import dense_reference
 from allocator.report import write_history, write_pareto
 from allocator.search import NEEDS_PROFILE, get_searcher
 from allocator.sensitivity import SENSITIVITIES
@@ -50,6 +51,7 @@ class RunConfig:
     calib_samples: int = 128
     kl_samples: int = 8
     eval_samples: int | None = 32  # None: the whole evaluation text
+    dense_cache: bool = True  # reuse the dense perplexity and KL teacher of an earlier run (same weights, data)
     batch_size: int = 4
     seed: int = 0
     dtype: str = "float32"
@@ -122,14 +124,15 @@ class Session:
 
     @cached_property
     def dense(self) -> tuple[float, torch.Tensor]:
-        """Dense perplexity and the KL teacher's log-probs, measured once, on first use."""
+        """Dense perplexity and the KL teacher's log-probs: from the cache, or measured once, on first use."""
         self.restore_()
         t0 = time.perf_counter()
         cfg = self.config
-        ppl = perplexity(self.model, self.eval_seqs, cfg.batch_size, desc="dense perplexity")
-        teacher = log_probs(self.model, self.kl_seqs, cfg.batch_size)
+        ppl, teacher, cached = dense_reference(self.model, self.eval_seqs, self.kl_seqs, cfg.batch_size,
+                                               cache_dir() / "dense" if cfg.dense_cache else None)  # fmt: skip
         self.timings["dense_eval_s"] = time.perf_counter() - t0
-        log.info("dense perplexity %.3f", ppl)
+        self.dense_cached = cached
+        log.info("dense perplexity %.3f%s", ppl, " (cached)" if cached else "")
         return ppl, teacher
 
     @property
@@ -232,6 +235,7 @@ class Session:
             "model": self.loaded.model_id,
             "backend": backend,
             "dense_perplexity": dense_ppl,
+            "dense_cached": self.dense_cached,
             "perplexity": ppl,
             "kl_to_dense": kl,
             "achieved": summarize(assignment, self.inventory),

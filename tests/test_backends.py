@@ -69,3 +69,20 @@ def test_drop_zeroes_the_layer():
 def test_unknown_backend():
     with pytest.raises(AllocatorError, match="unknown backend"):
         get_backend("nope")
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_prune_mask_removes_exactly_the_lowest_with_ties_by_index(per_row):
+    gen = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 5, (6, 40), generator=gen).float()  # many ties
+    level = parse_level("s0.45")
+    mask = prune_mask(score, level, per_row)
+    k = level.pruned_per_row(40)
+    groups = [(score[r], mask[r]) for r in range(6)] if per_row else [(score.flatten(), mask.flatten())]
+    for s, m in groups:
+        want = k if per_row else k * 6
+        assert int(m.sum()) == want
+        assert s[m].max() <= s[~m].min()  # nothing kept is lower than anything removed
+        thr = s[m].max()
+        tied = (s == thr).nonzero().flatten()
+        assert torch.equal(m[tied], torch.arange(len(tied)) < int(m[tied].sum()))  # ties: the first by index

@@ -1,0 +1,115 @@
+"""The dense reference of a run (perplexity and the KL teacher), cached per model, data and settings.
+
+Every run starts by evaluating the dense model; a second run on the same model and text would repeat
+that work. The cache is keyed by a fingerprint of the weights (not only the shapes: a fine-tune has the
+same shapes), of the exact token windows, and of dtype and device type, so another model or other data
+is a miss, never a stale hit; the entry also records its key and is refused if that does not match.
+
+The teacher's log-probs are ``[n, T, V]`` (800 MB for SmolLM2's 8 windows of 512 tokens), so the cache
+keeps the LM head's input instead (``[n, T, d]``, 9 MB) and re-applies the dense head when loaded: one
+matmul instead of a forward pass. When an architecture does more after its head than a linear map (e.g.
+logit soft-capping), the recomputed log-probs would differ; that is checked when the entry is written,
+and then only the perplexity is cached and the teacher is recomputed by a forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from allocator.evaluate import log_probs, perplexity
+from allocator.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+_SAMPLES_PER_TENSOR = 4096  # weights hashed per parameter: any fine-tune changes almost all of them
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter's name, shape, dtype and an evenly strided sample of its values."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)].float().cpu()
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _tokens_hash(seqs: torch.Tensor) -> str:
+    return hashlib.sha256(seqs.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def reference_key(model: nn.Module, eval_seqs: torch.Tensor, kl_seqs: torch.Tensor) -> dict:
+    """What the dense reference depends on."""
+    p = next(model.parameters())
+    return {"weights": weights_fingerprint(model), "eval": _tokens_hash(eval_seqs), "eval_shape": list(eval_seqs.shape),
+            "kl": _tokens_hash(kl_seqs), "kl_shape": list(kl_seqs.shape), "dtype": str(p.dtype),
+            "device": p.device.type}  # fmt: skip
+
+
+def _head_inputs(model: nn.Module, seqs: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense log-probs of ``seqs`` and, captured on the way, the LM head's inputs ([n, T, d], on the CPU)."""
+    captured: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().cpu()))
+    try:
+        teacher = log_probs(model, seqs, batch_size)
+    finally:
+        handle.remove()
+    return teacher, torch.cat(captured)
+
+
+@torch.no_grad()
+def _from_head_inputs(model: nn.Module, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Log-probs ``[n, T, V]`` (float32, CPU) from cached head inputs, through the model's dense head."""
+    head = model.get_output_embeddings()
+    device = next(head.parameters()).device
+    out = [F.log_softmax(head(hidden[i : i + batch_size].to(device)).float(), dim=-1).cpu()
+           for i in range(0, len(hidden), batch_size)]  # fmt: skip
+    return torch.cat(out)
+
+
+def dense_reference(
+    model: nn.Module,
+    eval_seqs: torch.Tensor,
+    kl_seqs: torch.Tensor,
+    batch_size: int,
+    folder: Path | None,
+) -> tuple[float, torch.Tensor, bool]:
+    """Dense perplexity on ``eval_seqs``, the teacher log-probs on ``kl_seqs``, and whether the cache served them.
+
+    ``model`` must hold its dense weights. ``folder``: where entries live (None: no cache).
+    """
+    key = reference_key(model, eval_seqs, kl_seqs) if folder is not None else {}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    entry = folder / f"{name}.json" if folder is not None else None
+    if entry is not None and entry.is_file():
+        meta = json.loads(entry.read_text())
+        if meta.get("key") == key:
+            tensors = folder / f"{name}.safetensors"
+            if meta.get("head_inputs") and tensors.is_file():
+                return meta["perplexity"], _from_head_inputs(model, load_file(tensors)["hidden"], batch_size), True
+            return meta["perplexity"], log_probs(model, kl_seqs, batch_size), True
+        log.warning("dense reference cache %s was written for %s, not %s: recomputing", entry, meta.get("key"), key)
+    ppl = perplexity(model, eval_seqs, batch_size, desc="dense perplexity")
+    teacher, hidden = _head_inputs(model, kl_seqs, batch_size)
+    if entry is None:
+        return ppl, teacher, False
+    again = _from_head_inputs(model, hidden, batch_size)
+    tol = 16 * torch.finfo(next(model.parameters()).dtype).eps * max(1.0, float(teacher.abs().max()))
+    reusable = again.shape == teacher.shape and bool(torch.allclose(again, teacher, rtol=0, atol=tol))
+    folder.mkdir(parents=True, exist_ok=True)
+    if reusable:
+        tmp = folder / f".{name}.safetensors.tmp"
+        save_file({"hidden": hidden.contiguous()}, tmp)
+        tmp.replace(folder / f"{name}.safetensors")
+    write_json_atomic(entry, {"key": key, "perplexity": ppl, "head_inputs": reusable})
+    return ppl, teacher, False
