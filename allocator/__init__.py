@@ -6,8 +6,9 @@ from allocator.budget import Budget, Problem, build_problem, summarize
 from allocator.errors import AllocatorError
 from allocator.levels import Level, parse_grid, parse_level
 from allocator.model import Inventory, load_model
-from allocator.pipeline import RunConfig, RunResult, run
+from allocator.pipeline import RunResult, run
 from allocator.plan import Plan
+from allocator.session import RunConfig
 
 __version__ = "0.1.0"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
-from allocator.pipeline import RunConfig, Session
 from allocator.plan import Plan
+from allocator.session import RunConfig, Session
 
 
 def run_config(plan_path: Path, overrides: dict) -> RunConfig:

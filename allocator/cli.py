@@ -12,12 +12,13 @@ from allocator.errors import AllocatorError
 from allocator.export import FORMATS, export
 from allocator.latency import cli as latency_cli
 from allocator.levels import DEFAULT_GRID, parse_grid
-from allocator.pipeline import RunConfig, Session, run
+from allocator.pipeline import run
 from allocator.plan import Plan
 from allocator.report import write_run_report
 from allocator.search import SEARCHERS
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.select import add_kl_column
+from allocator.session import RunConfig, Session
 
 
 def _samples(text: str) -> int | None:

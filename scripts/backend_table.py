@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_level  # noqa: E402
-from allocator.pipeline import RunConfig, Session  # noqa: E402
+from allocator.session import RunConfig, Session  # noqa: E402
 
 PRUNING = ["s0.3", "s0.4", "s0.5", "s0.6", "s0.7", "2:4"]
 QUANT = ["w8", "w4g128", "w3g128", "w2g128"]

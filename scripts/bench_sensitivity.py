@@ -38,10 +38,10 @@ from allocator.evaluate import perplexity  # noqa: E402
 from allocator.fitness import KLFitness  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_grid  # noqa: E402
-from allocator.pipeline import RunConfig, Session  # noqa: E402
 from allocator.search import get_searcher  # noqa: E402
 from allocator.sensitivity.fitted import fit, random_plans  # noqa: E402
 from allocator.sensitivity.select import add_kl_column, sensitivity_matrix  # noqa: E402
+from allocator.session import RunConfig, Session  # noqa: E402
 
 KINDS = ("error", "fisher", "kl", "fitted")
 

@@ -27,8 +27,8 @@ from allocator.budget import Budget, build_problem  # noqa: E402
 from allocator.fitness import KLFitness  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_grid, parse_level  # noqa: E402
-from allocator.pipeline import RunConfig, Session  # noqa: E402
 from allocator.search import get_searcher  # noqa: E402
+from allocator.session import RunConfig, Session  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
-from allocator.pipeline import RunConfig, run  # noqa: E402
+from allocator.pipeline import run  # noqa: E402
+from allocator.session import RunConfig  # noqa: E402
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from allocator.export import FORMATS
 from allocator.latency.architectures import meta_model
 from allocator.levels import DENSE_BITS, Level, parse_grid, parse_level
 from allocator.model import Inventory
-from allocator.pipeline import Session
 from allocator.plan import Plan
+from allocator.session import Session
 from tests.test_cli import _args
 
 # 12 blocks: a pattern for block 1 that leaked into blocks 10 and 11 would show up
