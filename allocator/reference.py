@@ -103,9 +103,10 @@ def dense_reference(
     teacher, hidden = _head_inputs(model, kl_seqs, batch_size)
     if entry is None:
         return ppl, teacher, False
-    again = _from_head_inputs(model, hidden, batch_size)
-    tol = 16 * torch.finfo(next(model.parameters()).dtype).eps * max(1.0, float(teacher.abs().max()))
-    reusable = again.shape == teacher.shape and bool(torch.allclose(again, teacher, rtol=0, atol=tol))
+    again = _from_head_inputs(model, hidden[:batch_size], batch_size)  # one batch tells whether the head is linear
+    first = teacher[:batch_size]
+    tol = 16 * torch.finfo(next(model.parameters()).dtype).eps * max(1.0, float(first.abs().max()))
+    reusable = again.shape == first.shape and bool(torch.allclose(again, first, rtol=0, atol=tol))
     folder.mkdir(parents=True, exist_ok=True)
     if reusable:
         tmp = folder / f".{name}.safetensors.tmp"
