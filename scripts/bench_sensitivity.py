@@ -8,7 +8,8 @@ into a calibration part and a held-out part never used for calibration:
 1. profile (relative error + Fisher), level database, per-layer KL column: each timed;
 2. ``--plans`` random feasible plans at ``--spearman-budget``: their measured KL against each sensitivity's
    prediction (Spearman; for ``fitted`` the k-fold held-out prediction);
-3. per budget and calibration seed: uniform, OWL (sparsity budgets), knapsack with each sensitivity; every
+3. per budget and calibration seed: uniform, OWL (sparsity budgets), knapsack with each sensitivity and
+   (``--optuna-trials``) optuna's compact space; every
    plan's perplexity on WikiText-2 and on held-out C4 documents, and its KL to dense.
 Writes OUT.json/.csv/.md and OUT.png; rows already in OUT.json are kept (resumable).
 """
