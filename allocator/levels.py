@@ -159,6 +159,11 @@ def parse_level(text: str) -> Level:
     return Level(**fields)
 
 
+def with_dense(levels: list[Level]) -> list[Level]:
+    """``levels`` with ``dense`` first (once): profiles and databases always hold the uncompressed level."""
+    return list(dict.fromkeys([parse_level("dense"), *levels]))
+
+
 def parse_grid(text: str) -> list[Level]:
     """Parse a comma-separated level grid; ``a:b:step`` ranges expand to sparsity levels.
 

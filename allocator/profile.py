@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from allocator.backends.all_levels import for_each_level
 from allocator.errors import AllocatorError
-from allocator.levels import Level, parse_level
+from allocator.levels import Level, with_dense
 from allocator.model import Inventory, weight_view
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.fisher import fisher_error, output_fisher
@@ -65,7 +65,7 @@ class Profile:
         ``also``: more receivers of the same pass (``visit``/``on_block`` methods, e.g. a
         :class:`allocator.backends.database.DatabaseWriter`), so the database costs no second pass.
         """
-        levels = list(dict.fromkeys([parse_level("dense"), *levels]))
+        levels = with_dense(levels)
         seed = int((meta or {}).get("seed", 0))
         fisher = output_fisher(model, inventory, calib[:FISHER_SEQS], batch_size, seed)
         rows: list[dict] = []

@@ -21,7 +21,7 @@ from allocator.backends.database import DatabaseWriter, LevelDatabase
 from allocator.budget import summarize
 from allocator.errors import AllocatorError
 from allocator.evaluate import kl_divergence, perplexity
-from allocator.levels import DEFAULT_GRID, Level, parse_level
+from allocator.levels import DEFAULT_GRID, Level, with_dense
 from allocator.model import DTYPES, Inventory, cache_dir, load_model
 from allocator.profile import Profile, artifact_name
 from allocator.reference import dense_reference
@@ -158,7 +158,7 @@ class Session:
         with contextlib.ExitStack() as stack:
             also = []
             if with_database and self._open_database(db_path, levels) is None:
-                writer = DatabaseWriter(self.inventory, _with_dense(levels), backend, db_path, self.calib)
+                writer = DatabaseWriter(self.inventory, with_dense(levels), backend, db_path, self.calib)
                 also.append(stack.enter_context(writer))
             profile = Profile.measure(self.model, self.inventory, levels, backend, self.calib, calib_meta,
                                       cfg.batch_size, also)  # fmt: skip
@@ -169,7 +169,7 @@ class Session:
 
     def _database_path(self, levels: list[Level], backend: str) -> Path:
         """One database per grid (``dense`` is always stored, so a grid with or without it is the same)."""
-        return cache_dir() / "db" / artifact_name(self.loaded.model_id, backend, _with_dense(levels), self.calib_meta)
+        return cache_dir() / "db" / artifact_name(self.loaded.model_id, backend, with_dense(levels), self.calib_meta)
 
     def _open_database(self, path: Path, levels: list[Level]) -> LevelDatabase | None:
         """The cached database at ``path`` if it holds every level, else None."""
@@ -229,7 +229,3 @@ class Session:
             "calibration_tokens": int(calib.numel()) if calib is not None else 0,
             "timings": {**self.timings, "compress_s": compress_s, "eval_s": time.perf_counter() - t0},
         }
-
-
-def _with_dense(levels: list[Level]) -> list[Level]:
-    return list(dict.fromkeys([parse_level("dense"), *levels]))

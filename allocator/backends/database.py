@@ -25,7 +25,7 @@ from torch import nn
 from allocator.backends.all_levels import for_each_level
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
-from allocator.levels import Level, parse_level
+from allocator.levels import Level, parse_level, with_dense
 from allocator.model import Inventory, weight_view
 
 DB_VERSION = 1
@@ -51,7 +51,7 @@ class LevelDatabase:
         dtype: torch.dtype | None = None,
     ) -> LevelDatabase:
         """Compress every layer at every level (``dense`` always included) and store the results."""
-        levels = list(dict.fromkeys([parse_level("dense"), *levels]))
+        levels = with_dense(levels)
         with DatabaseWriter(inventory, levels, backend, path, calib, dtype) as writer:
             for_each_level(model, inventory, levels, backend, calib, writer.visit, writer.on_block, batch_size,
                            desc="database")  # fmt: skip

@@ -18,7 +18,7 @@ import numpy as np
 from allocator.budget import Budget, Problem, build_problem
 from allocator.errors import AllocatorError
 from allocator.fitness import KLFitness
-from allocator.levels import Level, parse_level
+from allocator.levels import Level, with_dense
 from allocator.profile import Profile
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.fitted import refine
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def add_kl_column(session, profile: Profile, grid: list[Level], backend: str, pool: int) -> None:
     """Measure the ``kl`` column on ``pool`` calibration windows (blocks before each layer run once)."""
-    grid = list(dict.fromkeys([parse_level("dense"), *grid]))
+    grid = with_dense(grid)
     problem = build_problem(session.inventory, grid, Budget("sparsity", 0.0))
     db = session.database(grid, backend)
     seqs = session.calib[:pool]
