@@ -1,9 +1,11 @@
 """Fitness of a candidate plan on the real model: KL to the dense model, evaluated incrementally.
 
-Candidates are set from the level database (a copy per changed layer). The parent's inputs to
-every decoder block are cached for the whole calibration pool; a candidate that differs from its
-parent only from block i onward starts at block i from that cache, so blocks before i are not run.
-``counters`` reports the share of block-forwards this saves.
+Candidates are set from the level database, resident on the model's device (a decode per changed
+layer). The parent's inputs to every decoder block are cached for the whole calibration pool; a
+candidate that differs from its parent only from block i onward starts at block i from that cache, so
+blocks before i are not run. ``counters`` reports the share of block-forwards this saves. The model
+runs in its own dtype, log-softmax and KL in float32 with float64 sums, all on the device: the host
+waits once per set of candidates scored together (:meth:`KLFitness.scores`), not per batch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class KLFitness:
     ) -> None:
         self.model, self.inventory, self.problem, self.db = model, inventory, problem, database
         self.incremental = incremental  # False: every candidate runs every block (the baseline)
-        self.pool = pool  # [n, seq_len]
+        self.device = _device(model)
+        database.resident(self.device)  # compact parts on the GPU when they fit (else host + decoded cache)
+        self.pool = pool.to(self.device)  # [n, seq_len]
         self.pool_size, self.seq_len = pool.shape
         self.batch_size = batch_size
         self.blocks = model.get_submodule(inventory.blocks)
@@ -43,7 +47,7 @@ class KLFitness:
         self.current: np.ndarray | None = None  # the choice the model's weights hold now
         self._set(np.full(len(problem.units), -1))  # dense: every layer at the database's dense level
         # kept on the model's device: copying it per candidate was the GPU search's bottleneck
-        self.teacher = log_probs(model, pool, batch_size, desc="teacher").to(_device(model))  # [n, T, V]
+        self.teacher = log_probs(model, pool, batch_size, desc="teacher").to(self.device)  # [n, T, V]
         self.parent: np.ndarray | None = None
         self.cache: list[torch.Tensor] = []  # per block: its inputs for the whole pool, [n, T, hidden]
         self.counters = {"block_forwards": 0, "block_forwards_saved": 0}
@@ -76,7 +80,7 @@ class KLFitness:
             lambda _m, _i, out: setattr(self, "_tuple_out", isinstance(out, tuple))))  # fmt: skip
         try:
             for i in range(0, self.pool_size, self.batch_size):
-                self.model(self.pool[i : i + self.batch_size].to(_device(self.model)), use_cache=False)
+                self.model(self.pool[i : i + self.batch_size], use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -84,34 +88,39 @@ class KLFitness:
         self.parent = choice.copy()
 
     # ---- scoring ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def __call__(self, choice: np.ndarray, batch: np.ndarray) -> float:
         """KL on pool rows ``batch``, running only the blocks from the first one that changed."""
-        diff = np.flatnonzero(choice != self.parent)
-        start = int(self.unit_block[diff].min()) if len(diff) else len(self.blocks) - 1
-        start = start if self.incremental else 0
-        self._set(choice)
-        n_blocks = len(self.blocks)
-        self.counters["block_forwards"] += n_blocks * len(batch)
-        self.counters["block_forwards_saved"] += start * len(batch)
-        return self._kl(batch, start)
+        return self.scores([choice], batch)[0]
+
+    @torch.no_grad()
+    def scores(self, choices: list[np.ndarray], batch: np.ndarray) -> list[float]:
+        """:meth:`__call__` for each of ``choices`` on the same rows, with one host sync for all of them."""
+        totals = []
+        for choice in choices:
+            diff = np.flatnonzero(choice != self.parent)
+            start = int(self.unit_block[diff].min()) if len(diff) else len(self.blocks) - 1
+            start = start if self.incremental else 0
+            self._set(choice)
+            self.counters["block_forwards"] += len(self.blocks) * len(batch)
+            self.counters["block_forwards_saved"] += start * len(batch)
+            totals.append(self._kl_total(batch, start))
+        return (torch.stack(totals) / (len(batch) * self.seq_len)).tolist()
 
     @torch.no_grad()
     def full(self, choice: np.ndarray, batch: np.ndarray) -> float:
         """The same KL by a full forward pass (the reference the incremental path must match)."""
         self._set(choice)
-        return self._kl(batch, 0)
+        return float(self._kl_total(batch, 0)) / (len(batch) * self.seq_len)
 
-    def _kl(self, batch: np.ndarray, start: int) -> float:
-        total, count = 0.0, 0
-        device = _device(self.model)
-        for i in range(0, len(batch), self.batch_size):
-            rows = torch.as_tensor(batch[i : i + self.batch_size])
+    def _kl_total(self, batch: np.ndarray, start: int) -> torch.Tensor:
+        """Σ KL over the tokens of pool rows ``batch`` (a float64 scalar on the device: no host sync)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        index = torch.as_tensor(batch, device=self.device)
+        for rows in index.split(self.batch_size):
             with self._from_block(start, self.cache[start][rows] if start and self.cache else None):
-                logits = self.model(self.pool[rows].to(device), use_cache=False).logits
-            total += kl_sum(self.teacher[rows.to(self.teacher.device)], logits).item()
-            count += rows.numel() * self.seq_len
-        return total / count
+                logits = self.model(self.pool[rows], use_cache=False).logits
+            total += kl_sum(self.teacher[rows], logits)
+        return total
 
     @contextmanager
     def _from_block(self, start: int, hidden: torch.Tensor | None):
@@ -124,7 +133,7 @@ class KLFitness:
         for block in skipped:
             block.forward = lambda *a, **k: (_hidden(a, k),) if as_tuple else _hidden(a, k)
         handle = self.blocks[start].register_forward_pre_hook(
-            lambda _m, args, kwargs: _replace_hidden(args, kwargs, hidden.to(_device(self.model))), with_kwargs=True
+            lambda _m, args, kwargs: _replace_hidden(args, kwargs, hidden), with_kwargs=True
         )
         try:
             yield

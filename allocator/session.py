@@ -174,7 +174,11 @@ class Session:
     def _open_database(self, path: Path, levels: list[Level]) -> LevelDatabase | None:
         """The cached database at ``path`` if it holds every level, else None."""
         if (path / "manifest.json").is_file():
-            db = LevelDatabase.open(path, self.inventory)
+            try:
+                db = LevelDatabase.open(path, self.inventory)
+            except AllocatorError as exc:  # an older format or a corrupt manifest: build it again
+                log.info("not reusing %s: %s", path, exc)
+                return None
             if {lv.name for lv in levels} <= set(db.manifest["levels"]):
                 return db
         return None

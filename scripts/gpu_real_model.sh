@@ -2,7 +2,7 @@
 # Real-model runs on the loaned GPU (device tool). The GGUF (98 MB) is larger than one upload (64 MB), so it
 # travels in two halves over two back-to-back calls:
 #   call 1 (carry .gpu/m.partA):                 bash scripts/gpu_real_model.sh stage
-#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto|sensitivity
+#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto|sensitivity|speed
 #   (pareto: fitness vs bytes, then fitness vs predicted latency on the committed H100 table)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
@@ -53,6 +53,16 @@ stage)
         --profiles-dir /tmp/profiles \
         --out "$OUT/sensitivity_$backend" 2>&1 | sed "/it\\/s\\]/d"
     done ;;
+  speed)
+    # issue 14: evolution's candidate tokens/s against a plain bf16 forward, fast vs reference path; then
+    # profile + database in one pass at the 19-level SparseGPT grid (the pipeline's calibration: 128 x 512)
+    python3 scripts/bench_evolution.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet --device cuda \
+      --dtype bfloat16 --backend sparsegpt --levels 0:0.9:0.1 --seq-len 2048 --pool 32 --batch-size 8 \
+      --generations 10 --offspring 16 --stages 4@8192,1@32768 --out "$OUT/bench_evolution_smollm2_gpu" 2>&1 \
+      | sed "/it\/s\]/d"
+    python3 scripts/bench_database.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet --device cuda \
+      --dtype bfloat16 --backend sparsegpt --levels 0:0.9:0.05 --calib-samples 128 --seq-len 512 --with-profile \
+      --db-dir /tmp --out "$OUT/bench_database_smollm2_gpu" 2>&1 | sed "/it\/s\]/d" ;;
   pareto)
     # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \

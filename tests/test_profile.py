@@ -165,7 +165,7 @@ def _kl_float64(dense64, inv, db, layer: str, level, seqs) -> float:
     original = W.clone()
     with torch.no_grad():
         p_log = F.log_softmax(dense64(seqs).logits, dim=-1)
-        W.copy_(db.weight(layer, inv[layer].block, level).double())
+        W.copy_(db.weight(layer, level).double())
         q_log = F.log_softmax(dense64(seqs).logits, dim=-1)
         W.copy_(original)
     return float((p_log.exp() * (p_log - q_log)).sum() / seqs.numel())

@@ -1,10 +1,13 @@
-"""The level database (as EvoPress builds it): every layer's compressed weight at every level, stored once.
+"""The level database (as EvoPress builds it): every layer's compressed weight at every level.
 
-Built in one calibration pass on dense inputs (statistics are gathered for every backend, so the
-same pass can also profile) (each level of a layer sees the same Hessian), written
-as one safetensors file per decoder block (keys ``"<layer>|<level>"``) plus ``manifest.json``, in a
-temporary folder renamed into place when complete. Loading memory-maps the files, so setting a
-layer to a level is a copy of one tensor.
+Built in one calibration pass on dense inputs (the profile's pass can build it too), stored compactly
+(:mod:`allocator.backends.codec`: nested pruning as one order per weight, quantized levels as codes
+into per-group tables, other sparse levels as mask + kept values) as one safetensors file per decoder
+block plus a versioned ``manifest.json``, written in a temporary folder renamed into place when complete.
+
+For a search, :meth:`LevelDatabase.resident` moves the whole database to the GPU when it fits beside the
+model, so setting a layer to a level is a device-side decode into its weight; otherwise the parts stay in
+(pinned) host memory and the most recently decoded (layer, level) weights are kept on the device.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,20 +27,25 @@ from safetensors.torch import save_file
 from torch import nn
 
 from allocator.backends.all_levels import for_each_level
+from allocator.backends.codec import Parts, decode, encode_layer
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
 from allocator.levels import Level, parse_level, with_dense
 from allocator.model import Inventory, weight_view
 
-DB_VERSION = 1
+DB_VERSION = 2  # 1: a full copy per (layer, level)
 
 
 @dataclass
 class LevelDatabase:
-    """A built database: where it lives, what it holds, and lazily opened memory-mapped files."""
+    """A built database: where it lives, what it holds, and (once loaded) its parts per layer."""
 
     path: Path
     manifest: dict
+    parts: dict[str, Parts] = field(default_factory=dict)  # layer -> its tensors, once loaded
+    cache_bytes: int = 0  # decoded weights kept on the device when the parts are not there
+    _decoded: OrderedDict = field(default_factory=OrderedDict)
+    _device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def build(
@@ -65,6 +74,8 @@ class LevelDatabase:
             manifest = json.loads((path / "manifest.json").read_text())
         except FileNotFoundError:
             raise AllocatorError(f"{path} is not a level database (no manifest.json): build it first") from None
+        except json.JSONDecodeError as exc:
+            raise AllocatorError(f"{path}/manifest.json is corrupt ({exc}): delete the folder and rebuild") from None
         if manifest.get("version") != DB_VERSION:
             raise AllocatorError(
                 f"{path}: database version {manifest.get('version')}, expected {DB_VERSION}: rebuild it"
@@ -80,19 +91,63 @@ class LevelDatabase:
         """The levels stored."""
         return [parse_level(name) for name in self.manifest["levels"]]
 
-    def weight(self, layer: str, block: int, level: Level) -> torch.Tensor:
-        """The stored compressed weight of ``layer`` at ``level`` ([rows, cols], memory-mapped)."""
+    # ---- where the parts live ------------------------------------------------------------------
+    def resident(self, device: torch.device | str, headroom: float = 0.5, cache_bytes: int = 2**30) -> LevelDatabase:
+        """Load every part onto ``device`` if it fits in ``headroom`` of its free memory, else into host
+        memory (pinned for a GPU) with up to ``cache_bytes`` of decoded weights kept on ``device``."""
+        device = torch.device(device)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        on_device = free is None or self.manifest["bytes"] <= headroom * free
+        home = device if on_device else torch.device("cpu")
+        self.parts = {}
+        for block in sorted({entry["block"] for entry in self.manifest["layers"].values()}):
+            with safe_open(self._file(block), framework="pt") as f:
+                for key in f.keys():
+                    layer, part = key.split("|", 1)
+                    tensor = f.get_tensor(key)
+                    if home.type == "cpu" and device.type == "cuda":
+                        tensor = tensor.pin_memory()
+                    self.parts.setdefault(layer, {})[part] = tensor.to(home)
+        self._device, self.cache_bytes = device, 0 if on_device else cache_bytes
+        self._decoded.clear()
+        return self
+
+    def _file(self, block: int) -> Path:
+        return self.path / f"block_{block:04d}.safetensors"
+
+    def _layer_parts(self, layer: str) -> Parts:
+        if layer in self.parts:
+            return self.parts[layer]
+        with safe_open(self._file(self.manifest["layers"][layer]["block"]), framework="pt") as f:
+            return {key.split("|", 1)[1]: f.get_tensor(key) for key in f.keys() if key.split("|", 1)[0] == layer}
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def weight(self, layer: str, level: Level) -> torch.Tensor:
+        """The stored compressed weight of ``layer`` at ``level`` ([rows, cols], decoded on the parts' device)."""
         if level.name not in self.manifest["levels"]:
             raise AllocatorError(f"level {level.name} is not in the database (has {self.manifest['levels']})")
-        with safe_open(self.path / f"block_{block:04d}.safetensors", framework="pt") as f:
-            return f.get_tensor(f"{layer}|{level.name}")
+        info = self.manifest["layers"][layer]
+        if level.name not in info["levels"]:
+            raise AllocatorError(f"level {level.name} does not apply to {layer} (shape {info['shape']})")
+        key = (layer, level.name)
+        if key in self._decoded:
+            self._decoded.move_to_end(key)
+            return self._decoded[key]
+        parts = self._layer_parts(layer)
+        if self.cache_bytes:  # parts on the host: move this layer's to the device, decode there, keep it
+            parts = {k: v.to(self._device, non_blocking=True) for k, v in parts.items()}
+        W = decode(info["levels"][level.name], level.name, parts, tuple(info["shape"]))
+        if self.cache_bytes:
+            self._decoded[key] = W
+            while sum(t.numel() * t.element_size() for t in self._decoded.values()) > self.cache_bytes:
+                self._decoded.popitem(last=False)
+        return W
 
     @torch.no_grad()
     def load_into_(self, model: nn.Module, inventory: Inventory, assignment: dict[str, Level]) -> None:
-        """Set each assigned layer of ``model`` to its level by copying the stored weight."""
+        """Set each assigned layer of ``model`` to its level (a decode into its weight buffer)."""
         for name, level in assignment.items():
-            W = weight_view(model.get_submodule(name))
-            W.copy_(self.weight(name, inventory[name].block, level))
+            weight_view(model.get_submodule(name)).copy_(self.weight(name, level))
 
 
 class DatabaseWriter:
@@ -107,8 +162,10 @@ class DatabaseWriter:
                  calib: torch.Tensor, dtype: torch.dtype | None = None) -> None:  # fmt: skip
         self.path, self.dtype = Path(path), dtype
         self.manifest = {"version": DB_VERSION, "fingerprint": inventory.fingerprint, "backend": backend,
-                         "levels": [lv.name for lv in levels], "calibration_tokens": int(calib.numel())}  # fmt: skip
-        self.tensors: dict[str, torch.Tensor] = {}
+                         "levels": [lv.name for lv in levels], "calibration_tokens": int(calib.numel()),
+                         "layers": {}, "full_copy_bytes": 0}  # fmt: skip
+        self.compressed: dict[str, dict[Level, torch.Tensor]] = {}  # this block's layers, level -> weight
+        self.dense: dict[str, torch.Tensor] = {}
         self.result: LevelDatabase | None = None
 
     def __enter__(self) -> DatabaseWriter:
@@ -118,12 +175,24 @@ class DatabaseWriter:
         return self
 
     def visit(self, layer, level, W, Q, _stats) -> None:
-        self.tensors[f"{layer.name}|{level.name}"] = Q.to(self.dtype or W.dtype).contiguous().cpu()
+        dtype = self.dtype or W.dtype
+        self.dense.setdefault(layer.name, W.to(dtype, copy=True))
+        self.compressed.setdefault(layer.name, {})[level] = Q.to(dtype)
 
     def on_block(self, layers, _stats) -> None:
-        if self.tensors:
-            save_file(self.tensors, self.tmp / f"block_{layers[0].block:04d}.safetensors")
-        self.tensors.clear()
+        """Encode the block's layers (on the device they were compressed on) and write its file."""
+        tensors = {}
+        for layer in layers:
+            if layer.name not in self.compressed:
+                continue
+            levels = self.compressed.pop(layer.name)
+            parts, entries = encode_layer(self.dense.pop(layer.name), levels)
+            tensors.update({f"{layer.name}|{k}": v.contiguous().cpu() for k, v in parts.items()})
+            self.manifest["layers"][layer.name] = {"block": layer.block, "shape": [layer.rows, layer.cols],
+                                                   "levels": entries}  # fmt: skip
+            self.manifest["full_copy_bytes"] += sum(Q.numel() * Q.element_size() for Q in levels.values())
+        if tensors:
+            save_file(tensors, self.tmp / f"block_{layers[0].block:04d}.safetensors")
 
     def __exit__(self, exc_type, *_exc) -> None:
         try:

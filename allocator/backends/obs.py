@@ -21,7 +21,7 @@ import torch
 from allocator.backends.quant import grid_params, quantize
 from allocator.levels import Level
 
-MAX_STACK = 2**26  # elements of one stacked problem (256 MB in float32); more levels run in turns
+MAX_STACK = 2**26  # elements of one stacked problem on a CPU (256 MB in float32); more levels run in turns
 
 
 def hinv_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +34,7 @@ def hinv_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01) -> tup
     H[dead, dead] = 1
     H.diagonal().add_(percdamp * H.diagonal().mean())
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    return torch.linalg.cholesky(Hinv, upper=True).to(W.dtype if W.is_floating_point() else torch.float32), dead
+    return torch.linalg.cholesky(Hinv, upper=True).float(), dead  # the column loop runs in float32
 
 
 def _pruned_before(sparsity: torch.Tensor, c: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def obs_compress_levels(
     groups: dict[tuple, list[int]] = {}
     for i, level in enumerate(levels):
         groups.setdefault(_group_key(level), []).append(i)
-    per_turn = max(1, MAX_STACK // W.numel())
+    per_turn = max(1, _stack_limit(W.device) // W.numel())
     for members in groups.values():
         for t in range(0, len(members), per_turn):
             turn = members[t : t + per_turn]
@@ -74,6 +74,13 @@ def obs_compress_levels(
             for i, Q in zip(turn, stacked.split(W.shape[0]), strict=True):
                 out[i] = Q
     return out  # type: ignore[return-value]
+
+
+def _stack_limit(device: torch.device) -> int:
+    """Elements one stacked problem may hold: on a GPU a fifth of its free memory (about 5 bytes each)."""
+    if device.type != "cuda":
+        return MAX_STACK
+    return max(MAX_STACK, torch.cuda.mem_get_info(device)[0] // 25)
 
 
 def _obs_stacked(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, levels: list[Level], blocksize: int):

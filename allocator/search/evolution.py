@@ -99,7 +99,7 @@ class Evolution:
                     candidates = [*candidates, parent]  # elitism: the parent must be beaten
                 n_seq = min(fitness.pool_size, -(-n_tokens // fitness.seq_len))
                 batch = np.sort(rng.choice(fitness.pool_size, size=n_seq, replace=False))
-                scores = [fitness(c, batch) for c in candidates]
+                scores = score_all(fitness, candidates, batch)
                 tokens += len(candidates) * n_seq * fitness.seq_len
                 evaluations += len(candidates)
                 order = np.argsort(scores, kind="stable")[:survivors]
@@ -156,6 +156,12 @@ class Evolution:
             )
         log.info("resuming evolution at generation %d", saved["generation"])
         return saved
+
+
+def score_all(fitness: Fitness, choices: list[np.ndarray], batch: np.ndarray) -> list[float]:
+    """Each choice's fitness on ``batch``: in one call where the fitness can (one host sync on a GPU)."""
+    many = getattr(fitness, "scores", None)
+    return many(choices, batch) if many is not None else [fitness(c, batch) for c in choices]
 
 
 def _uncounted(fitness: Fitness, choice: np.ndarray, batch: np.ndarray) -> float:

@@ -1,0 +1,160 @@
+"""Compact, exact encodings of one layer's compressed weights at every level of a grid.
+
+Storing every level as a full copy (EvoPress's database) costs levels × model bytes. Most of that is
+redundant, and each redundancy has an exact encoding whose decode is a few element-wise GPU ops:
+
+- ``order``: nested pruning (magnitude, Wanda: a sparser level removes a superset and keeps dense
+  values). One ``uint8`` per weight, the first level of the chain that removes it; a level is a
+  threshold on it. No per-level copy.
+- ``codebook``: quantized levels. Each (row, group) holds at most 2^bits distinct values, so a code of
+  ``bits`` bits (packed to 1/2/4/8) indexes a per-group table of those values.
+- ``masked``: any other sparse level: a packed keep-mask, and the kept values where they moved
+  (SparseGPT) rather than being the dense ones (magnitude's N:M). Exact for any tensor: the fallback.
+
+Every decode returns exactly the tensor that was encoded (tested per level type); the encoder checks
+the condition each encoding relies on and falls back to the next one otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from allocator.levels import Level
+
+Parts = dict[str, torch.Tensor]  # the tensors of one (layer, level): part name -> tensor
+Entry = dict  # the manifest entry of one (layer, level): {"enc": ..., params}
+
+
+# ---- bit packing -----------------------------------------------------------------------------------
+def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Integers in [0, 2^width) (any shape) packed ``8 // width`` per byte, row-major."""
+    per = 8 // width
+    flat = codes.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-len(flat) % per)]).view(-1, per)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=codes.device)
+    return (flat << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """The first ``count`` integers packed by :func:`pack` (uint8, flat)."""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & (2**width - 1)).flatten()[:count]
+
+
+def _width(bits: int) -> int:
+    return next(w for w in (1, 2, 4, 8) if w >= bits)
+
+
+# ---- encoders --------------------------------------------------------------------------------------
+def encode_layer(dense: torch.Tensor, compressed: dict[Level, torch.Tensor]) -> tuple[Parts, dict[str, Entry]]:
+    """Encode a layer's levels: its tensors (``"dense"`` once, then ``"<level>|<part>"``) and manifest entries.
+
+    ``dense`` and every compressed weight are ``[rows, cols]`` in the stored dtype.
+    """
+    parts: Parts = {"dense": dense.contiguous()}
+    entries: dict[str, Entry] = {}
+    chain = _nested_chain(dense, compressed)
+    if chain:
+        parts["order"] = _order(chain, compressed, dense.shape)
+        entries.update({lv.name: {"enc": "order", "index": i} for i, lv in enumerate(chain)})
+    for level, Q in compressed.items():
+        if level.name in entries:
+            continue
+        if level.kind == "dense" and torch.equal(Q, dense):
+            entries[level.name] = {"enc": "dense"}
+            continue
+        if level.drop and not Q.any():
+            entries[level.name] = {"enc": "zeros"}
+            continue
+        level_parts, entry = _codebook(Q, level) if level.quantized else _masked(Q, dense)
+        parts.update({f"{level.name}|{k}": v for k, v in level_parts.items()})
+        entries[level.name] = entry
+    return parts, entries
+
+
+def _nested_chain(dense: torch.Tensor, compressed: dict[Level, torch.Tensor]) -> list[Level]:
+    """The longest run of pruning-only levels, in increasing sparsity, whose removed sets are nested and
+    whose kept weights equal the dense ones (at most 254, the ``uint8`` order's range)."""
+    candidates = sorted((lv for lv in compressed if lv.kind == "sparsity"), key=lambda lv: -lv.sparsity)
+    chain: list[Level] = []
+    previous = None
+    for level in reversed(candidates):  # density decreasing: sparsity increasing
+        Q = compressed[level]
+        removed = Q == 0
+        if not torch.equal(torch.where(removed, 0, dense), Q):
+            continue  # kept values moved (SparseGPT): not a threshold of the dense weight
+        if previous is not None and (previous & ~removed).any():
+            continue  # not a superset of the sparser-so-far chain
+        chain.append(level)
+        previous = removed
+        if len(chain) == 254:
+            break
+    return chain
+
+
+def _order(chain: list[Level], compressed: dict[Level, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Per weight, the index in ``chain`` of the first level that removes it (``len(chain)``: none)."""
+    order = torch.full(shape, len(chain), dtype=torch.uint8, device=compressed[chain[0]].device)
+    for i in reversed(range(len(chain))):
+        order[compressed[chain[i]] == 0] = i
+    return order
+
+
+def _masked(Q: torch.Tensor, dense: torch.Tensor | None = None) -> tuple[Parts, Entry]:
+    """A packed keep-mask, and the kept values unless they are the dense ones (magnitude's N:M)."""
+    keep = Q != 0
+    if dense is not None and torch.equal(torch.where(keep, dense, 0), Q):
+        return {"mask": pack(keep, 1)}, {"enc": "masked", "values": "dense"}
+    return {"mask": pack(keep, 1), "values": Q[keep]}, {"enc": "masked"}
+
+
+def _codebook(Q: torch.Tensor, level: Level) -> tuple[Parts, Entry]:
+    """Codes into per-(row, group) tables of the group's distinct values (sized to the most any group has);
+    ``masked`` where that is smaller (tiny groups) or a group has more than 256 values."""
+    rows, cols = Q.shape
+    group = level.group_size or cols
+    n_groups = -(-cols // group)
+    # a short last group is padded with its own last value: no new distinct value, sliced off on decode
+    padded = torch.cat([Q, Q[:, -1:].expand(rows, n_groups * group - cols)], dim=1)
+    values, where = padded.view(rows, n_groups, group).sort(dim=-1)
+    rank = torch.cat([values.new_zeros(rows, n_groups, 1, dtype=torch.long),
+                      (values[..., 1:] != values[..., :-1]).long().cumsum(-1)], dim=-1)  # fmt: skip
+    entries = int(rank[..., -1].max()) + 1
+    fallback = _masked(Q)
+    if entries > 256:
+        return fallback
+    table = values.new_zeros(rows, n_groups, entries).scatter_(-1, rank, values)
+    codes = torch.empty_like(rank).scatter_(-1, where, rank)
+    width = _width(max(1, (entries - 1).bit_length()))
+    parts = {"codes": pack(codes, width), "table": table}
+    if _bytes(parts) >= _bytes(fallback[0]):
+        return fallback
+    return parts, {"enc": "codebook", "width": width, "group": group}
+
+
+def _bytes(parts: Parts) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+# ---- decoder ---------------------------------------------------------------------------------------
+def decode(entry: Entry, level: str, parts: Parts, shape: tuple[int, int]) -> torch.Tensor:
+    """The ``[rows, cols]`` weight of ``level`` from its entry and the layer's parts (on their device)."""
+    dense = parts["dense"]
+    enc = entry["enc"]
+    if enc == "dense":
+        return dense
+    if enc == "zeros":
+        return torch.zeros_like(dense)
+    if enc == "order":
+        return torch.where(parts["order"] <= entry["index"], 0, dense)
+    if enc == "masked":
+        keep = unpack(parts[f"{level}|mask"], 1, dense.numel()).view(shape).bool()
+        if entry.get("values") == "dense":
+            return torch.where(keep, dense, 0)
+        return torch.zeros_like(dense).masked_scatter_(keep, parts[f"{level}|values"])
+    if enc == "codebook":
+        table = parts[f"{level}|table"]
+        rows, groups, _ = table.shape
+        codes = unpack(parts[f"{level}|codes"], entry["width"], rows * groups * entry["group"])
+        return table.gather(-1, codes.view(rows, groups, -1).long()).view(rows, -1)[:, : shape[1]]
+    raise ValueError(f"unknown encoding {enc!r}")
