@@ -110,7 +110,9 @@ def main() -> None:
                               "full_copy_bytes": db.manifest["full_copy_bytes"]}  # fmt: skip
         result["forward_tokens_per_s"] = forward_rate(model, pool, args.batch_size, args.device)
         for path, incremental in (("fast", True), ("reference", False)):
-            fitness = KLFitness(model, inventory, problem, db, pool, batch_size=args.batch_size, incremental=incremental)
+            fitness = KLFitness(
+                model, inventory, problem, db, pool, batch_size=args.batch_size, incremental=incremental
+            )
             problem.fitness = fitness
             evo = get_searcher("evolution", generations=args.generations, offspring=args.offspring, stages=args.stages)
             _sync(args.device)

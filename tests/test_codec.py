@@ -56,3 +56,31 @@ def test_chain_skips_a_level_that_is_not_nested():
     assert entries[mid.name]["enc"] == "masked"
     for level, Q in compressed.items():
         assert torch.equal(decode(entries[level.name], level.name, parts, (2, 8)), Q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ordered_counts_ulps_across_zero_and_inverts(dtype):
+    from allocator.backends.codec import _ordered
+
+    x = torch.tensor([-2.0, -1.0, -0.0, 0.0, 1.0, 2.0], dtype=dtype)
+    o = _ordered(x)
+    assert torch.equal(o, o.sort().values) and o[3] - o[2] == 1  # the floats' order; -0 and +0 adjacent
+    y = x[x != 0]
+    up = torch.nextafter(y, torch.full_like(y, float("inf")))
+    assert torch.equal(_ordered(up) - _ordered(y), torch.ones(len(y), dtype=torch.int32))  # next float: +1
+    assert torch.equal(_ordered(o.short()).short().view(dtype), x)  # its own inverse
+
+
+def test_moved_bf16_values_are_stored_as_steps_with_exceptions():
+    """Kept values a few ulps from dense become 4-bit steps; a value far away is kept as an exception."""
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(8, 64, generator=g).bfloat16()
+    Q = dense.clone()
+    Q[:, ::2] = 0
+    Q[:, 1::2] = Q[:, 1::2].float().mul(1.01).bfloat16()  # about one ulp
+    Q[0, 1] = 100.0  # far: an exception
+    level = parse_grid("s0.5")[0]
+    parts, entries = encode_layer(dense, {level: Q})
+    assert entries["s0.5"] == {"enc": "masked", "values": "steps", "width": 4, "kept": 256}
+    assert parts["s0.5|exceptions"].tolist() == [100.0]
+    assert torch.equal(decode(entries["s0.5"], "s0.5", parts, (8, 64)), Q)

@@ -96,3 +96,21 @@ def test_database_files_decode_to_the_pass_outputs(backend, tmp_path):
     assert db.manifest["bytes"] < db.manifest["full_copy_bytes"]
     for (layer, level), Q in seen.items():
         assert torch.equal(db.weight(layer, parse_level(level)), Q), (layer, level)
+
+
+def test_database_kept_on_the_host_decodes_the_same_with_a_bounded_cache(tmp_path):
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    grid = parse_grid("s0.3,s0.6,w4g16")
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "db", calib, batch_size=2)
+    resident = LevelDatabase.open(tmp_path / "db", inv).resident("cpu")
+    one = inv.layers[0]
+    budget = 2 * one.rows * one.cols * 4  # room for two decoded weights of the first layer's size
+    hosted = LevelDatabase.open(tmp_path / "db", inv).resident("cpu", max_bytes=0, cache_bytes=budget)
+    assert resident.cache_bytes == 0 and hosted.cache_bytes == budget
+    for layer in inv.layers[:3]:
+        for level in grid:
+            assert torch.equal(hosted.weight(layer.name, level), resident.weight(layer.name, level))
+            held = sum(t.numel() * t.element_size() for t in hosted._decoded.values())
+            assert held <= max(budget, layer.rows * layer.cols * 4)

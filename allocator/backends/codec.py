@@ -10,6 +10,7 @@ redundant, and each redundancy has an exact encoding whose decode is a few eleme
   ``bits`` bits (packed to 1/2/4/8) indexes a per-group table of those values.
 - ``masked``: any other sparse level: a packed keep-mask, and the kept values where they moved
   (SparseGPT) rather than being the dense ones (magnitude's N:M). Exact for any tensor: the fallback.
+  In 16-bit floats a moved value is stored as its step in ulps from the dense value (4 or 8 bits).
 
 Every decode returns exactly the tensor that was encoded (tested per level type); the encoder checks
 the condition each encoding relies on and falls back to the next one otherwise.
@@ -101,11 +102,36 @@ def _order(chain: list[Level], compressed: dict[Level, torch.Tensor], shape: tor
 
 
 def _masked(Q: torch.Tensor, dense: torch.Tensor | None = None) -> tuple[Parts, Entry]:
-    """A packed keep-mask, and the kept values unless they are the dense ones (magnitude's N:M)."""
+    """A packed keep-mask and the kept values: none where they are the dense ones (magnitude's N:M), as
+    small steps from the dense values where that is smaller (16-bit floats), else as they are."""
     keep = Q != 0
+    mask = pack(keep, 1)
     if dense is not None and torch.equal(torch.where(keep, dense, 0), Q):
-        return {"mask": pack(keep, 1)}, {"enc": "masked", "values": "dense"}
-    return {"mask": pack(keep, 1), "values": Q[keep]}, {"enc": "masked"}
+        return {"mask": mask}, {"enc": "masked", "values": "dense"}
+    plain = ({"mask": mask, "values": Q[keep]}, {"enc": "masked"})
+    if dense is None or Q.element_size() != 2:
+        return plain
+    return min([plain, *(_steps(Q[keep], dense[keep], mask, w) for w in (4, 8))], key=lambda pe: _bytes(pe[0]))
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """16-bit floats as int32 in the floats' order (adjacent floats differ by 1); its own inverse on int16."""
+    b = x.view(torch.int16)
+    return (b ^ ((b >> 15) & 0x7FFF)).int()
+
+
+def _steps(kept: torch.Tensor, dense: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[Parts, Entry]:
+    """Kept values as ``width``-bit steps (in units in the last place) from the dense values.
+
+    OBS moves a kept bf16 weight by a few ulps, so most steps fit in 4 or 8 bits; code 0 marks a value
+    whose step does not fit, stored as is in ``exceptions`` (in order).
+    """
+    half = 2 ** (width - 1)
+    step = _ordered(kept) - _ordered(dense)
+    fits = step.abs() < half
+    codes = torch.where(fits, step + half, 0)
+    parts = {"mask": mask, "codes": pack(codes, width), "exceptions": kept[~fits]}
+    return parts, {"enc": "masked", "values": "steps", "width": width, "kept": kept.numel()}
 
 
 def _codebook(Q: torch.Tensor, level: Level) -> tuple[Parts, Entry]:
@@ -151,6 +177,12 @@ def decode(entry: Entry, level: str, parts: Parts, shape: tuple[int, int]) -> to
         keep = unpack(parts[f"{level}|mask"], 1, dense.numel()).view(shape).bool()
         if entry.get("values") == "dense":
             return torch.where(keep, dense, 0)
+        if entry.get("values") == "steps":
+            codes = unpack(parts[f"{level}|codes"], entry["width"], entry["kept"]).int()
+            ordered = _ordered(dense[keep]) + codes - 2 ** (entry["width"] - 1)
+            kept = _ordered(ordered.short()).short().view(dense.dtype)
+            kept = kept.masked_scatter(codes == 0, parts[f"{level}|exceptions"])
+            return torch.zeros_like(dense).masked_scatter_(keep, kept)
         return torch.zeros_like(dense).masked_scatter_(keep, parts[f"{level}|values"])
     if enc == "codebook":
         table = parts[f"{level}|table"]

@@ -92,12 +92,16 @@ class LevelDatabase:
         return [parse_level(name) for name in self.manifest["levels"]]
 
     # ---- where the parts live ------------------------------------------------------------------
-    def resident(self, device: torch.device | str, headroom: float = 0.5, cache_bytes: int = 2**30) -> LevelDatabase:
-        """Load every part onto ``device`` if it fits in ``headroom`` of its free memory, else into host
-        memory (pinned for a GPU) with up to ``cache_bytes`` of decoded weights kept on ``device``."""
+    def resident(
+        self, device: torch.device | str, max_bytes: int | None = None, cache_bytes: int = 2**30
+    ) -> LevelDatabase:
+        """Load every part onto ``device`` if the database fits in ``max_bytes`` (default: half of a GPU's
+        free memory), else into host memory (pinned for a GPU), keeping up to ``cache_bytes`` of the most
+        recently decoded weights on ``device``."""
         device = torch.device(device)
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        on_device = free is None or self.manifest["bytes"] <= headroom * free
+        if max_bytes is None and device.type == "cuda":
+            max_bytes = torch.cuda.mem_get_info(device)[0] // 2
+        on_device = max_bytes is None or self.manifest["bytes"] <= max_bytes
         home = device if on_device else torch.device("cpu")
         self.parts = {}
         for block in sorted({entry["block"] for entry in self.manifest["layers"].values()}):
@@ -134,13 +138,17 @@ class LevelDatabase:
             self._decoded.move_to_end(key)
             return self._decoded[key]
         parts = self._layer_parts(layer)
-        if self.cache_bytes:  # parts on the host: move this layer's to the device, decode there, keep it
-            parts = {k: v.to(self._device, non_blocking=True) for k, v in parts.items()}
+        if not self.cache_bytes:
+            return decode(info["levels"][level.name], level.name, parts, tuple(info["shape"]))
+        # parts on the host: decode on the device from this layer's parts, keep the result (LRU)
+        parts = {k: v.to(self._device, non_blocking=True) for k, v in parts.items()}
         W = decode(info["levels"][level.name], level.name, parts, tuple(info["shape"]))
-        if self.cache_bytes:
-            self._decoded[key] = W
-            while sum(t.numel() * t.element_size() for t in self._decoded.values()) > self.cache_bytes:
-                self._decoded.popitem(last=False)
+        self._decoded[key] = W
+        while (
+            len(self._decoded) > 1
+            and sum(t.numel() * t.element_size() for t in self._decoded.values()) > self.cache_bytes
+        ):
+            self._decoded.popitem(last=False)
         return W
 
     @torch.no_grad()
