@@ -50,7 +50,8 @@ class KLFitness:
         self.teacher = log_probs(model, pool, batch_size, desc="teacher").to(self.device)  # [n, T, V]
         self.parent: np.ndarray | None = None
         self.cache: list[torch.Tensor] = []  # per block: its inputs for the whole pool, [n, T, hidden]
-        self._kl_total(np.arange(min(batch_size, self.pool_size)), 0)  # warm-up: compiles the KL on a GPU
+        if self.device.type == "cuda":  # warm-up: compiles the KL kernels before any timed search
+            self._kl_total(np.arange(min(batch_size, self.pool_size)), 0)
         self.counters = {"block_forwards": 0, "block_forwards_saved": 0}
 
     # ---- weights ----------------------------------------------------------------------------------

@@ -173,17 +173,21 @@ def decode(entry: Entry, level: str, parts: Parts, shape: tuple[int, int]) -> to
         return torch.zeros_like(dense)
     if enc == "order":
         return torch.where(parts["order"] <= entry["index"], 0, dense)
-    if enc == "masked":
-        keep = unpack(parts[f"{level}|mask"], 1, dense.numel()).view(shape).bool()
+    if enc == "masked":  # static shapes only (counts from the manifest): no host sync on a GPU
+        keep = unpack(parts[f"{level}|mask"], 1, dense.numel()).bool()
         if entry.get("values") == "dense":
-            return torch.where(keep, dense, 0)
-        if entry.get("values") == "steps":
+            return torch.where(keep.view(shape), dense, 0)
+        flat = dense.flatten()
+        values = parts.get(f"{level}|values")
+        where = torch.nonzero_static(keep, size=entry["kept"] if values is None else values.numel()).squeeze(1)
+        if values is None:  # steps from the dense values, code 0 marking an exception stored as is
             codes = unpack(parts[f"{level}|codes"], entry["width"], entry["kept"]).int()
-            ordered = _ordered(dense[keep]) + codes - 2 ** (entry["width"] - 1)
-            kept = _ordered(ordered.short()).short().view(dense.dtype)
-            kept = kept.masked_scatter(codes == 0, parts[f"{level}|exceptions"])
-            return torch.zeros_like(dense).masked_scatter_(keep, kept)
-        return torch.zeros_like(dense).masked_scatter_(keep, parts[f"{level}|values"])
+            ordered = _ordered(flat[where]) + codes - 2 ** (entry["width"] - 1)
+            values = _ordered(ordered.short()).short().view(dense.dtype)
+            exceptions = parts[f"{level}|exceptions"]
+            if exceptions.numel():
+                values[torch.nonzero_static(codes == 0, size=exceptions.numel()).squeeze(1)] = exceptions
+        return torch.zeros_like(flat).index_put_((where,), values).view(shape)
     if enc == "codebook":
         table = parts[f"{level}|table"]
         rows, groups, _ = table.shape

@@ -93,11 +93,11 @@ class LevelDatabase:
 
     # ---- where the parts live ------------------------------------------------------------------
     def resident(
-        self, device: torch.device | str, max_bytes: int | None = None, cache_bytes: int = 2**30
+        self, device: torch.device | str, max_bytes: int | None = None, cache_bytes: int | None = None
     ) -> LevelDatabase:
         """Load every part onto ``device`` if the database fits in ``max_bytes`` (default: half of a GPU's
-        free memory), else into host memory (pinned for a GPU), keeping up to ``cache_bytes`` of the most
-        recently decoded weights on ``device``."""
+        free memory), else into host memory (pinned for a GPU). Up to ``cache_bytes`` of the most recently
+        decoded weights stay on ``device`` (default: 1 GiB when the parts are on the host, else none)."""
         device = torch.device(device)
         if max_bytes is None and device.type == "cuda":
             max_bytes = torch.cuda.mem_get_info(device)[0] // 2
@@ -112,7 +112,9 @@ class LevelDatabase:
                     if home.type == "cpu" and device.type == "cuda":
                         tensor = tensor.pin_memory()
                     self.parts.setdefault(layer, {})[part] = tensor.to(home)
-        self._device, self.cache_bytes = device, 0 if on_device else cache_bytes
+        if cache_bytes is None:
+            cache_bytes = 0 if on_device else 2**30
+        self._device, self.cache_bytes = device, cache_bytes
         self._decoded.clear()
         return self
 
@@ -140,7 +142,7 @@ class LevelDatabase:
         parts = self._layer_parts(layer)
         if not self.cache_bytes:
             return decode(info["levels"][level.name], level.name, parts, tuple(info["shape"]))
-        # parts on the host: decode on the device from this layer's parts, keep the result (LRU)
+        # decode on the device (from host parts if they live there) and keep the result (LRU)
         parts = {k: v.to(self._device, non_blocking=True) for k, v in parts.items()}
         W = decode(info["levels"][level.name], level.name, parts, tuple(info["shape"]))
         self._decoded[key] = W
