@@ -89,30 +89,59 @@ def _read_dataset(spec: str) -> list[str]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    # No BOS: SmolLM2's "BOS" is a chat token; the perplexity protocol feeds raw text.
+    # Raw text only: a BOS the tokenizer wants is added per window (bos_token_id), not per document.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def evaluation_sequences(tokenizer, records: list[str], seq_len: int, n_samples: int | None) -> torch.Tensor:
-    """Consecutive non-overlapping windows of the joined text: ``[n, seq_len]`` (None: all windows)."""
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id this tokenizer puts before text (Llama-3, Gemma), or None where it adds none (SmolLM2, GPT-2).
+
+    Asked of the tokenizer itself, as the evaluation harnesses do: encode a word with special tokens and
+    see whether the BOS token leads.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
+def _window(ids: list[int], bos: int | None) -> torch.Tensor:
+    return torch.tensor(ids if bos is None else [bos, *ids], dtype=torch.long)
+
+
+def evaluation_sequences(
+    tokenizer, records: list[str], seq_len: int, n_samples: int | None, bos: int | None = None
+) -> torch.Tensor:
+    """Consecutive non-overlapping windows of the joined text: ``[n, seq_len]`` (None: all windows).
+
+    With ``bos`` every window is BOS + ``seq_len - 1`` text tokens: BOS counts in the window and is never
+    scored (it is no prediction target), so every text token is scored once.
+    """
     ids = _encode(tokenizer, "\n\n".join(records))
-    available = len(ids) // seq_len
+    text_len = seq_len - (bos is not None)
+    available = len(ids) // text_len
     n = available if n_samples is None else n_samples
     if n < 1 or n > available:
         raise AllocatorError(
             f"evaluation text has {len(ids)} tokens = {available} windows of {seq_len}; "
             f"asked for {n_samples}: ask for at most {available} samples or a shorter --seq-len"
         )
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return torch.stack([_window(ids[i * text_len : (i + 1) * text_len], bos) for i in range(n)])
 
 
-def calibration_sequences(tokenizer, records: list[str], seq_len: int, n_samples: int, seed: int) -> torch.Tensor:
+def calibration_sequences(
+    tokenizer, records: list[str], seq_len: int, n_samples: int, seed: int, bos: int | None = None
+) -> torch.Tensor:
     """Random windows of ``seq_len`` tokens, each inside one document longer than the window.
 
-    Documents are drawn with a seeded generator, so the same seed gives the same tokens.
+    Documents are drawn with a seeded generator, so the same seed gives the same tokens. With ``bos``
+    each window is BOS + ``seq_len - 1`` text tokens, as the model saw text in training.
     """
     gen = torch.Generator().manual_seed(seed)
     samples: list[torch.Tensor] = []
+    text_len = seq_len - (bos is not None)
     tries = 0
     while len(samples) < n_samples:
         tries += 1
@@ -123,8 +152,8 @@ def calibration_sequences(tokenizer, records: list[str], seq_len: int, n_samples
             )
         doc = records[int(torch.randint(len(records), (1,), generator=gen))]
         ids = _encode(tokenizer, doc)
-        if len(ids) <= seq_len:
+        if len(ids) <= text_len:
             continue
-        start = int(torch.randint(len(ids) - seq_len, (1,), generator=gen))
-        samples.append(torch.tensor(ids[start : start + seq_len], dtype=torch.long))
+        start = int(torch.randint(len(ids) - text_len, (1,), generator=gen))
+        samples.append(_window(ids[start : start + text_len], bos))
     return torch.stack(samples)

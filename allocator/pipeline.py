@@ -102,7 +102,7 @@ def run(config: RunConfig) -> RunResult:
     metrics["timings"]["search_s"] = search_s
     plan = Plan.create(
         assignment, inventory, session.loaded.model_id, budget, grid, method, config.seed, config.per,
-        metrics["timings"], extra,
+        metrics["timings"], extra, {**session.calib_meta, "bos_per_window": session.bos is not None},
     )  # fmt: skip
     if out is not None:
         if getattr(searcher, "history", None):

@@ -35,6 +35,7 @@ class Plan:
     extra_budgets: list[Budget] = field(default_factory=list)
     achieved: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # the calibration windows that made it (source, sizes, BOS)
 
     @classmethod
     def create(
@@ -49,6 +50,7 @@ class Plan:
         per: str = "layer",
         timings: dict[str, float] | None = None,
         extra_budgets: list[Budget] | None = None,
+        data: dict | None = None,
     ) -> Plan:
         """Build a plan and record what it achieves exactly."""
         plan = cls(
@@ -64,6 +66,7 @@ class Plan:
             extra_budgets=list(extra_budgets or []),
             achieved=summarize(assignment, inventory),
             timings=dict(timings or {}),
+            data=dict(data or {}),
         )
         plan.check_against(inventory)
         return plan
@@ -81,6 +84,7 @@ class Plan:
             "per": self.per,
             "achieved": self.achieved,
             "timings": self.timings,
+            "data": self.data,
             "assignment": {name: lv.name for name, lv in self.assignment.items()},
         }
 
@@ -129,6 +133,7 @@ class Plan:
                 ],
                 achieved=dict(data.get("achieved", {})),
                 timings=dict(data.get("timings", {})),
+                data=dict(data.get("data", {})),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise AllocatorError(f"{source}: malformed plan ({type(exc).__name__}: {exc}): re-create it") from None

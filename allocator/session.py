@@ -96,10 +96,13 @@ class Session:
         self.inventory = Inventory.from_model(self.model)
         self.timings["load_s"] = time.perf_counter() - t0
         tokenizer = self.loaded.tokenizer
-        self.eval_seqs = data.evaluation_sequences(tokenizer, eval_records, config.seq_len, config.eval_samples)
+        self.bos = data.bos_token_id(tokenizer)  # windows start with BOS where the tokenizer adds one
+        self.eval_seqs = data.evaluation_sequences(
+            tokenizer, eval_records, config.seq_len, config.eval_samples, self.bos
+        )
         # One seeded draw, split: the first windows calibrate the backend, the last measure KL.
         windows = data.calibration_sequences(
-            tokenizer, calib_records, config.seq_len, config.calib_samples + config.kl_samples, config.seed
+            tokenizer, calib_records, config.seq_len, config.calib_samples + config.kl_samples, config.seed, self.bos
         )
         self.calib, self.kl_seqs = windows[: config.calib_samples], windows[config.calib_samples :]
         self._original = {
@@ -124,8 +127,9 @@ class Session:
     def calib_meta(self) -> dict:
         """What the calibration windows are: profiles and databases are keyed by it."""
         cfg = self.config
-        return {"calib": cfg.calib or "c4-validation-2k", "calib_samples": cfg.calib_samples,
+        meta = {"calib": cfg.calib or "c4-validation-2k", "calib_samples": cfg.calib_samples,
                 "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
+        return {**meta, "bos": True} if self.bos is not None else meta  # no key without BOS: older names hold
 
     def profile_file(self, levels: list[Level], backend: str) -> Path:
         """Where the profile for ``levels`` and ``backend`` on this session's data is saved."""
@@ -225,6 +229,7 @@ class Session:
             "backend": backend,
             "dense_perplexity": dense_ppl,
             "dense_cached": self.dense_cached,
+            "bos_per_window": self.bos is not None,  # windows start with the tokenizer's BOS (not scored)
             "perplexity": ppl,
             "kl_to_dense": kl,
             "achieved": summarize(assignment, self.inventory),

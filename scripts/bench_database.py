@@ -82,7 +82,9 @@ def main() -> None:
         loaded = load_model(args.model, dtype=dtype, device=args.device)
         model = loaded.model
         records = data.load_records(args.calib or data.default_calibration())
-        calib = data.calibration_sequences(loaded.tokenizer, records, args.seq_len, args.calib_samples, seed=0)
+        calib = data.calibration_sequences(
+            loaded.tokenizer, records, args.seq_len, args.calib_samples, seed=0, bos=data.bos_token_id(loaded.tokenizer)
+        )
         model_name, total_blocks = loaded.model_id, model.config.num_hidden_layers
     inventory = Inventory.from_model(model)
     grid = parse_grid(args.levels)

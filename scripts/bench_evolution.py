@@ -88,7 +88,9 @@ def main() -> None:
         loaded = load_model(args.model, dtype=dtype, device=args.device)
         model, name = loaded.model, loaded.model_id
         records = data.load_records(args.calib or data.default_calibration())
-        pool = data.calibration_sequences(loaded.tokenizer, records, args.seq_len, args.pool, seed=0)
+        pool = data.calibration_sequences(
+            loaded.tokenizer, records, args.seq_len, args.pool, seed=0, bos=data.bos_token_id(loaded.tokenizer)
+        )
     inventory = Inventory.from_model(model)
     grid = parse_grid(args.levels)
     problem = build_problem(inventory, grid, Budget.parse(args.target))

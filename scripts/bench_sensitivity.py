@@ -114,7 +114,7 @@ def main() -> None:
                            profiles_dir=args.profiles_dir or str(tmp / "profiles"))  # fmt: skip
         session = Session(config)
         c4_seqs = data.evaluation_sequences(session.loaded.tokenizer, data.load_records(held_out), 512,
-                                            args.eval_samples)  # fmt: skip
+                                            args.eval_samples, session.bos)  # fmt: skip
         timing = {"seed": seed, "backend": args.backend, "levels": args.levels, "device": args.device}
         t0 = time.perf_counter()
         profile = session.profile(grid, args.backend, with_database=True)

@@ -35,7 +35,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     records = data.load_records(config.eval or data.default_evaluation())
-    seqs = data.evaluation_sequences(tokenizer, records, config.seq_len, config.eval_samples)
+    seqs = data.evaluation_sequences(
+        tokenizer, records, config.seq_len, config.eval_samples, data.bos_token_id(tokenizer)
+    )
     ppl = perplexity(model, seqs, config.batch_size)
     plan_metrics = json.loads((Path(metrics["plan"]).parent / "metrics.json").read_text())
     result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "plan": metrics["plan"],

@@ -78,6 +78,20 @@ def tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    """The same words, with a tokenizer that puts ``<bos>`` before text (as Llama-3 and Gemma tokenizers do)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>"
+    )
+
+
 @pytest.fixture
 def text_files(tmp_path) -> dict[str, Path]:
     """A calibration text file (long documents) and an evaluation text file."""

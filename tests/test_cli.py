@@ -44,7 +44,9 @@ def test_run_writes_plan_and_metrics(tiny_model_dir, text_files, tmp_path, capsy
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["achieved"]["sparsity"] >= 0.3
     assert metrics["perplexity"] > 0 and metrics["kl_to_dense"] > 0
+    assert metrics["bos_per_window"] is False  # this tokenizer adds no BOS: windows are raw text
     plan = Plan.load(out / "plan.json")
+    assert plan.data["seq_len"] == 16 and plan.data["bos_per_window"] is False
     assert {lv.name for lv in plan.assignment.values()} == {"s0.3"}
     assert json.loads((out / "config.json").read_text())["versions"]["torch"]
 
@@ -52,6 +54,19 @@ def test_run_writes_plan_and_metrics(tiny_model_dir, text_files, tmp_path, capsy
     again = tmp_path / "again"
     assert main(_args(tiny_model_dir, text_files, again, "--plan", str(out / "plan.json"))) == 0
     assert json.loads((again / "metrics.json").read_text())["perplexity"] == pytest.approx(metrics["perplexity"])
+
+
+def test_bos_tokenizer_windows_are_recorded_in_plan_and_metrics(tmp_path, bos_tokenizer, text_files):
+    """A tokenizer that adds BOS: every window starts with it, and plan and metrics say so."""
+    from tests.conftest import tiny_model
+
+    folder = tmp_path / "tiny-bos"
+    tiny_model("llama").save_pretrained(folder)
+    bos_tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(_args(folder, text_files, out, "--target", "sparsity=0.3", "--no-dense-cache")) == 0
+    assert json.loads((out / "metrics.json").read_text())["bos_per_window"] is True
+    assert Plan.load(out / "plan.json").data["bos_per_window"] is True
 
 
 def _error(capsys, argv) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+import transformers
 
 from allocator import data
 from allocator.errors import AllocatorError
@@ -64,3 +65,25 @@ def test_calibration_windows_are_seeded_slices_of_one_document(tiny_tokenizer, t
 def test_default_data_is_the_shared_offline_text():
     assert data.default_calibration().endswith("c4/validation-2k.parquet")
     assert data.default_evaluation().endswith("wikitext-2-raw/test.txt")
+
+
+def test_bos_is_detected_from_the_tokenizer(tiny_tokenizer, bos_tokenizer):
+    assert data.bos_token_id(bos_tokenizer) == 2
+    assert data.bos_token_id(tiny_tokenizer) is None  # no BOS token at all
+    # a BOS token the tokenizer does not put before text (SmolLM2's case): nothing is added
+    plain = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<eos>", unk_token="<unk>"
+    )
+    assert data.bos_token_id(plain) is None
+
+
+def test_windows_start_with_bos_and_score_every_text_token_once(bos_tokenizer, text_files):
+    bos = data.bos_token_id(bos_tokenizer)
+    records = data.load_records(str(text_files["eval"]))
+    ids = bos_tokenizer("\n\n".join(records), add_special_tokens=False)["input_ids"]
+    seqs = data.evaluation_sequences(bos_tokenizer, records, 32, None, bos)
+    assert seqs.shape == (len(ids) // 31, 32) and (seqs[:, 0] == bos).all()
+    assert seqs[:, 1:].flatten().tolist() == ids[: seqs.shape[0] * 31]  # consecutive text after each BOS
+    assert not (seqs[:, 1:] == bos).any()
+    calib = data.calibration_sequences(bos_tokenizer, data.load_records(str(text_files["calib"])), 16, 4, 0, bos)
+    assert calib.shape == (4, 16) and (calib[:, 0] == bos).all() and not (calib[:, 1:] == bos).any()
