@@ -63,7 +63,7 @@ class KLFitness:
             for u in changed
             for name in self.problem.units[u]
         }
-        self.db.load_into_(self.model, self.inventory, assignment)
+        self.db.load_into_(self.model, assignment)
         self.current = choice.copy()
 
     # ---- parent cache -----------------------------------------------------------------------------

@@ -217,7 +217,7 @@ class Session:
         t0 = time.perf_counter()
         calib = self.calib if chosen.needs_data else None
         if database is not None:
-            database.load_into_(self.model, self.inventory, assignment)
+            database.load_into_(self.model, assignment)
         else:
             apply_(self.model, assignment, backend, calib, self.config.batch_size)
         compress_s = time.perf_counter() - t0

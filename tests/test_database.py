@@ -25,11 +25,11 @@ def test_database_round_trip_matches_direct_compression(tmp_path):
     first = {lay.name: grid[1] for lay in inv.layers if lay.block == 0}
     apply_(target, first, "sparsegpt", calib, batch_size=2)
     loaded = tiny_model("llama")
-    db.load_into_(loaded, inv, first)
+    db.load_into_(loaded, first)
     for name in first:
         assert torch.allclose(weight_view(loaded.get_submodule(name)), weight_view(target.get_submodule(name)))
     # the dense level restores the original
-    db.load_into_(loaded, inv, {name: db.levels[0] for name in first})
+    db.load_into_(loaded, {name: db.levels[0] for name in first})
     for name in first:
         assert torch.equal(weight_view(loaded.get_submodule(name)), weight_view(model.get_submodule(name)))
 

@@ -154,7 +154,7 @@ class LevelDatabase:
         return W
 
     @torch.no_grad()
-    def load_into_(self, model: nn.Module, inventory: Inventory, assignment: dict[str, Level]) -> None:
+    def load_into_(self, model: nn.Module, assignment: dict[str, Level]) -> None:
         """Set each assigned layer of ``model`` to its level (a decode into its weight buffer)."""
         for name, level in assignment.items():
             weight_view(model.get_submodule(name)).copy_(self.weight(name, level))

@@ -24,7 +24,7 @@ from allocator.levels import Level
 MAX_STACK = 2**26  # elements of one stacked problem on a CPU (256 MB in float32); more levels run in turns
 
 
-def hinv_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def hinv_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of the damped inverse Hessian, and the mask of dead input columns.
 
     Columns whose inputs were always zero get H_jj = 1 (their weights are irrelevant and zeroed).
@@ -61,7 +61,7 @@ def obs_compress_levels(
     W: torch.Tensor, H: torch.Tensor, levels: list[Level], blocksize: int = 128, percdamp: float = 0.01
 ) -> list[torch.Tensor]:
     """:func:`obs_compress` of ``W`` at each of ``levels``, sharing the inverse and stacking the levels."""
-    Hinv, dead = hinv_factor(H.to(W.device), W, percdamp)  # [cols, cols], upper
+    Hinv, dead = hinv_factor(H.to(W.device), percdamp)  # [cols, cols], upper
     out: list[torch.Tensor | None] = [None] * len(levels)
     groups: dict[tuple, list[int]] = {}
     for i, level in enumerate(levels):
