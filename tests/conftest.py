@@ -37,6 +37,12 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
             sliding_window=16,
             **common,
         )
+    attention = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    if family in MORE or family in MOE:
+        return {**MORE, **MOE}[family](**attention, **common)
+    if family == "gpt_neox":
+        size = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2)
+        return transformers.GPTNeoXConfig(**size, vocab_size=VOCAB, bos_token_id=1, eos_token_id=1)
     if family == "gpt2":
         return transformers.GPT2Config(
             n_embd=64, n_head=4, n_layer=2, n_positions=256, vocab_size=VOCAB, bos_token_id=1, eos_token_id=1
@@ -45,6 +51,24 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
 
 
 FAMILIES = ("llama", "qwen3", "gemma3", "gpt2")
+# every dense decoder family users bring (issue 15); tests/test_families.py runs the full check list on each
+MORE = {
+    "qwen2": transformers.Qwen2Config,
+    "mistral": transformers.MistralConfig,
+    "gemma2": lambda **kw: transformers.Gemma2Config(head_dim=16, **kw),
+    "phi3": lambda **kw: transformers.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=1, **kw),
+    "olmo2": lambda **kw: transformers.Olmo2Config(pad_token_id=0, bos_token_id=1, eos_token_id=1, **kw),
+}
+# mixture-of-experts families: experts are fused 3-D parameters in transformers 5, not linears (issue 15, open)
+MOE = {
+    "mixtral": lambda **kw: transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **kw),
+    "qwen2_moe": lambda **kw: transformers.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2,
+                                                          moe_intermediate_size=32,
+                                                          shared_expert_intermediate_size=64, **kw),
+    "olmoe": lambda **kw: transformers.OlmoeConfig(num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+                                                   bos_token_id=1, eos_token_id=1, **kw),
+}  # fmt: skip
+ALL_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "gpt2")
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:

@@ -1,0 +1,143 @@
+"""Every decoder family a user brings, end to end on a tiny random model built from its config (no hub).
+
+``run_checks`` is also what ``scripts/family_matrix.py`` runs to write ``results/families.*``.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from allocator.backends import BACKENDS, apply_
+from allocator.backends.database import LevelDatabase
+from allocator.budget import Budget, build_problem
+from allocator.cli import main
+from allocator.errors import AllocatorError
+from allocator.export import FORMATS, export
+from allocator.fitness import KLFitness
+from allocator.levels import parse_grid, parse_level
+from allocator.model import Inventory, is_linear, weight_view
+from allocator.plan import Plan
+from allocator.search import get_searcher
+from allocator.search.evolution import _ladders, mutate
+from tests.conftest import ALL_FAMILIES, VOCAB, tiny_model
+
+CHECKS = ("inventory", "backends", "uniform run", "knapsack run", "apply + reload", "exporters", "prefix cache")
+
+
+def _inventory(family: str, _folder: Path, _work: Path, _texts: dict) -> None:
+    model = tiny_model(family)
+    inv = Inventory.from_model(model)
+    blocks = model.get_submodule(inv.blocks)
+    linears = {f"{inv.blocks}.{n}" for n, m in blocks.named_modules() if is_linear(m)}
+    assert inv.n_blocks == 2 and {lay.name for lay in inv.layers} == linears, "every block linear is a unit"
+    assert sorted(n for g in inv.groups for n in g) == sorted(lay.name for lay in inv.layers)
+
+
+def _backends(family: str, _folder: Path, _work: Path, _texts: dict) -> None:
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    for backend in BACKENDS:
+        model = tiny_model(family)
+        inv = Inventory.from_model(model)
+        level = parse_level("w4g16" if backend in ("rtn", "gptq") else "s0.5")
+        apply_(model, {lay.name: level for lay in inv.layers}, backend, calib, batch_size=2)
+        for lay in inv.layers:
+            W = weight_view(model.get_submodule(lay.name))
+            if level.quantized:  # at most 2^4 values per row and group of 16
+                groups = W.reshape(lay.rows, -1, 16)
+                assert max(len(torch.unique(g)) for g in groups.flatten(0, 1)) <= 16, backend
+            else:
+                assert int((W != 0).sum()) == level.kept_params(lay.rows, lay.cols), backend
+        assert torch.isfinite(model(calib).logits).all(), backend
+
+
+def _args(folder: Path, texts: dict, out: Path, *extra: str) -> list[str]:
+    return ["run", "--model", str(folder), "--calib", str(texts["calib"]), "--eval", str(texts["eval"]),
+            "--seq-len", "16", "--calib-samples", "2", "--kl-samples", "2", "--eval-samples", "2",
+            "--no-dense-cache", "--profiles-dir", str(out.parent / "profiles"), "-o", str(out), *extra]  # fmt: skip
+
+
+def _uniform(family: str, folder: Path, work: Path, texts: dict) -> None:
+    assert main(_args(folder, texts, work / "uniform", "--target", "sparsity=0.5")) == 0
+    assert main(_args(folder, texts, work / "bits", "--target", "bits=5", "--backend", "rtn",
+                      "--levels", "dense,w8,w4g32")) == 0  # fmt: skip
+
+
+def _knapsack(family: str, folder: Path, work: Path, texts: dict) -> None:
+    out = work / "knapsack"
+    argv = _args(folder, texts, out, "--target", "sparsity=0.5", "--method", "knapsack", "--sensitivity", "fisher")
+    assert main(argv) == 0
+    assert Plan.load(out / "plan.json").achieved["sparsity"] >= 0.5 - 1e-9
+
+
+def _apply(family: str, folder: Path, work: Path, texts: dict) -> None:
+    plan = Plan.load(work / "uniform" / "plan.json")
+    assert main(["apply", str(work / "uniform" / "plan.json"), "-o", str(work / "ckpt")]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(work / "ckpt")
+    for name, level in plan.assignment.items():
+        W = weight_view(reloaded.get_submodule(name))
+        assert int((W != 0).sum()) == level.kept_params(*W.shape), name
+
+
+def _exporters(family: str, folder: Path, work: Path, texts: dict) -> None:
+    """Each format takes the plans it can express; a refusal is a one-line AllocatorError, never a crash."""
+    written = {}
+    for run in ("uniform", "bits"):
+        plan = Plan.load(work / run / "plan.json")
+        for fmt in FORMATS:
+            try:
+                written[run, fmt] = export(plan, fmt, work / "exports" / run / fmt, "magnitude")
+            except AllocatorError:
+                continue
+    assert {fmt for (_, fmt) in written} == set(FORMATS), f"never exported: {set(FORMATS) - {f for _, f in written}}"
+
+
+def _prefix_cache(family: str, _folder: Path, work: Path, _texts: dict) -> None:
+    model = tiny_model(family)
+    inv = Inventory.from_model(model)
+    grid = parse_grid("dense,s0.3,s0.6")
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    db = LevelDatabase.build(model, inv, grid, "magnitude", work / "db", calib)
+    problem = build_problem(inv, grid, Budget.parse("sparsity=0.3"))
+    pool = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    fitness = KLFitness(model, inv, problem, db, pool, batch_size=2)
+    parent = get_searcher("uniform").search(problem, 0)
+    fitness.set_parent(parent)
+    rng, batch = np.random.default_rng(0), np.array([0, 3])
+    for _ in range(4):
+        child = mutate(problem, parent, _ladders(problem), rng)
+        assert fitness(child, batch) == pytest.approx(fitness.full(child, batch), rel=1e-5, abs=1e-7)
+    assert fitness.counters["block_forwards_saved"] > 0
+
+
+RUNNERS: dict[str, Callable] = dict(zip(CHECKS, (_inventory, _backends, _uniform, _knapsack, _apply, _exporters,
+                                                 _prefix_cache), strict=True))  # fmt: skip
+
+
+def run_checks(family: str, folder: Path, work: Path, texts: dict) -> dict[str, str]:
+    """Each check's outcome for ``family``: ``"pass"`` or the first line of what went wrong."""
+    outcome = {}
+    for check, runner in RUNNERS.items():
+        try:
+            runner(family, folder, work, texts)
+            outcome[check] = "pass"
+        except Exception as exc:  # the table records every failure instead of stopping at the first
+            last = traceback.extract_tb(exc.__traceback__)[-1]
+            outcome[check] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} ({last.name})"
+    return outcome
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_family_passes_every_check(family, tmp_path, tiny_tokenizer, text_files):
+    folder = tmp_path / family
+    tiny_model(family).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    outcome = run_checks(family, folder, tmp_path / "work", text_files)
+    assert outcome == dict.fromkeys(CHECKS, "pass"), json.dumps(outcome, indent=1)
