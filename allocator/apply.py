@@ -18,6 +18,7 @@ from pathlib import Path
 
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
+from allocator.moe import fuse_experts
 from allocator.plan import Plan
 from allocator.session import RunConfig, Session
 
@@ -47,6 +48,7 @@ def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
+        fuse_experts(session.model)  # a mixture-of-experts checkpoint in the layout transformers loads
         session.model.save_pretrained(tmp, safe_serialization=True)
         session.loaded.tokenizer.save_pretrained(tmp)
         plan.save(tmp / "allocator_plan.json")

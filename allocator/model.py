@@ -167,13 +167,20 @@ class Inventory:
 
     @classmethod
     def from_model(cls, model: nn.Module, include_lm_head: bool = False) -> Inventory:
-        """Enumerate every linear inside the decoder blocks (and the LM head if asked for)."""
+        """Enumerate every linear inside the decoder blocks (and the LM head if asked for).
+
+        Fused routed experts are unfused first (:mod:`allocator.moe`), so each expert's projections are
+        units; routers (``gate``, ``router``, ``shared_expert_gate``) stay dense and are not listed.
+        """
+        from allocator.moe import unfuse_experts
+
+        unfuse_experts(model)
         blocks_name, blocks = find_blocks(model)
         layers: list[Layer] = []
         groups: dict[str, list[str]] = {}
         for b, block in enumerate(blocks):
             for role, module in block.named_modules():
-                if not is_linear(module):
+                if not is_linear(module) or _is_router(role):
                     continue
                 name = f"{blocks_name}.{b}.{role}"
                 rows, cols = weight_view(module).shape
@@ -217,6 +224,12 @@ class Inventory:
     @cached_property
     def _by_name(self) -> dict[str, Layer]:
         return {layer.name: layer for layer in self.layers}
+
+
+def _is_router(role: str) -> bool:
+    """A mixture-of-experts router: it picks experts per token, so it is never compressed."""
+    leaf = role.rpartition(".")[2]
+    return leaf in ("gate", "router") or leaf.endswith("_gate")
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

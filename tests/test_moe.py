@@ -1,0 +1,33 @@
+"""Fused routed experts unfused into per-expert linears and back, without changing a weight or an output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from allocator.model import Inventory, weight_view
+from allocator.moe import fuse_experts, unfuse_experts
+from tests.conftest import MOE, VOCAB, tiny_model
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_unfuse_then_fuse_restores_the_state_dict(family):
+    model = tiny_model(family)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert unfuse_experts(model) == 2 and unfuse_experts(model) == 0  # one per block, idempotent
+    assert fuse_experts(model) == 2
+    restored = model.state_dict()
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+
+def test_a_compressed_expert_is_saved_where_transformers_reads_it():
+    model = tiny_model("mixtral")
+    inv = Inventory.from_model(model)
+    name = next(lay.name for lay in inv.layers if lay.name.endswith("experts.2.down_proj"))
+    weight_view(model.get_submodule(name)).zero_()
+    fuse_experts(model)
+    fused = model.model.layers[0].mlp.experts.down_proj
+    assert not fused[2].any() and fused[1].any()
+    x = torch.randint(VOCAB, (1, 8))
+    assert torch.isfinite(model(x).logits).all()
