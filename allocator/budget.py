@@ -11,6 +11,7 @@ matrices over (decision unit x level) and a limit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -168,6 +169,9 @@ class Problem:
         return {name: self.levels[k] for unit, k in zip(self.units, choice, strict=True) for name in unit}
 
 
+PER = ("layer", "tie-group", "expert-role")  # what one unit of a plan is
+
+
 def build_problem(
     inventory: Inventory, levels: list[Level], budget: Budget, per: str = "layer", extra: list[Budget] | None = None,
     latency: LatencyModel | None = None,
@@ -175,11 +179,18 @@ def build_problem(
     """The cost matrix of every unit at every level under ``budget`` (and any ``extra`` budgets).
 
     ``per="tie-group"`` makes q/k/v and gate/up of a block one unit each, as vLLM requires;
+    ``per="expert-role"`` does too, and makes all routed experts of a block one unit per projection
+    (``experts.*.down_proj``): one level per expert role instead of one per expert;
     ``latency`` (a measured table and a token count) prices latency and speed-up budgets.
     """
-    if per not in ("layer", "tie-group"):
-        raise AllocatorError(f"--per must be 'layer' or 'tie-group', got {per!r}")
+    if per not in PER:
+        raise AllocatorError(f"--per must be one of {', '.join(PER)}, got {per!r}")
     units = [(lay.name,) for lay in inventory.layers] if per == "layer" else list(inventory.groups)
+    if per == "expert-role":
+        roles: dict[str, list[str]] = {}
+        for group in units:
+            roles.setdefault(re.sub(r"\.experts\.\d+\.", ".experts.*.", group[0]), []).extend(group)
+        units = [tuple(names) for names in roles.values()]
 
     def matrix(b: Budget) -> np.ndarray:
         cost = np.zeros((len(units), len(levels)))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from allocator.apply import apply_plan, run_config
+from allocator.budget import PER
 from allocator.errors import AllocatorError
 from allocator.export import FORMATS, export
 from allocator.latency import cli as latency_cli
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
     r.add_argument("--target", default=d.target, help="budget(s), e.g. sparsity=0.5 or bits=3.5,bytes=6e7")
     r.add_argument("--method", default=d.method, help=f"allocation method: {', '.join(SEARCHERS)}")
-    r.add_argument("--per", default=d.per, choices=["layer", "tie-group"], help="allocate per layer or tie group")
+    r.add_argument("--per", default=d.per, choices=list(PER),
+                   help="one level per layer, per tie group (q/k/v, gate/up), or per expert role (MoE)")  # fmt: skip
     r.add_argument("--profile", default=None, help="use this profile .parquet (default: reuse or measure)")
     r.add_argument("--sensitivity", default=d.sensitivity, choices=list(SENSITIVITIES),
                    help="what knapsack, optuna's compact space and a knapsack start minimise: error (relative "

@@ -31,3 +31,21 @@ def test_a_compressed_expert_is_saved_where_transformers_reads_it():
     assert not fused[2].any() and fused[1].any()
     x = torch.randint(VOCAB, (1, 8))
     assert torch.isfinite(model(x).logits).all()
+
+
+def test_per_expert_role_gives_all_experts_of_a_role_one_level():
+    from allocator.budget import Budget, build_problem
+    from allocator.levels import parse_grid
+    from allocator.search import get_searcher
+
+    inv = Inventory.from_model(tiny_model("mixtral"))
+    per_layer = build_problem(inv, parse_grid("0:0.9:0.1"), Budget.parse("sparsity=0.5"))
+    per_role = build_problem(inv, parse_grid("0:0.9:0.1"), Budget.parse("sparsity=0.5"), per="expert-role")
+    # per block: q/k/v, o, then all 4 experts' gate_up_proj, then their down_proj
+    assert len(per_layer.units) == 2 * (4 + 4 * 2) and len(per_role.units) == 2 * 4
+    experts = [u for u in per_role.units if ".experts." in u[0]]
+    assert all(len(u) == 4 and len({n.rsplit(".", 1)[1] for n in u}) == 1 for u in experts)
+    assert per_role.cost.sum() == pytest.approx(per_layer.cost.sum())  # the same weights, priced the same
+    choice = get_searcher("uniform").search(per_role, 0)
+    assignment = per_role.assignment(choice)
+    assert len(assignment) == len(inv.layers) and len({assignment[n] for n in experts[0]}) == 1
