@@ -107,6 +107,13 @@ def bos_token_id(tokenizer) -> int | None:
     return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
 
 
+def _text_len(seq_len: int, bos: int | None) -> int:
+    """Text tokens per window: ``seq_len`` less the BOS; at least one must be left to predict from."""
+    if seq_len < 2:
+        raise AllocatorError(f"--seq-len must be at least 2 tokens (one predicts the next), got {seq_len}")
+    return seq_len - (bos is not None)
+
+
 def _window(ids: list[int], bos: int | None) -> torch.Tensor:
     return torch.tensor(ids if bos is None else [bos, *ids], dtype=torch.long)
 
@@ -119,8 +126,8 @@ def evaluation_sequences(
     With ``bos`` every window is BOS + ``seq_len - 1`` text tokens: BOS counts in the window and is never
     scored (it is no prediction target), so every text token is scored once.
     """
+    text_len = _text_len(seq_len, bos)
     ids = _encode(tokenizer, "\n\n".join(records))
-    text_len = seq_len - (bos is not None)
     available = len(ids) // text_len
     n = available if n_samples is None else n_samples
     if n < 1 or n > available:
@@ -141,7 +148,7 @@ def calibration_sequences(
     """
     gen = torch.Generator().manual_seed(seed)
     samples: list[torch.Tensor] = []
-    text_len = seq_len - (bos is not None)
+    text_len = _text_len(seq_len, bos)
     tries = 0
     while len(samples) < n_samples:
         tries += 1

@@ -87,3 +87,13 @@ def test_windows_start_with_bos_and_score_every_text_token_once(bos_tokenizer, t
     assert not (seqs[:, 1:] == bos).any()
     calib = data.calibration_sequences(bos_tokenizer, data.load_records(str(text_files["calib"])), 16, 4, 0, bos)
     assert calib.shape == (4, 16) and (calib[:, 0] == bos).all() and not (calib[:, 1:] == bos).any()
+
+
+@pytest.mark.parametrize("seq_len", [0, 1])
+def test_windows_need_two_tokens(tiny_tokenizer, bos_tokenizer, text_files, seq_len):
+    records = data.load_records(str(text_files["eval"]))
+    for tok, bos in ((tiny_tokenizer, None), (bos_tokenizer, 2)):
+        with pytest.raises(AllocatorError, match="--seq-len must be at least 2"):
+            data.evaluation_sequences(tok, records, seq_len, 1, bos)
+        with pytest.raises(AllocatorError, match="--seq-len must be at least 2"):
+            data.calibration_sequences(tok, records, seq_len, 1, 0, bos)
