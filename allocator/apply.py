@@ -38,6 +38,7 @@ def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | 
     """Compress, evaluate and save; returns the metrics (also written beside the checkpoint)."""
     plan_path, out = Path(plan_path), Path(output_dir)
     plan = Plan.load(plan_path)
+    over_budget = plan.check_budget(f"plan {plan_path}", bool((overrides or {}).get("allow_over_budget")))
     if out.exists() and any(out.iterdir()):
         raise AllocatorError(f"output folder {str(out)!r} is not empty: pass a new --output-dir")
     config = run_config(plan_path, overrides or {})
@@ -45,6 +46,8 @@ def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | 
     plan.check_against(session.inventory)
     metrics = session.evaluate(plan.assignment, config.backend)
     metrics["plan"] = str(plan_path)
+    if over_budget:
+        metrics["over_budget"] = over_budget
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--latency-table", default=None, help="latency/speedup budgets: a table from `allocator latency`")
     r.add_argument("--latency-tokens", type=int, default=d.latency_tokens, help="token count latency budgets hold at")
     r.add_argument("--plan", default=None, help="apply this saved plan.json instead of searching")
+    r.add_argument("--allow-over-budget", action="store_true",
+                   help="with --plan: accept a plan that breaks its budget (recorded in the metrics)")  # fmt: skip
     r.add_argument("--output-dir", "-o", default=None, help="run folder (default: runs/<method>-<target>)")
     p = sub.add_parser("profile", help="measure (or reuse) the layer x level sensitivity profile")
     _common(p)
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--to", required=True, choices=list(FORMATS), help="target format")
     e.add_argument("--output-dir", "-o", default=None, help="default: exports/<format> beside the plan")
     e.add_argument("--backend", default=None, help="pruner for llm-compressor (default: the run's backend)")
+    for sub_parser in (a, e):
+        sub_parser.add_argument("--allow-over-budget", action="store_true",
+                                help="accept a plan that breaks its budget (recorded in the metrics)")  # fmt: skip
     rep = sub.add_parser("report", help="Markdown report (plots included) of a run folder or a folder of runs")
     rep.add_argument("folder")
     latency_cli.add_parser(sub)
@@ -164,6 +169,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
+    plan.check_budget(f"plan {args.plan}", args.allow_over_budget)
     here = Path(args.plan).parent
     backend = run_config(Path(args.plan), {"backend": args.backend}).backend  # the run's, unless overridden
     for path in export(plan, args.to, args.output_dir or here / "exports" / args.to, backend):

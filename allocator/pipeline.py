@@ -71,8 +71,10 @@ def run(config: RunConfig) -> RunResult:
     inventory = session.inventory
     sensitivity = None
     t0 = time.perf_counter()
+    over_budget: list[str] = []
     if saved is not None:
         saved.check_against(inventory)
+        over_budget = saved.check_budget(f"plan {config.plan}", config.allow_over_budget, latency)
         assignment, budget, grid, method = saved.assignment, saved.budget, saved.grid, f"plan:{saved.method}"
         extra = saved.extra_budgets
     else:
@@ -91,6 +93,8 @@ def run(config: RunConfig) -> RunResult:
     search_s = time.perf_counter() - t0
     metrics = session.evaluate(assignment, config.backend)
     metrics = {"budget": str(budget), "method": method, **metrics}
+    if over_budget:  # accepted only with --allow-over-budget: say so where the figures are
+        metrics["over_budget"] = over_budget
     if sensitivity is not None:
         metrics["sensitivity"] = {"kind": config.sensitivity, **{k: v for k, v in sensitivity.items()
                                                                  if k not in ("choices", "kl", "weights")}}  # fmt: skip

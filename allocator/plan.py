@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from allocator.budget import Budget, summarize
+from allocator.budget import LATENCY_KINDS, Budget, allowed, summarize
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
 from allocator.levels import Level, parse_level
-from allocator.model import Inventory
+from allocator.model import Inventory, Layer
+
+if TYPE_CHECKING:
+    from allocator.latency.table import LatencyModel
 
 SCHEMA_VERSION = 1
 
@@ -141,6 +145,31 @@ class Plan:
         if off_grid:
             raise AllocatorError(f"{source}: levels {off_grid} are outside the plan's grid {[lv.name for lv in grid]}")
         return plan
+
+    def over_budget(self, latency: LatencyModel | None = None) -> list[str]:
+        """The budgets this plan breaks, each with its numbers (a latency budget only with a table)."""
+        layers = tuple(Layer(name, 0, "", rows, cols) for name, (rows, cols) in self.shapes.items())
+        inventory = Inventory(layers, (), "", 0)
+        broken = []
+        for budget in (self.budget, *self.extra_budgets):
+            if budget.kind in LATENCY_KINDS and latency is None:
+                continue
+            total = sum(budget.cost(self.assignment[lay.name], lay, latency) for lay in layers)
+            limit = budget.limit(inventory, latency)
+            if total > allowed(limit):
+                achieved = summarize(self.assignment, inventory).get(budget.kind)
+                shown = f"achieves {budget.kind} {achieved:.6g}" if achieved is not None else f"costs {total:.6g}"
+                broken.append(f"{budget}: {shown} (total {total:.6g} > limit {limit:.6g})")
+        return broken
+
+    def check_budget(self, source: str, allow: bool = False, latency: LatencyModel | None = None) -> list[str]:
+        """Refuse a plan that breaks its budget unless ``allow``; return what it breaks (for the metrics)."""
+        broken = self.over_budget(latency)
+        if broken and not allow:
+            raise AllocatorError(
+                f"{source} breaks its budget {'; '.join(broken)}: re-plan it, or pass --allow-over-budget"
+            )
+        return broken
 
     def check_against(self, inventory: Inventory) -> None:
         """Raise unless this plan was made for ``inventory``'s model and names each of its layers once."""

@@ -52,6 +52,7 @@ class RunConfig:
     device: str = "cpu"
     output_dir: str | None = None
     plan: str | None = None  # a saved plan.json to apply instead of searching
+    allow_over_budget: bool = False  # accept a saved plan that breaks its budget (recorded in the metrics)
     profile: str | None = None  # a profile .parquet to use (None: reuse or measure one under profiles_dir)
     profiles_dir: str = "profiles"
     sensitivity: str = "fitted"  # what knapsack / optuna-compact / a knapsack start minimise (allocator.sensitivity)

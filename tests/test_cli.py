@@ -147,3 +147,28 @@ def test_latency_budget_and_latency_pareto_run(tiny_model_dir, text_files, tmp_p
     assert metrics["latency"]["tokens"] == 4 and metrics["latency"]["speedup"] >= 1 - 1e-9
     front = (out / "pareto.csv").read_text().splitlines()
     assert "latency_ms" in front[0] and len(front) >= 2 and (out / "pareto.png").is_file()
+
+
+def test_over_budget_plan_is_refused_unless_allowed(tiny_model_dir, text_files, tmp_path, capsys):
+    """A plan whose levels break its own budget: run --plan, apply and export refuse it with the numbers."""
+    good = tmp_path / "good"
+    assert main(_args(tiny_model_dir, text_files, good, "--target", "sparsity=0.3")) == 0
+    data = json.loads((good / "plan.json").read_text())
+    data["assignment"] = dict.fromkeys(data["assignment"], "s0.1")
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "plan.json").write_text(json.dumps(data))
+    (bad_dir / "config.json").write_text((good / "config.json").read_text())
+    bad = str(bad_dir / "plan.json")
+    capsys.readouterr()
+    message = _error(capsys, _args(tiny_model_dir, text_files, tmp_path / "refused", "--plan", bad))
+    assert "breaks its budget sparsity=0.3: achieves sparsity 0.1" in message and "--allow-over-budget" in message
+    assert not (tmp_path / "refused").exists()
+    assert "breaks its budget" in _error(capsys, ["export", bad, "--to", "json", "-o", str(tmp_path / "exp")])
+    assert "breaks its budget" in _error(capsys, ["apply", bad, "-o", str(tmp_path / "ckpt")])
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "ckpt").exists()
+    allowed = tmp_path / "allowed"
+    argv = _args(tiny_model_dir, text_files, allowed, "--plan", bad, "--allow-over-budget")
+    assert main(argv) == 0
+    assert json.loads((allowed / "metrics.json").read_text())["over_budget"][0].startswith("sparsity=0.3")
+    assert main(["export", bad, "--to", "json", "-o", str(tmp_path / "exp"), "--allow-over-budget"]) == 0

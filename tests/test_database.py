@@ -114,3 +114,23 @@ def test_database_kept_on_the_host_decodes_the_same_with_a_bounded_cache(tmp_pat
             assert torch.equal(hosted.weight(layer.name, level), resident.weight(layer.name, level))
             held = sum(t.numel() * t.element_size() for t in hosted._decoded.values())
             assert held <= max(budget, layer.rows * layer.cols * 4)
+
+
+def test_a_killed_build_leaves_nothing_after_the_next_start(tmp_path):
+    """A build killed with -9 cannot clean up: the next build of that database removes its folder."""
+    import subprocess
+    import sys
+
+    from allocator.backends.database import DatabaseWriter
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".db.tmp-{int(dead.stdout)}-abc"
+    orphan.mkdir()
+    (orphan / "block_0000.safetensors").write_bytes(b"half written")
+    live = tmp_path / f".db.tmp-{__import__('os').getpid()}-xyz"  # a build still running in this process
+    live.mkdir()
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with DatabaseWriter(inv, parse_grid("s0.5"), "magnitude", tmp_path / "db", calib):
+        assert not orphan.exists() and live.exists()

@@ -180,7 +180,8 @@ class DatabaseWriter:
 
     def __enter__(self) -> DatabaseWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
+        _remove_orphans(self.path)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-{os.getpid()}-"))
         self.start = time.perf_counter()
         return self
 
@@ -216,3 +217,21 @@ class DatabaseWriter:
                 self.result = LevelDatabase(self.path, manifest)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary folders of builds of ``path`` whose process is gone (killed before its cleanup)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{path.name}.tmp-").split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
