@@ -172,10 +172,17 @@ def parse_grid(text: str) -> list[Level]:
     levels: list[Level] = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         if item.count(":") == 2:
-            lo, hi, step = (float(x) for x in item.split(":"))
-            if step <= 0 or hi < lo:
+            try:
+                lo, hi, step = (float(x) for x in item.split(":"))
+            except ValueError:
+                raise AllocatorError(f"grid range {item!r}: write START:STOP:STEP as numbers, e.g. 0:0.9:0.1") from None
+            if not (step > 0 and hi >= lo):  # also refuses nan
                 raise AllocatorError(f"grid range {item!r}: need start <= stop and step > 0")
             count = int(round((hi - lo) / step)) + 1
+            if count > MAX_RANGE_LEVELS:
+                raise AllocatorError(
+                    f"grid range {item!r} expands to {count} levels (at most {MAX_RANGE_LEVELS}): use a larger step"
+                )
             levels += [parse_level(f"s{lo + i * step:.6f}") for i in range(count)]
         else:
             levels.append(parse_level(item))
@@ -186,3 +193,4 @@ def parse_grid(text: str) -> list[Level]:
 
 
 DEFAULT_GRID = "0:0.9:0.1"
+MAX_RANGE_LEVELS = 200  # a range step so small that the grid cannot be profiled is a typo

@@ -23,7 +23,7 @@ from allocator.report import write_history, write_pareto
 from allocator.search import NEEDS_PROFILE, get_searcher
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.select import sensitivity_matrix
-from allocator.session import RunConfig, Session
+from allocator.session import RunConfig, Session, check_config
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def run(config: RunConfig) -> RunResult:
         raise AllocatorError(f"unknown --fit-prior {config.fit_prior!r}: choose auto, kl or fisher")
     if min(config.fit_seqs, config.fit_plans) < 1 or config.fit_rounds < 0:
         raise AllocatorError("--fit-seqs and --fit-plans must be >= 1 and --fit-rounds >= 0")
+    check_config(config)  # before any model work
     out = Path(config.output_dir) if config.output_dir else None
     options = {
         "owl": {"lam": config.lam},

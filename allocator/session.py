@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -77,6 +78,29 @@ class RunConfig:
     latency_tokens: int = 1  # token count latency budgets and predictions hold at
 
 
+def check_config(config: RunConfig) -> None:
+    """Counts, device and output folder, checked before any model work (one line naming the fix)."""
+    positive = {"--seq-len": config.seq_len, "--calib-samples": config.calib_samples, "--kl-samples": config.kl_samples,
+                "--batch-size": config.batch_size, "--generations": config.generations,
+                "--offspring": config.offspring, "--trials": config.trials}  # fmt: skip
+    if config.eval_samples is not None:
+        positive["--eval-samples"] = config.eval_samples
+    for flag, value in positive.items():
+        if value < 1:
+            raise AllocatorError(f"{flag} must be at least 1, got {value}")
+    if config.seq_len < 2:
+        raise AllocatorError(f"--seq-len must be at least 2 tokens (one predicts the next), got {config.seq_len}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise AllocatorError(f"--device {config.device}: this machine has no CUDA GPU; use --device cpu")
+    if config.output_dir:
+        out = Path(config.output_dir)
+        if out.exists() and not out.is_dir():
+            raise AllocatorError(f"output {str(out)!r} is a file: pass a folder to --output-dir")
+        parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK):
+            raise AllocatorError(f"cannot write under {str(parent)!r}: pass a writable --output-dir")
+
+
 class Session:
     """A loaded model with its data and dense reference, ready to compress and evaluate many plans.
 
@@ -85,6 +109,7 @@ class Session:
     """
 
     def __init__(self, config: RunConfig) -> None:
+        check_config(config)
         if config.dtype not in DTYPES:
             raise AllocatorError(f"unknown --dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
         calib_records = data.load_records(config.calib or data.default_calibration())

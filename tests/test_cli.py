@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from allocator.cli import main
 from allocator.plan import Plan
@@ -86,11 +87,40 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tiny_model_dir, text_file
         "missing data file": (["--calib", str(tmp_path / "missing.txt")], "does not exist"),
         "unknown method": (["--method", "magic"], "unknown method"),
         "bad level": (["--levels", "s2"], "sparsity must be in"),
+        "range not numbers": (["--levels", "0:x:0.1"], "START:STOP:STEP as numbers"),
+        "range too fine": (["--levels", "0:0.9:1e-9"], "use a larger step"),
+        "range nan step": (["--levels", "0:0.9:nan"], "step > 0"),
+        "seq-len 0": (["--seq-len", "0"], "--seq-len must be at least 1"),
+        "seq-len 1": (["--seq-len", "1"], "--seq-len must be at least 2"),
+        "batch-size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+        "kl-samples 0": (["--kl-samples", "0"], "--kl-samples must be at least 1"),
+        "negative generations": (["--method", "evolution", "--generations", "-2"], "--generations must be at least 1"),
+        "no offspring": (["--method", "evolution", "--offspring", "0"], "--offspring must be at least 1"),
+        "no trials": (["--method", "optuna", "--trials", "0"], "--trials must be at least 1"),
     }
+    if not torch.cuda.is_available():
+        cases["cuda without a GPU"] = (["--device", "cuda"], "no CUDA GPU")
     for name, (extra, match) in cases.items():
         argv = _args(tiny_model_dir, text_files, out, *extra)
         assert match in _error(capsys, argv), name
         assert not out.exists(), f"{name}: left output behind"
+
+
+def test_output_that_is_a_file_or_unwritable_is_refused_before_the_run(tiny_model_dir, text_files, tmp_path, capsys):
+    import os
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("mine")
+    assert "is a file" in _error(capsys, _args(tiny_model_dir, text_files, a_file))
+    assert a_file.read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anywhere: then there is nothing to refuse
+            assert "writable" in _error(capsys, _args(tiny_model_dir, text_files, locked / "run"))
+    finally:
+        locked.chmod(0o700)
 
 
 def test_plan_for_another_model_and_corrupt_plan(tiny_model_dir, text_files, tmp_path, capsys):
