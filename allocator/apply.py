@@ -27,7 +27,12 @@ def run_config(plan_path: Path, overrides: dict) -> RunConfig:
     """The settings of the run that made the plan (its ``config.json``), updated by ``overrides``."""
     names = {f.name for f in fields(RunConfig)}
     saved = plan_path.parent / "config.json"
-    base = json.loads(saved.read_text()) if saved.is_file() else {}
+    try:
+        base = json.loads(saved.read_text()) if saved.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AllocatorError(f"{saved} is corrupt ({exc}): restore it or delete it and pass the run's flags") from None
+    if not isinstance(base, dict):
+        raise AllocatorError(f"{saved} is not a run's settings (a JSON object): restore it or delete it")
     settings = {k: v for k, v in base.items() if k in names}
     settings.update({k: v for k, v in overrides.items() if k in names and v is not None})
     settings.update(output_dir=None, plan=None, resume=False)

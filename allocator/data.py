@@ -58,13 +58,22 @@ def load_records(source: str) -> list[str]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AllocatorError(f"{path} is not UTF-8 text (binary or corrupt?): pass a .txt file or a .parquet") from None
+    if "\x00" in text:
+        raise AllocatorError(f"{path} holds NUL bytes (a binary file?): pass a .txt file or a .parquet")
+    return text.splitlines()
 
 
 def _read_parquet(path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for truncated or non-Parquet files
+        raise AllocatorError(f"{path} is not a readable Parquet file ({exc}): re-download it or pass a .txt") from None
     if _TEXT_COLUMN not in table.column_names:
         raise AllocatorError(f"Parquet file {path} has no {_TEXT_COLUMN!r} column (columns: {table.column_names})")
     return [str(t) for t in table.column(_TEXT_COLUMN).to_pylist() if t is not None]

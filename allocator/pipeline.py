@@ -63,6 +63,10 @@ def run(config: RunConfig) -> RunResult:
                    "storage": config.storage or (str(out / "optuna.journal") if out else None)},
     }.get(config.method, {})  # fmt: skip
     searcher = None if config.plan else get_searcher(config.method, **options)
+    if searcher is not None and config.method == "optuna" and config.storage:
+        from allocator.search.bayesian import open_storage
+
+        open_storage(config.storage)  # a bad URL is found before the profile is measured
     saved = Plan.load(config.plan) if config.plan else None
     get_backend(config.backend)
     latency = (

@@ -123,6 +123,28 @@ def test_output_that_is_a_file_or_unwritable_is_refused_before_the_run(tiny_mode
         locked.chmod(0o700)
 
 
+def test_corrupt_inputs_are_one_line_errors(tiny_model_dir, text_files, tmp_path, capsys):
+    binary = tmp_path / "calib.bin.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert "not UTF-8 text" in _error(capsys, _args(tiny_model_dir, text_files, tmp_path / "a", "--calib", str(binary)))
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"text\x00\x00more\n")
+    assert "NUL bytes" in _error(capsys, _args(tiny_model_dir, text_files, tmp_path / "b", "--calib", str(nul)))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    message = _error(capsys, _args(tiny_model_dir, text_files, tmp_path / "c", "--calib", str(broken)))
+    assert "not a readable Parquet file" in message
+    storage = ["--method", "optuna", "--trials", "2", "--storage", "foo://bar", "--profiles-dir", str(tmp_path / "p")]
+    pytest.importorskip("optuna")
+    assert "cannot open optuna storage" in _error(capsys, _args(tiny_model_dir, text_files, tmp_path / "d", *storage))
+    # a plan whose config.json was damaged
+    good = tmp_path / "good"
+    assert main(_args(tiny_model_dir, text_files, good, "--target", "sparsity=0.3")) == 0
+    (good / "config.json").write_text("{not json")
+    assert "is corrupt" in _error(capsys, ["apply", str(good / "plan.json"), "-o", str(tmp_path / "ckpt")])
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "d", "ckpt"))
+
+
 def test_plan_for_another_model_and_corrupt_plan(tiny_model_dir, text_files, tmp_path, capsys):
     from tests.test_plan import _plan
 

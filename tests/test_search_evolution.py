@@ -135,6 +135,29 @@ def test_resume_after_interruption_gives_the_same_plan(tmp_path):
         get_searcher("evolution", checkpoint=str(ckpt), resume=True, **settings).search(problem, seed=8)
 
 
+def test_counters_continue_on_resume(tmp_path):
+    """history's block-forward counters after a kill and resume equal an uninterrupted run's."""
+    problem = _toy_problem()
+    settings = dict(generations=8, offspring=4, stages="2@64,1@128")
+
+    def counted(**kw):
+        fitness = ToyFitness(problem, **kw)
+        fitness.counters = {"block_forwards": 0}
+        return fitness
+
+    problem.fitness = counted()
+    straight = get_searcher("evolution", **settings)
+    straight.search(problem, seed=3)
+    ckpt = tmp_path / "state.json"
+    problem.fitness = counted(fail_after=25)
+    with pytest.raises(KeyboardInterrupt):
+        get_searcher("evolution", checkpoint=str(ckpt), **settings).search(problem, seed=3)
+    problem.fitness = counted()
+    resumed = get_searcher("evolution", checkpoint=str(ckpt), resume=True, **settings)
+    resumed.search(problem, seed=3)
+    assert [h["block_forwards"] for h in resumed.history] == [h["block_forwards"] for h in straight.history]
+
+
 def test_knapsack_start_needs_a_profile():
     problem = _toy_problem()
     problem.error = None

@@ -46,7 +46,14 @@ def open_storage(url: str | None):
     if url is None:
         return None
     if "://" in url:
-        return optuna.storages.RDBStorage(url)
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as exc:  # SQLAlchemy raises many types for unknown dialects and unreachable servers
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AllocatorError(
+                f"cannot open optuna storage {url!r} ({first}): use sqlite:///FILE.db, an RDB URL that is "
+                "reachable, or a journal file path"
+            ) from None
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     path = Path(url.removeprefix("journal:"))

@@ -82,6 +82,9 @@ class Evolution:
             rng.bit_generator.state = state["rng"]
             parent = np.array(state["parent"])
         self.history = state["history"]
+        counters = getattr(fitness, "counters", None)
+        if counters is not None and self.history:  # a resumed search counts on from where it was killed
+            counters.update({k: v for k, v in self.history[-1].items() if k in counters})
         fitness.set_parent(parent)
         t_start = time.perf_counter() - state["elapsed_s"]
         # the fitness of a generation is measured on a fresh minibatch (noisy); the probe is a fixed one,
