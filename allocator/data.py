@@ -116,10 +116,15 @@ def bos_token_id(tokenizer) -> int | None:
     return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
 
 
-def _text_len(seq_len: int, bos: int | None) -> int:
-    """Text tokens per window: ``seq_len`` less the BOS; at least one must be left to predict from."""
+def check_seq_len(seq_len: int) -> None:
+    """A window needs two tokens: one to predict from and one to predict (one besides a BOS)."""
     if seq_len < 2:
         raise AllocatorError(f"--seq-len must be at least 2 tokens (one predicts the next), got {seq_len}")
+
+
+def _text_len(seq_len: int, bos: int | None) -> int:
+    """Text tokens per window: ``seq_len`` less the BOS."""
+    check_seq_len(seq_len)
     return seq_len - (bos is not None)
 
 

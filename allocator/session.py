@@ -88,8 +88,7 @@ def check_config(config: RunConfig) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise AllocatorError(f"{flag} must be at least 1, got {value}")
-    if config.seq_len < 2:
-        raise AllocatorError(f"--seq-len must be at least 2 tokens (one predicts the next), got {config.seq_len}")
+    data.check_seq_len(config.seq_len)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise AllocatorError(f"--device {config.device}: this machine has no CUDA GPU; use --device cpu")
     if config.output_dir:
