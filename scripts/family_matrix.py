@@ -21,18 +21,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the checks and the tiny configs
 
 from allocator.io import write_text_atomic  # noqa: E402
-from tests.conftest import ALL_FAMILIES, MOE, WORDS, tiny_model  # noqa: E402
+from tests.conftest import ALL_FAMILIES, MOE, WORDS, tiny_model, word_tokenizer  # noqa: E402
 from tests.test_families import CHECKS, run_checks  # noqa: E402
-
-
-def _tokenizer():
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
 def _texts(folder: Path) -> dict[str, Path]:
@@ -55,7 +45,7 @@ def main() -> None:
         for family in (*ALL_FAMILIES, *MOE):
             folder = Path(tmp) / family
             tiny_model(family).save_pretrained(folder)
-            _tokenizer().save_pretrained(folder)
+            word_tokenizer().save_pretrained(folder)
             outcome = run_checks(family, folder, Path(tmp) / f"work-{family}", texts)
             if family not in MOE:
                 outcome["experts as units"] = "n/a"

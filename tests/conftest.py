@@ -94,6 +94,11 @@ def _text(n_lines: int, seed: int) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A word-level tokenizer over WORDS (fast tokenizer, no download)."""
+    return word_tokenizer()
+
+
+def word_tokenizer():
+    """A word-level tokenizer over WORDS (fast tokenizer, no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
