@@ -124,21 +124,24 @@ def _exporters(family: str, folder: Path, work: Path, texts: dict) -> None:
 
 
 def _prefix_cache(family: str, _folder: Path, work: Path, _texts: dict) -> None:
+    """The incremental fitness (from the first changed block, on cached inputs) equals a full forward."""
     model = tiny_model(family)
     inv = Inventory.from_model(model)
-    grid = parse_grid("dense,s0.3,s0.6")
-    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    grid = parse_grid("dense,s0.3,s0.6,s0.9")
+    calib = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     db = LevelDatabase.build(model, inv, grid, "magnitude", work / "db", calib)
     problem = build_problem(inv, grid, Budget.parse("sparsity=0.3"))
-    pool = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
-    fitness = KLFitness(model, inv, problem, db, pool, batch_size=2)
+    pool = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))
+    fitness = KLFitness(model, inv, problem, db, pool, batch_size=4)
     parent = get_searcher("uniform").search(problem, 0)
     fitness.set_parent(parent)
-    rng, batch = np.random.default_rng(0), np.array([0, 3])
-    for _ in range(4):
+    rng, batch = np.random.default_rng(0), np.array([0, 2, 5])
+    assert fitness(parent, batch) > 0
+    for _ in range(6):
         child = mutate(problem, parent, _ladders(problem), rng)
         assert fitness(child, batch) == pytest.approx(fitness.full(child, batch), rel=1e-5, abs=1e-7)
     assert fitness.counters["block_forwards_saved"] > 0
+    assert fitness.full(np.full(len(parent), 0), batch) == pytest.approx(0, abs=1e-6)  # dense: KL 0
 
 
 RUNNERS: dict[str, Callable] = dict(zip(CHECKS, (_inventory, _experts, _backends, _uniform, _knapsack, _apply,

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from allocator.backends.database import LevelDatabase
 from allocator.budget import Budget, Problem, build_problem
 from allocator.errors import AllocatorError
-from allocator.fitness import KLFitness
 from allocator.levels import parse_grid
 from allocator.model import Inventory
 from allocator.search import get_searcher
 from allocator.search.evolution import _ladders, mutate
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import tiny_model
 
 
 def _random_problem(seed: int, budgets: int = 1) -> Problem:
@@ -164,27 +161,3 @@ def test_knapsack_start_needs_a_profile():
     problem.fitness = ToyFitness(problem)
     with pytest.raises(AllocatorError, match="profile"):
         get_searcher("evolution", start="knapsack", generations=1).search(problem, seed=0)
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_incremental_fitness_equals_full_evaluation(family, tmp_path):
-    model = tiny_model(family)
-    inv = Inventory.from_model(model)
-    grid = parse_grid("dense,s0.3,s0.6,s0.9")
-    calib = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
-    db = LevelDatabase.build(model, inv, grid, "magnitude", tmp_path / "db", calib)
-    problem = build_problem(inv, grid, Budget.parse("sparsity=0.3"))
-    pool = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))
-    fitness = KLFitness(model, inv, problem, db, pool, batch_size=4)
-    parent = get_searcher("uniform").search(problem, 0)
-    fitness.set_parent(parent)
-    rng = np.random.default_rng(0)
-    ladders = _ladders(problem)
-    batch = np.array([0, 2, 5])
-    assert fitness(parent, batch) > 0
-    for _ in range(6):
-        child = mutate(problem, parent, ladders, rng)
-        fast = fitness(child, batch)
-        assert fast == pytest.approx(fitness.full(child, batch), rel=1e-5, abs=1e-7)
-    assert fitness.counters["block_forwards_saved"] > 0
-    assert fitness.full(np.full(len(parent), 0), batch) == pytest.approx(0, abs=1e-6)  # dense: KL 0
