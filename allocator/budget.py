@@ -69,7 +69,7 @@ class Budget:
         """The budgeted cost of one layer at one level (kept weights, storage bits or bytes, ms)."""
         if self.kind in LATENCY_KINDS:
             model = self._needs(latency)
-            return model.table.linear_ms(layer.rows, layer.cols, level, model.tokens)
+            return model.table.layer_ms(layer, level, model.tokens)
         if self.kind == "sparsity":
             return level.kept_params(layer.rows, layer.cols)
         bits = level.storage_bits(layer.rows, layer.cols)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from allocator.errors import AllocatorError
+from allocator.hub import OFFLINE_HINT, hub_access
 
 _TEXT_COLUMN = "text"
 
@@ -83,14 +84,15 @@ def _read_dataset(spec: str) -> list[str]:
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
     try:
-        import datasets
+        with hub_access() as online:
+            import datasets
 
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
+            ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # datasets raises many types for unreachable or unknown names
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AllocatorError(
-            f"cannot load dataset {spec!r} ({first}): pass a local .txt/.parquet file or folder, "
-            "or a datasets name that is reachable (this machine may be offline)"
+            f"cannot load dataset {spec!r} ({first if online else OFFLINE_HINT}): pass a local .txt/.parquet "
+            "file or folder, or a datasets name that is reachable"
         ) from exc
     if _TEXT_COLUMN not in ds.column_names:
         raise AllocatorError(f"dataset {spec!r} has no {_TEXT_COLUMN!r} column (columns: {ds.column_names})")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from allocator.errors import AllocatorError
+from allocator.hub import OFFLINE_HINT, hub_access
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,15 @@ def _from_pretrained(folder: str, model_id: str, dtype: torch.dtype, device: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        with hub_access() as online:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = first if online or Path(folder).exists() else OFFLINE_HINT
         raise AllocatorError(
-            f"cannot load model {model_id!r} ({first}): pass a local model folder, a .gguf file, "
-            "or a hub id that is reachable (this machine may be offline)"
+            f"cannot load model {model_id!r} ({why}): pass a local model folder, a .gguf file, "
+            "or a hub id that is reachable"
         ) from exc
     return model.to(device).eval(), tokenizer
 
@@ -149,6 +152,7 @@ class Layer:
     role: str
     rows: int  # output features
     cols: int  # input features
+    share: float = 1.0  # mean fraction of the tokens it computes on: top_k / experts for a routed expert
 
     @property
     def params(self) -> int:
@@ -164,6 +168,7 @@ class Inventory:
     groups: tuple[tuple[str, ...], ...]
     blocks: str  # name of the ModuleList holding the decoder blocks
     n_blocks: int
+    attention: tuple[str, ...] = ()  # per block: "full" or "sliding:<window>" (Gemma-2/3 alternate them)
 
     @classmethod
     def from_model(cls, model: nn.Module, include_lm_head: bool = False) -> Inventory:
@@ -179,12 +184,14 @@ class Inventory:
         layers: list[Layer] = []
         groups: dict[str, list[str]] = {}
         for b, block in enumerate(blocks):
+            shares = _expert_shares(block, model.config)
             for role, module in block.named_modules():
                 if not is_linear(module) or _is_router(role):
                     continue
                 name = f"{blocks_name}.{b}.{role}"
                 rows, cols = weight_view(module).shape
-                layers.append(Layer(name, b, role, rows, cols))
+                share = next((v for k, v in shares.items() if role.startswith(k + ".")), 1.0)
+                layers.append(Layer(name, b, role, rows, cols, share))
                 parent, _, leaf = name.rpartition(".")
                 key = f"{parent}.{TIE_KINDS[leaf]}" if leaf in TIE_KINDS else name
                 groups.setdefault(key, []).append(name)
@@ -201,7 +208,8 @@ class Inventory:
             rows, cols = weight_view(head).shape
             layers.append(Layer(name, len(blocks), "lm_head", rows, cols))
             groups[name] = [name]
-        return cls(tuple(layers), tuple(tuple(g) for g in groups.values()), blocks_name, len(blocks))
+        attention = tuple(_attention_kind(block, b, model.config) for b, block in enumerate(blocks))
+        return cls(tuple(layers), tuple(tuple(g) for g in groups.values()), blocks_name, len(blocks), attention)
 
     @property
     def params(self) -> int:
@@ -230,6 +238,41 @@ def _is_router(role: str) -> bool:
     """A mixture-of-experts router: it picks experts per token, so it is never compressed."""
     leaf = role.rpartition(".")[2]
     return leaf in ("gate", "router") or leaf.endswith("_gate")
+
+
+def _expert_shares(block: nn.Module, config: object) -> dict[str, float]:
+    """Routed experts module name -> top_k / experts: on average each expert sees that share of the tokens.
+
+    ``top_k`` is read from the block's router (the sibling module that has one), else from the config.
+    """
+    from allocator.moe import UnfusedExperts
+
+    shares = {}
+    for role, module in block.named_modules():
+        if isinstance(module, UnfusedExperts):
+            parent = block.get_submodule(role.rpartition(".")[0]) if "." in role else block
+            top_k = next((m.top_k for m in parent.modules() if isinstance(getattr(m, "top_k", None), int)), None)
+            top_k = top_k or getattr(config, "num_experts_per_tok", None) or len(module)
+            shares[role] = min(1.0, top_k / len(module))
+    return shares
+
+
+def _attention_kind(block: nn.Module, index: int, config: object) -> str:
+    """``full`` or ``sliding:<window>``: the attention module's own ``sliding_window`` where it has one
+    (Gemma-2/3, Qwen2), else ``config.layer_types``, else a model-wide ``config.sliding_window`` (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    for module in block.modules():
+        if hasattr(module, "sliding_window") and module is not block:
+            own = module.sliding_window
+            return f"sliding:{own}" if isinstance(own, int) and own > 0 else "full"
+    types = getattr(config, "layer_types", None)
+    if types and index < len(types):
+        kind = str(types[index])
+        if kind == "sliding_attention":
+            return f"sliding:{window}"
+        return "full" if kind == "full_attention" else kind
+    on = getattr(config, "use_sliding_window", True) is not False
+    return f"sliding:{window}" if isinstance(window, int) and window > 0 and on else "full"
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

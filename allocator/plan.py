@@ -40,6 +40,8 @@ class Plan:
     achieved: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # the calibration windows that made it (source, sizes, BOS)
+    shares: dict[str, float] = field(default_factory=dict)  # routed experts' token shares (latency prices them)
+    attention: list[str] = field(default_factory=list)  # per block: full or sliding:<window>
 
     @classmethod
     def create(
@@ -71,6 +73,8 @@ class Plan:
             achieved=summarize(assignment, inventory),
             timings=dict(timings or {}),
             data=dict(data or {}),
+            shares={lay.name: lay.share for lay in inventory.layers if lay.share < 1},
+            attention=list(inventory.attention),
         )
         plan.check_against(inventory)
         return plan
@@ -79,7 +83,13 @@ class Plan:
         """The JSON form (level names as strings)."""
         return {
             "schema_version": SCHEMA_VERSION,
-            "model": {"id": self.model_id, "fingerprint": self.fingerprint, "shapes": self.shapes},
+            "model": {
+                "id": self.model_id,
+                "fingerprint": self.fingerprint,
+                "shapes": self.shapes,
+                "expert_shares": self.shares,
+                "attention": self.attention,
+            },  # fmt: skip
             "budget": asdict(self.budget),
             "extra_budgets": [asdict(b) for b in self.extra_budgets],
             "grid": [lv.name for lv in self.grid],
@@ -138,6 +148,8 @@ class Plan:
                 achieved=dict(data.get("achieved", {})),
                 timings=dict(data.get("timings", {})),
                 data=dict(data.get("data", {})),
+                shares={k: float(v) for k, v in model.get("expert_shares", {}).items()},
+                attention=[str(a) for a in model.get("attention", [])],
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise AllocatorError(f"{source}: malformed plan ({type(exc).__name__}: {exc}): re-create it") from None
@@ -148,7 +160,9 @@ class Plan:
 
     def over_budget(self, latency: LatencyModel | None = None) -> list[str]:
         """The budgets this plan breaks, each with its numbers (a latency budget only with a table)."""
-        layers = tuple(Layer(name, 0, "", rows, cols) for name, (rows, cols) in self.shapes.items())
+        layers = tuple(
+            Layer(name, 0, "", rows, cols, self.shares.get(name, 1.0)) for name, (rows, cols) in self.shapes.items()
+        )
         inventory = Inventory(layers, (), "", 0)
         broken = []
         for budget in (self.budget, *self.extra_budgets):

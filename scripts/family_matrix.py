@@ -21,6 +21,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the checks and the tiny configs
 
 from allocator.io import write_text_atomic  # noqa: E402
+from allocator.model import Inventory  # noqa: E402
 from tests.conftest import ALL_FAMILIES, MOE, WORDS, tiny_model, word_tokenizer  # noqa: E402
 from tests.test_families import CHECKS, run_checks  # noqa: E402
 
@@ -49,19 +50,25 @@ def main() -> None:
             outcome = run_checks(family, folder, Path(tmp) / f"work-{family}", texts)
             if family not in MOE:
                 outcome["experts as units"] = "n/a"
-            rows.append({"family": family, **outcome})
+            inv = Inventory.from_model(tiny_model(family))
+            shares = sorted({f"{lay.share:g}" for lay in inv.layers if lay.share < 1})
+            info = {"attention (per block)": " ".join(inv.attention), "expert token share": ",".join(shares) or "-"}
+            rows.append({"family": family, **info, **outcome})
             print(family, {k: v[:60] for k, v in outcome.items()}, flush=True)
     table = pd.DataFrame(rows)
     out = Path(args.out)
     write_text_atomic(out.with_suffix(".csv"), table.to_csv(index=False))
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    cols = ["family", *CHECKS]
+    cols = ["family", "attention (per block)", "expert token share", *CHECKS]
     md = [f"# Decoder families x checks\n\n`{command}` (tiny 2-block models from each transformers config)\n",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
     md += ["| " + " | ".join(str(r[c]).replace("|", "/") for c in cols) + " |" for r in rows]
     md.append(
-        "\nexporters: every format writes the plans it can express; for the MoE families llama.cpp refuses "
-        "per-expert plans (GGUF stores a block's experts as one tensor per projection)."
+        "\nattention: from each block's attention module (`sliding_window`), else `config.layer_types`, else "
+        "`config.sliding_window`. expert token share: top_k / experts, read from the router; latency tables price a "
+        "routed expert at the tokens routed to it.\nexporters: every format writes the plans it can express; "
+        "llama.cpp takes MoE plans with one level per expert role and block (`--per expert-role`: GGUF stores a "
+        "block's experts as one tensor per projection)."
     )
     write_text_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
     print(out.with_suffix(".md"))

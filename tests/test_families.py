@@ -33,9 +33,19 @@ CHECKS = ("inventory", "experts as units", "backends", "uniform run", "knapsack 
           "prefix cache")  # fmt: skip
 
 
+# what each family's tiny config means for its 2 blocks (Gemma-2 alternates from sliding; Gemma-3 has 1 full
+# layer in 6; Mistral's config window applies to every layer); the rest attend fully
+ATTENTION = {"gemma2": ("sliding:4096", "full"), "gemma3": ("sliding:16", "sliding:16"),
+             "mistral": ("sliding:4096", "sliding:4096")}  # fmt: skip
+
+
 def _inventory(family: str, _folder: Path, _work: Path, _texts: dict) -> None:
     model = tiny_model(family)
     inv = Inventory.from_model(model)
+    assert inv.attention == ATTENTION.get(family, ("full", "full")), inv.attention
+    shares = {lay.share for lay in inv.layers if ".experts." in lay.name}
+    assert shares == ({0.5} if family in MOE else set()), shares  # 2 of 4 experts per token
+    assert all(lay.share == 1.0 for lay in inv.layers if ".experts." not in lay.name), "shared experts see every token"
     blocks = model.get_submodule(inv.blocks)
     routers = ("gate", "router", "shared_expert_gate")
     linears = {f"{inv.blocks}.{n}" for n, m in blocks.named_modules()
@@ -105,8 +115,7 @@ def _apply(family: str, folder: Path, work: Path, texts: dict) -> None:
         assert int((W != 0).sum()) == level.kept_params(*W.shape), name
 
 
-# GGUF stores a block's experts as one tensor per projection, so a per-expert plan has no llama.cpp form
-REFUSED = {family: {"llamacpp"} for family in MOE}
+REFUSED: dict[str, set[str]] = {}  # every family: MoE plans with one level per expert role export to GGUF too
 
 
 def _exporters(family: str, folder: Path, work: Path, texts: dict) -> None:

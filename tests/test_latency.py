@@ -264,3 +264,40 @@ def test_a_noisy_negative_overhead_predicts_finite_times(inv):
         out = table.predict(dense, inv, m)
         assert np.isfinite(out["predicted_ms"]) and out["speedup"] == pytest.approx(1.0)
     assert 0 < table.overhead_ms(4) < 1e-5
+
+
+def _binomial_expectation(p: float, m: int, ms_at) -> float:
+    """Exact E[t(n) 1(n > 0)] for an expert's routed tokens n ~ Binomial(m, p) (float64 reference)."""
+    from math import comb
+
+    return sum(comb(m, n) * p**n * (1 - p) ** (m - n) * ms_at(n) for n in range(1, m + 1))
+
+
+def test_routed_experts_are_priced_at_the_tokens_routed_to_them():
+    """An expert (2 of 4 per token) costs its expected time over the binomial routing: exact at one token,
+    within Jensen's gap of the concave power law at more."""
+    inv = Inventory.from_model(tiny_model("mixtral"))
+    experts = [lay for lay in inv.layers if ".experts." in lay.name]
+    assert experts and all(lay.share == 0.5 for lay in experts)
+    table = synthetic(inv)
+    for m, rel in ((1, 1e-12), (16, 0.02), (512, 1e-3)):
+        for lay in experts[:2]:
+            exact = _binomial_expectation(0.5, m, lambda n, lay=lay: 1e-6 * lay.rows * lay.cols * n**B)
+            assert table.layer_ms(lay, Level(), m) == pytest.approx(exact, rel=rel)
+    dense = {lay.name: Level() for lay in inv.layers}
+    full = sum(1e-6 * lay.rows * lay.cols * 512**B for lay in inv.layers if lay.share == 1)
+    routed = sum(table.layer_ms(lay, Level(), 512) for lay in experts)
+    assert routed < sum(1e-6 * lay.rows * lay.cols * 512**B for lay in experts) * 0.75  # not priced as dense
+    assert table.predict(dense, inv, 512)["predicted_ms"] == pytest.approx(0.02 * 512**B + full + routed, rel=1e-12)
+
+
+def test_measured_moe_table_holds_expert_token_counts_and_predicts_dense_exactly():
+    model = tiny_model("mixtral")
+    inv = Inventory.from_model(model)
+    table = measure_table(model, inv, (1, 8), ("dense",), Timer("cpu", repeats=3, warmup=1),
+                          env={"gpu": "cpu", "driver": "none", "torch": "x"})  # fmt: skip
+    assert sorted(set(table.df[table.df.kind == "linear"].tokens)) == [1, 4, 8]  # 8 tokens: 4 per active expert
+    for m in (1, 8):
+        note = table.df[(table.df.kind == "overhead") & (table.df.tokens == m)].serving.iloc[0]
+        measured = float(note.split()[1])  # "dense X ms, ..."
+        assert table.dense_ms(inv, m) == pytest.approx(measured, rel=1e-3, abs=1e-4)

@@ -49,3 +49,41 @@ def test_per_expert_role_gives_all_experts_of_a_role_one_level():
     choice = get_searcher("uniform").search(per_role, 0)
     assignment = per_role.assignment(choice)
     assert len(assignment) == len(inv.layers) and len({assignment[n] for n in experts[0]}) == 1
+
+
+def test_llamacpp_takes_per_expert_role_plans_on_ggufs_expert_tensors():
+    """GGUF holds a block's experts in one tensor per projection (gguf-py's FFN_*_EXP names): a per-expert-role
+    plan maps onto them, a plan splitting one block's experts is refused, naming the fix."""
+    import re
+
+    import gguf
+
+    from allocator.budget import Budget
+    from allocator.errors import AllocatorError
+    from allocator.export import FORMATS
+    from allocator.levels import parse_grid
+    from allocator.plan import Plan
+
+    inv = Inventory.from_model(tiny_model("mixtral"))
+    grid = parse_grid("dense,w8,w4g32,w2g32")
+    role_level = {"gate_up_proj": grid[1], "down_proj": grid[2]}
+    assignment = {
+        lay.name: role_level[lay.role.rsplit(".", 1)[1]] if ".experts." in lay.name else grid[3] for lay in inv.layers
+    }
+    plan = Plan.create(assignment, inv, "tiny-mixtral", Budget("bits", 16), grid, "test", 0)
+    back = Plan.from_dict(plan.to_dict())
+    assert back.shares == plan.shares and set(plan.shares.values()) == {0.5} and back.attention == ["full", "full"]
+    rules = dict(line.rsplit("=", 1) for line in FORMATS["llamacpp"](plan)["tensor-types.txt"].split())
+    names = gguf.TENSOR_NAMES
+    for b in range(inv.n_blocks):
+        for tensor, ggml in ((gguf.MODEL_TENSOR.FFN_GATE_EXP, "q8_0"), (gguf.MODEL_TENSOR.FFN_UP_EXP, "q8_0"),
+                             (gguf.MODEL_TENSOR.FFN_DOWN_EXP, "q4_K")):  # fmt: skip
+            name = names[tensor].format(bid=b) + ".weight"
+            hits = [t for p, t in rules.items() if re.search(p, name)]
+            assert hits == [ggml], (name, hits)
+        attn = names[gguf.MODEL_TENSOR.ATTN_Q].format(bid=b) + ".weight"
+        assert [t for p, t in rules.items() if re.search(p, attn)] == ["q2_K"]
+    split = dict(assignment)
+    split[next(n for n in split if n.endswith("experts.1.down_proj"))] = grid[0]
+    with pytest.raises(AllocatorError, match=r"ffn_down_exps.*--per expert-role"):
+        FORMATS["llamacpp"](Plan.create(split, inv, "tiny-mixtral", Budget("bits", 16), grid, "test", 0))

@@ -5,6 +5,8 @@ HF module names become GGUF tensor names through gguf-py's own ``TensorNameMap``
 applies it with ``std::regex_search`` (unanchored, first match wins), so every pattern is anchored
 with ``^…$``: ``blk.1.`` never matches ``blk.10.``. GGUF types have fixed block sizes, so a level's
 group size is not carried: bits map to the nearest type (w4 -> q4_K, …). Research: ecosystem.md §2.11.
+GGUF stores all routed experts of a block in one tensor per projection (``blk.N.ffn_{gate,up,down}_exps``),
+so an MoE plan must give every expert of a block one level per projection (``--per expert-role``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import re
 
 from allocator.errors import AllocatorError
 from allocator.export.common import require_kinds
+from allocator.levels import Level
 from allocator.plan import Plan
 
 KINDS = {"dense", "bits"}
 GGML_TYPES = {16: "f16", 8: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
-_ARCHS = ("LLAMA", "QWEN2", "QWEN3", "GEMMA3", "GPT2")  # tried in turn to name a tensor
+_ARCHS = ("LLAMA", "QWEN2", "QWEN3", "GEMMA3", "GPT2", "QWEN2MOE", "PHI3", "GPTNEOX")  # tried in turn to name a tensor
 
 
 def gguf_name(hf_name: str, n_blocks: int) -> str:
@@ -39,9 +42,31 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     if odd:
         raise AllocatorError(f"llama.cpp has no type for {odd}: use {sorted(GGML_TYPES)}-bit levels")
     blocks = 1 + max(int(m.group(1)) for n in plan.assignment if (m := re.search(r"\.(\d+)\.", n)))
-    lines = [f"^{re.escape(gguf_name(name, blocks))}$={GGML_TYPES[lv.bits]}" for name, lv in plan.assignment.items()]
+    tensors = _expert_tensors(plan)
+    tensors.update({gguf_name(n, blocks): lv for n, lv in plan.assignment.items() if ".experts." not in n})
+    lines = [f"^{re.escape(name)}$={GGML_TYPES[lv.bits]}" for name, lv in tensors.items()]
     quantized = [lv.bits for lv in plan.assignment.values() if lv.quantized]
     base = GGML_TYPES[max(set(quantized), key=quantized.count)].upper() if quantized else "Q8_0"
     command = f"llama-quantize --tensor-type-file tensor-types.txt model-f16.gguf model-allocator.gguf {base}"
     script = f"#!/usr/bin/env bash\n# per-tensor types from the plan; unlisted tensors get the base type\n{command}\n"
     return {"tensor-types.txt": "\n".join(lines) + "\n", "llama-quantize.sh": script}
+
+
+_EXPERT = re.compile(r"\.(\d+)\.[\w.]*experts\.\d+\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
+_EXPS = {"gate_up_proj": ("gate", "up"), "gate_proj": ("gate",), "up_proj": ("up",), "down_proj": ("down",)}
+
+
+def _expert_tensors(plan: Plan) -> dict[str, Level]:
+    """GGUF expert tensor name -> the one level all of the block's experts take for that projection."""
+    levels: dict[str, set] = {}
+    for name, level in plan.assignment.items():
+        if m := _EXPERT.search(name):
+            for proj in _EXPS[m.group(2)]:
+                levels.setdefault(f"blk.{m.group(1)}.ffn_{proj}_exps.weight", set()).add(level)
+    split = sorted(t for t, lv in levels.items() if len(lv) > 1)
+    if split:
+        raise AllocatorError(
+            f"llama.cpp stores a block's experts in one tensor per projection, but the plan gives the experts of "
+            f"{split} different levels: re-plan with --per expert-role"
+        )
+    return {t: next(iter(lv)) for t, lv in levels.items()}

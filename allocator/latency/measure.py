@@ -29,7 +29,7 @@ from allocator.latency.kernels import (
     KernelUnavailable,
     build,
 )
-from allocator.latency.table import COLUMNS, MIN_MS, LatencyTable
+from allocator.latency.table import COLUMNS, MIN_MS, LatencyTable, table_tokens
 from allocator.levels import Level
 from allocator.model import Inventory
 
@@ -179,11 +179,11 @@ def measure_table(
     device = str(next(model.parameters()).device)
     dtype = next(model.parameters()).dtype
     timer = timer or Timer(device)
-    rows = measure_linears(linear_shapes(inventory), tokens, kernels, device, dtype, timer)
-    dense = {(r["rows"], r["cols"], r["tokens"]): r["ms"] for r in rows if r["kernel"] == "dense"}
+    rows = measure_linears(linear_shapes(inventory), table_tokens(inventory, tokens), kernels, device, dtype, timer)
+    partial = LatencyTable(pd.DataFrame(rows), source="the linear rows")
     for m in tokens:
         total = model_ms(model, m, timer)
-        linear = sum(dense[(lay.rows, lay.cols, m)] for lay in inventory.layers)
+        linear = sum(partial.layer_ms(lay, Level(), m) for lay in inventory.layers)
         how = "CUDA graph" if timer.used_graph else f"eager ({timer.graph_error or 'no graphs'})"
         # linears timed one by one can add up to more than the whole model on a busy host: no overhead, not < 0
         rows.append({"kind": "overhead", "rows": 0, "cols": 0, "kernel": "non-linear", "tokens": m,

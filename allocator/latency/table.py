@@ -23,7 +23,7 @@ from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic, write_text_atomic
 from allocator.latency.kernels import kernel_for
 from allocator.levels import Level
-from allocator.model import Inventory
+from allocator.model import Inventory, Layer
 
 COLUMNS = ["kind", "rows", "cols", "kernel", "tokens", "ms", "runs", "serving", "gpu", "driver", "torch"]
 MIN_MS = 1e-6  # floor of a time in the table: a noisy negative overhead must not break the log-log interpolation
@@ -117,13 +117,24 @@ class LatencyTable:
             return 0.0
         return self._interp(("linear", rows, cols, name), tokens, f"layer shape {rows}x{cols} ({name})")
 
+    def layer_ms(self, layer: Layer, level: Level, tokens: int) -> float:
+        """Expected time of one layer of the model when the model runs ``tokens`` tokens (ms).
+
+        A routed expert (share p = top_k / experts) is idle with probability (1 - p)^tokens; when active it
+        computes on the tokens routed to it: p * tokens in mean, given that it runs at least one.
+        """
+        if layer.share >= 1:
+            return self.linear_ms(layer.rows, layer.cols, level, tokens)
+        active = 1 - (1 - layer.share) ** tokens
+        return active * self.linear_ms(layer.rows, layer.cols, level, expert_tokens(layer.share, tokens))
+
     def overhead_ms(self, tokens: int) -> float:
         """The model's measured non-linear time at ``tokens`` tokens (ms)."""
         return self._interp(("overhead", 0, 0, "non-linear"), tokens, "the model's non-linear overhead")
 
     def predict(self, assignment: dict[str, Level], inventory: Inventory, tokens: int) -> dict[str, float]:
         """Predicted end-to-end time of a plan, its dense time and the speed-up (ms)."""
-        linear = sum(self.linear_ms(lay.rows, lay.cols, assignment[lay.name], tokens) for lay in inventory.layers)
+        linear = sum(self.layer_ms(lay, assignment[lay.name], tokens) for lay in inventory.layers)
         dense = self.dense_ms(inventory, tokens)
         total = self.overhead_ms(tokens) + linear
         return {"tokens": tokens, "predicted_ms": total, "linear_ms": linear, "dense_ms": dense,
@@ -132,9 +143,19 @@ class LatencyTable:
     def dense_ms(self, inventory: Inventory, tokens: int) -> float:
         """Predicted end-to-end time of the uncompressed model (ms)."""
         dense = Level()
-        return self.overhead_ms(tokens) + sum(
-            self.linear_ms(lay.rows, lay.cols, dense, tokens) for lay in inventory.layers
-        )
+        return self.overhead_ms(tokens) + sum(self.layer_ms(lay, dense, tokens) for lay in inventory.layers)
+
+
+def expert_tokens(share: float, tokens: int) -> int:
+    """Tokens a routed expert computes on when it runs at all (>= 1): what its table row is looked up at."""
+    active = 1 - (1 - share) ** tokens
+    return max(1, round(share * tokens / active))
+
+
+def table_tokens(inventory: Inventory, tokens: tuple[int, ...]) -> tuple[int, ...]:
+    """The token counts a table must hold for ``tokens``: each, plus what the model's routed experts see."""
+    shares = {lay.share for lay in inventory.layers if lay.share < 1}
+    return tuple(sorted({*tokens, *(expert_tokens(p, m) for p in shares for m in tokens)}))
 
 
 @dataclass(frozen=True)
