@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from allocator.errors import AllocatorError
-from allocator.io import write_json_atomic
+from allocator.io import check_output, write_json_atomic
 from allocator.moe import fuse_experts
 from allocator.plan import Plan
 from allocator.session import RunConfig, Session
@@ -44,6 +44,7 @@ def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | 
     plan_path, out = Path(plan_path), Path(output_dir)
     plan = Plan.load(plan_path)
     over_budget = plan.check_budget(f"plan {plan_path}", bool((overrides or {}).get("allow_over_budget")))
+    check_output(out, "--output-dir")
     if out.exists() and any(out.iterdir()):
         raise AllocatorError(f"output folder {str(out)!r} is not empty: pass a new --output-dir")
     config = run_config(plan_path, overrides or {})

@@ -220,4 +220,8 @@ def parse_budgets(text: str) -> list[Budget]:
     budgets = [Budget.parse(part) for part in text.split(",") if part.strip()]
     if not budgets:
         raise AllocatorError(f"no budget in {text!r}: write e.g. --target sparsity=0.5")
+    kinds = [b.kind for b in budgets]
+    twice = sorted({k for k in kinds if kinds.count(k) > 1})
+    if twice:
+        raise AllocatorError(f"--target {text!r} names {', '.join(twice)} twice: give each budget kind once")
     return budgets

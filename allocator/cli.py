@@ -11,6 +11,7 @@ from allocator.apply import apply_plan, run_config
 from allocator.budget import PER
 from allocator.errors import AllocatorError
 from allocator.export import FORMATS, export
+from allocator.io import check_output
 from allocator.latency import cli as latency_cli
 from allocator.levels import DEFAULT_GRID, parse_grid
 from allocator.pipeline import run
@@ -171,6 +172,7 @@ def _export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     plan.check_budget(f"plan {args.plan}", args.allow_over_budget)
     here = Path(args.plan).parent
+    check_output(args.output_dir or here / "exports" / args.to, "--output-dir")
     backend = run_config(Path(args.plan), {"backend": args.backend}).backend  # the run's, unless overridden
     for path in export(plan, args.to, args.output_dir or here / "exports" / args.to, backend):
         print(f"wrote {path}")
@@ -184,6 +186,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     grid = parse_grid(args.levels)
+    if args.kl_pool < 0:
+        raise AllocatorError(f"--kl-pool must be >= 0 windows, got {args.kl_pool}")
+    if args.output:
+        check_output(args.output, "--output", folder=False)
     session = Session(_config(args))
     profile = session.profile(grid, args.backend, with_database=bool(args.kl_pool))
     if args.kl_pool:

@@ -115,10 +115,19 @@ def _cached_gguf(path: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("converting %s to a cached safetensors folder %s (once)", path.name, folder)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    )
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise AllocatorError(f"{path} is not a GGUF file (no GGUF magic): pass a .gguf written by llama.cpp")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+    except Exception as exc:  # the GGUF reader raises struct.error, ValueError, KeyError, ... on damaged files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise AllocatorError(
+            f"cannot read GGUF file {path} ({type(exc).__name__}: {first}): it may be truncated; re-download it"
+        ) from None
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # save_pretrained refuses GGUF-quantised models

@@ -48,9 +48,9 @@ def run(config: RunConfig) -> RunResult:
         raise AllocatorError(f"unknown --sensitivity {config.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
     if config.fit_prior not in ("auto", "kl", "fisher"):
         raise AllocatorError(f"unknown --fit-prior {config.fit_prior!r}: choose auto, kl or fisher")
-    if min(config.fit_seqs, config.fit_plans) < 1 or config.fit_rounds < 0:
-        raise AllocatorError("--fit-seqs and --fit-plans must be >= 1 and --fit-rounds >= 0")
     check_config(config)  # before any model work
+    if config.method == "optuna" and "latency" in config.objectives and not config.latency_table:
+        raise AllocatorError("--objectives fitness,latency needs a measured table: pass --latency-table")
     out = Path(config.output_dir) if config.output_dir else None
     options = {
         "owl": {"lam": config.lam},

@@ -10,6 +10,7 @@ import pandas as pd
 
 from allocator.errors import AllocatorError
 from allocator.io import write_text_atomic
+from allocator.plan import Plan
 
 
 def write_history(history: list[dict], out: Path) -> None:
@@ -74,14 +75,15 @@ def write_run_report(folder: str | Path) -> Path:
     also a table and a plot of perplexity against achieved bits per weight, one line per method.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise AllocatorError(f"run folder {str(folder)!r} does not exist: pass a folder written by `allocator run`")
     runs = [folder] if (folder / "plan.json").is_file() else sorted(p.parent for p in folder.glob("*/plan.json"))
     if not runs:
         raise AllocatorError(f"{str(folder)!r} holds no run (no plan.json): pass a folder written by `allocator run`")
     lines = [f"# allocator report: {folder}", ""]
     rows = []
-    for run in runs:
-        plan = json.loads((run / "plan.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    loaded = [(run, *_read_run(run)) for run in runs]  # every file checked before a figure is drawn
+    for run, plan, metrics in loaded:
         achieved = plan["achieved"]
         budget = f"{plan['budget']['kind']}={plan['budget']['value']:g}"
         rows.append({"run": run.name, "method": plan["method"], "budget": budget,
@@ -113,6 +115,17 @@ def write_run_report(folder: str | Path) -> Path:
     path = folder / "report.md"
     write_text_atomic(path, "\n".join(lines))
     return path
+
+
+def _read_run(run: Path) -> tuple[dict, dict]:
+    """A run's plan (validated) and metrics, as JSON dicts."""
+    plan = Plan.load(run / "plan.json").to_dict()
+    path = run / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AllocatorError(f"{path} is not valid JSON ({exc}): re-run that run or move it away") from None
+    return plan, metrics
 
 
 def _plot_allocation(plan: dict, path: Path) -> None:

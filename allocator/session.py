@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +21,7 @@ from allocator.backends.database import DatabaseWriter, LevelDatabase
 from allocator.budget import summarize
 from allocator.errors import AllocatorError
 from allocator.evaluate import kl_divergence, perplexity
+from allocator.io import check_output
 from allocator.levels import DEFAULT_GRID, Level, with_dense
 from allocator.model import DTYPES, Inventory, cache_dir, load_model
 from allocator.profile import Profile, artifact_name
@@ -89,15 +89,27 @@ def check_config(config: RunConfig) -> None:
         if value < 1:
             raise AllocatorError(f"{flag} must be at least 1, got {value}")
     data.check_seq_len(config.seq_len)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise AllocatorError(f"--device {config.device}: this machine has no CUDA GPU; use --device cpu")
+    if config.fit_rounds < 0 or min(config.fit_seqs, config.fit_plans) < 1:
+        raise AllocatorError("--fit-seqs and --fit-plans must be >= 1 and --fit-rounds >= 0")
+    if config.latency_tokens < 1:
+        raise AllocatorError(f"--latency-tokens must be at least 1, got {config.latency_tokens}")
+    if not 0 <= config.lam < 1:
+        raise AllocatorError(f"--lam must be in [0, 1) (OWL's sparsity spread), got {config.lam}")
+    if config.time_limit is not None and not config.time_limit > 0:
+        raise AllocatorError(f"--time-limit must be > 0 seconds, got {config.time_limit}")
+    check_device(config.device)
     if config.output_dir:
-        out = Path(config.output_dir)
-        if out.exists() and not out.is_dir():
-            raise AllocatorError(f"output {str(out)!r} is a file: pass a folder to --output-dir")
-        parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-        if not os.access(parent, os.W_OK):
-            raise AllocatorError(f"cannot write under {str(parent)!r}: pass a writable --output-dir")
+        check_output(config.output_dir, "--output-dir")
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise AllocatorError(f"unknown --device {device!r}: use cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AllocatorError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
 
 
 class Session:

@@ -82,7 +82,7 @@ def family_model(request) -> tuple[str, torch.nn.Module]:
     return request.param, tiny_model(request.param)
 
 
-def _text(n_lines: int, seed: int) -> list[str]:
+def text_lines(n_lines: int, seed: int) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
     lines = []
     for _ in range(n_lines):
@@ -125,9 +125,9 @@ def bos_tokenizer():
 def text_files(tmp_path) -> dict[str, Path]:
     """A calibration text file (long documents) and an evaluation text file."""
     calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(_text(40, seed=1)) + "\n")
+    calib.write_text("\n".join(text_lines(40, seed=1)) + "\n")
     evaluation = tmp_path / "eval.txt"
-    evaluation.write_text("\n".join(_text(60, seed=2)) + "\n")
+    evaluation.write_text("\n".join(text_lines(60, seed=2)) + "\n")
     return {"calib": calib, "eval": evaluation}
 
 

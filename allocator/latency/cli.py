@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from allocator.errors import AllocatorError
+from allocator.io import check_output
 from allocator.latency.architectures import PRESETS, config_for, meta_model, random_model
 from allocator.latency.kernels import ALL_KERNELS
 from allocator.latency.measure import (
@@ -64,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     return {"measure": _measure, "predict": _predict, "check": _check}[args.latency_command](args)
 
 
+def _positive(args: argparse.Namespace) -> None:
+    if args.repeats < 1:
+        raise AllocatorError(f"--repeats must be at least 1, got {args.repeats}")
+
+
 def _cuda_or_refuse(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AllocatorError("no CUDA GPU here: run this on the target GPU (or pass --device cpu for a dry run)")
@@ -71,6 +77,8 @@ def _cuda_or_refuse(device: str) -> None:
 
 def _measure(args: argparse.Namespace) -> int:
     _cuda_or_refuse(args.device)
+    _positive(args)
+    check_output(args.out, "--out")
     kernels = tuple(dict.fromkeys(["dense", *(k.strip() for k in args.kernels.split(",") if k.strip())]))
     unknown = sorted(set(kernels) - set(ALL_KERNELS))
     if unknown:
@@ -118,6 +126,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     _cuda_or_refuse(args.device)
+    _positive(args)
     plan, table, spec = _plan_and_model(args)
     dtype = DTYPES.get(table.meta.get("dtype", "bfloat16"), torch.bfloat16)
     model = random_model(config_for(spec), dtype, args.device)

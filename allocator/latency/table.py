@@ -64,8 +64,22 @@ class LatencyTable:
         missing = sorted(set(COLUMNS) - set(df.columns))
         if missing:
             raise AllocatorError(f"latency table {str(path)!r} lacks columns {missing}: re-measure it")
+        numbers = {c: pd.to_numeric(df[c], errors="coerce") for c in ("rows", "cols", "tokens", "ms")}
+        bad = [c for c, v in numbers.items() if v.isna().any()]
+        if bad:
+            raise AllocatorError(
+                f"latency table {str(path)!r} has a value that is not a number in {bad}: re-measure it"
+            )
+        if (numbers["ms"] < 0).any() or (numbers["tokens"] < 1).any():
+            raise AllocatorError(f"latency table {str(path)!r} has negative times or token counts < 1: re-measure it")
+        df = df.assign(**numbers)
         side = path.with_suffix(".json")
-        meta = json.loads(side.read_text()) if side.is_file() else {}
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AllocatorError(f"latency table sidecar {str(side)!r} is not valid JSON ({exc}): re-measure") from None
+        if not isinstance(meta, dict):
+            raise AllocatorError(f"latency table sidecar {str(side)!r} is not a JSON object: re-measure the table")
         return cls(df, meta, str(path))
 
     # ---- lookups ----------------------------------------------------------------------------

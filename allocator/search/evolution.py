@@ -63,6 +63,9 @@ class Evolution:
     probe: int = 0  # >0: also record the parent's KL on the first ``probe`` pool sequences (a fixed yardstick)
     history: list[dict] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        parse_stages(self.stages)  # refused when the searcher is made, before any model work
+
     def search(self, problem: Problem, seed: int) -> np.ndarray:
         """Evolve a choice under the problem's budgets with ``problem.fitness``."""
         from allocator.search import get_searcher
