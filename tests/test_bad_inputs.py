@@ -107,8 +107,9 @@ def _tables(w: W) -> None:
     from allocator.model import Inventory
 
     model = tiny_model("llama")
-    table = measure_table(model, Inventory.from_model(model), (1, 8), ("dense",), Timer("cpu", repeats=2, warmup=1),
-                          env={"gpu": "cpu", "driver": "none", "torch": "x"}, meta={"model": str(w["model"])})  # fmt: skip
+    env = {"gpu": "cpu", "driver": "none", "torch": "x"}
+    timer = Timer("cpu", repeats=2, warmup=1)
+    table = measure_table(model, Inventory.from_model(model), (1, 8), ("dense",), timer, env, {"model": str(w["model"])})
     root = w["root"] / "tables"
     root.mkdir()
     table.save(root / "good.csv")
