@@ -109,7 +109,8 @@ def _tables(w: W) -> None:
     model = tiny_model("llama")
     env = {"gpu": "cpu", "driver": "none", "torch": "x"}
     timer = Timer("cpu", repeats=2, warmup=1)
-    table = measure_table(model, Inventory.from_model(model), (1, 8), ("dense",), timer, env, {"model": str(w["model"])})
+    inventory = Inventory.from_model(model)
+    table = measure_table(model, inventory, (1, 8), ("dense",), timer, env, {"model": str(w["model"])})
     root = w["root"] / "tables"
     root.mkdir()
     table.save(root / "good.csv")
