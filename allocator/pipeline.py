@@ -64,7 +64,7 @@ def run(config: RunConfig) -> RunResult:
     }.get(config.method, {})  # fmt: skip
     searcher = None if config.plan else get_searcher(config.method, **options)
     if searcher is not None and config.method == "optuna" and config.storage:
-        from allocator.search.bayesian import open_storage
+        from allocator.search.study import open_storage
 
         open_storage(config.storage)  # a bad URL is found before the profile is measured
     saved = Plan.load(config.plan) if config.plan else None

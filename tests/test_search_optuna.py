@@ -16,7 +16,8 @@ from allocator.budget import Budget, Problem
 from allocator.errors import AllocatorError
 from allocator.levels import parse_grid
 from allocator.search import get_searcher
-from allocator.search.bayesian import open_storage, project
+from allocator.search.bayesian import project
+from allocator.search.study import open_storage
 from tests.test_search_evolution import ToyFitness, _toy_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,14 @@ class SlowToyFitness(ToyFitness):
 
 def _trials(storage: str, name: str = "allocator") -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=open_storage(storage)).trials
+
+
+def _finished(storage: str) -> int:
+    """Finished trials so far (0 while the worker is still creating the study)."""
+    try:
+        return sum(t.state.is_finished() for t in _trials(storage))
+    except KeyError:
+        return 0
 
 
 def test_every_trial_meets_the_budget_and_beats_no_seed():
@@ -100,32 +109,6 @@ def test_project_fill_is_never_worse_than_down_only():
         assert problem.error[rows, filled].sum() <= problem.error[rows, down].sum() + 1e-12
 
 
-def test_resume_continues_the_same_study(tmp_path):
-    storage = str(tmp_path / "study.journal")
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, storage, "10", "0", "0.3"], cwd=ROOT)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill -9 once 5 trials are done: the 6th is left RUNNING
-        time.sleep(0.05)
-        if Path(storage).is_file() and sum(t.state.is_finished() for t in _trials(storage)) >= 5:
-            break
-    worker.kill()
-    worker.wait()
-    before = _trials(storage)
-    finished = {t.number: t.params for t in before if t.state == optuna.trial.TrialState.COMPLETE}
-    running = [t for t in before if t.state == optuna.trial.TrialState.RUNNING]
-    assert 5 <= len(finished) < 10 and len(running) == 1
-    problem = _toy_problem()
-    problem.fitness = SlowToyFitness(problem)
-    get_searcher("optuna", trials=10, storage=storage, resume=True).search(problem, seed=0)
-    after = _trials(storage)
-    complete = [t for t in after if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 10
-    assert {t.number: t.params for t in complete if t.number in finished} == finished  # nothing redone
-    # re-queued, not lost: the kill may land while parameters are still being suggested (a partial set)
-    assert any(running[0].params.items() <= t.params.items() and t.number > running[0].number for t in complete)
-    assert not [t for t in after if t.state == optuna.trial.TrialState.RUNNING]
-
-
 def test_a_study_for_another_search_is_refused(tmp_path):
     problem = _toy_problem()
     problem.fitness = ToyFitness(problem)
@@ -139,33 +122,106 @@ WORKER = """
 import sys
 from tests.test_search_optuna import SlowToyFitness, _toy_problem
 from allocator.search import get_searcher
+storage, trials, seed, delay, beat, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7]
 problem = _toy_problem()
-problem.fitness = SlowToyFitness(problem, delay=float(sys.argv[4]) if len(sys.argv) > 4 else 0.01)
-get_searcher("optuna", trials=int(sys.argv[2]), storage=sys.argv[1]).search(problem, seed=int(sys.argv[3]))
+problem.fitness = SlowToyFitness(problem, delay=float(delay))
+searcher = get_searcher("optuna", trials=trials, storage=storage, heartbeat=float(beat), resume=resume == "1")
+searcher.search(problem, seed=seed)
 """
 
 
+def _worker(storage: str, trials: int, seed: int = 0, delay: float = 0.01, beat: float = 0.3, resume: bool = False):
+    argv = [sys.executable, "-c", WORKER, storage, str(trials), str(seed), str(delay), str(beat), str(int(resume))]
+    return subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+
+def _evaluations(storage: str) -> list[optuna.trial.FrozenTrial]:
+    """Trials that evaluated their own plan (not repeats answered from the study)."""
+    complete = [t for t in _trials(storage) if t.state == optuna.trial.TrialState.COMPLETE]
+    return [t for t in complete if "repeat_of" not in t.user_attrs]
+
+
+def _storage(tmp_path: Path, kind: str) -> str:
+    return str(tmp_path / "study.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def _no_running(storage: str) -> bool:
+    return not [t for t in _trials(storage) if t.state == optuna.trial.TrialState.RUNNING]
+
+
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
-def test_two_workers_share_one_study(tmp_path, kind):
-    storage = str(tmp_path / "study.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
-    # the study (and its seeds) exists before the workers join, as when a first run is extended
-    problem = _toy_problem()
-    problem.fitness = ToyFitness(problem)
-    get_searcher("optuna", trials=2, storage=storage).search(problem, seed=0)
-    n = 24
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, storage, str(n), str(seed)], cwd=ROOT,
-                                stderr=subprocess.PIPE, text=True) for seed in (1, 2)]  # fmt: skip
+def test_two_workers_started_together_on_a_fresh_storage_share_the_quota(tmp_path, kind):
+    """No crash in the schema set-up, exactly N evaluations of N distinct plans, nothing left RUNNING."""
+    storage, n = _storage(tmp_path, kind), 24
+    workers = [_worker(storage, n, seed=0) for _ in range(2)]  # the same seed: only the study keeps them apart
     errors = [w.communicate(timeout=300)[1] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], errors
-    trials = _trials(storage)
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == n  # exactly the quota between them: none lost, none extra
-    numbers = [t.number for t in trials]
-    assert len(set(numbers)) == len(numbers)
-    assert not [t for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)]
-    assert {t.number for t in complete} == set(range(n))  # pruned extras only beyond the quota
+    evaluations = _evaluations(storage)
+    plans = [tuple(t.user_attrs["plan"]) for t in evaluations]
+    assert len(evaluations) == n and len(set(plans)) == n  # none lost, none extra, none evaluated twice
+    assert _no_running(storage)
+    problem = _toy_problem()
     names = [lv.name for lv in problem.levels]
-    assert all(problem.feasible(np.array([names.index(x) for x in t.user_attrs["plan"]])) for t in complete)
+    assert all(problem.feasible(np.array([names.index(x) for x in plan])) for plan in plans)
+
+
+def _kill_when(worker: subprocess.Popen, storage: str, finished: int) -> None:
+    """kill -9 the worker once ``finished`` trials are done and one is running."""
+    deadline = time.time() + 120
+    while time.time() < deadline and worker.poll() is None:
+        time.sleep(0.02)
+        if Path(storage.removeprefix("sqlite:///")).is_file() and _finished(storage) >= finished:
+            try:
+                if not _no_running(storage):
+                    break
+            except KeyError:  # the study is still being created
+                continue
+    assert worker.poll() is None, "the worker ended before the kill"
+    worker.kill()
+    worker.wait()
+
+
+def test_a_killed_worker_leaves_the_other_to_finish_the_quota(tmp_path):
+    """kill -9 of one worker mid-trial: its RUNNING trial falls silent, the other fails it after the grace
+    period (no --resume) and finishes the quota alone."""
+    storage, n = _storage(tmp_path, "sqlite"), 16
+    doomed, survivor = _worker(storage, n, seed=1, delay=0.2), _worker(storage, n, seed=2, delay=0.2)
+    _kill_when(doomed, storage, 4)
+    assert survivor.communicate(timeout=300)[1] is not None and survivor.returncode == 0
+    evaluations = _evaluations(storage)
+    assert len(evaluations) == n and len({tuple(t.user_attrs["plan"]) for t in evaluations}) == n
+    assert _no_running(storage)
+    assert any(t.state == optuna.trial.TrialState.FAIL for t in _trials(storage)), "the killed trial was failed"
+
+
+def _search(storage: str, trials: int, **options) -> np.ndarray:
+    problem = _toy_problem()
+    problem.fitness = SlowToyFitness(problem, delay=0.0)
+    return get_searcher("optuna", trials=trials, storage=storage, heartbeat=0.3, **options).search(problem, seed=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[optuna.trial.FrozenTrial]:
+    storage = _storage(tmp_path_factory.mktemp("uninterrupted"), "journal")
+    _search(storage, 12)
+    return _evaluations(storage)
+
+
+@pytest.mark.parametrize("at", [0, 5, 11])
+def test_kill_and_resume_gives_the_uninterrupted_plan_without_repeating_an_evaluation(tmp_path, at, uninterrupted):
+    """kill -9 during the first (seed) trial, mid-run and at the last trial; --resume ends on the plan an
+    uninterrupted run finds, and no plan is evaluated twice."""
+    storage = _storage(tmp_path, "journal")
+    _kill_when(_worker(storage, len(uninterrupted), delay=0.05 if at else 0.3), storage, at)
+    _search(storage, len(uninterrupted), resume=True)
+    got = _evaluations(storage)
+    plans = [tuple(t.user_attrs["plan"]) for t in got]
+    assert len(got) == len(uninterrupted) and len(set(plans)) == len(plans)
+    # the same plans (a seed killed mid-trial is queued again behind the other seeds, so the order may differ)
+    assert sorted(plans) == sorted(tuple(t.user_attrs["plan"]) for t in uninterrupted)
+    best = min(got, key=lambda t: (t.values[0], t.number)).user_attrs["plan"]
+    assert best == min(uninterrupted, key=lambda t: (t.values[0], t.number)).user_attrs["plan"]
+    assert _no_running(storage)
 
 
 def test_pareto_front_is_not_dominated():

@@ -24,7 +24,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -32,36 +31,25 @@ from tqdm.auto import tqdm
 from allocator.budget import Problem, allowed
 from allocator.errors import AllocatorError
 from allocator.search.evolution import _ladders
+from allocator.search.study import (
+    OVER_QUOTA,
+    PLAN,
+    REPEAT,
+    earlier_evaluations,
+    evaluated,
+    heartbeat,
+    in_flight,
+    open_storage,
+    recover_stale,
+    repeat_of,
+    setup_lock,
+    trial_seeded,
+)
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "gp", "cmaes", "nsga2")
 SPACES = ("levels", "compact")
-
-
-def open_storage(url: str | None):
-    """An Optuna storage from a URL: ``sqlite:///x.db``/``postgresql://…`` (RDB) or a journal file path."""
-    import optuna
-
-    if url is None:
-        return None
-    if "://" in url:
-        try:
-            return optuna.storages.RDBStorage(url)
-        except Exception as exc:  # SQLAlchemy raises many types for unknown dialects and unreachable servers
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise AllocatorError(
-                f"cannot open optuna storage {url!r} ({first}): use sqlite:///FILE.db, an RDB URL that is "
-                "reachable, or a journal file path"
-            ) from None
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    path = Path(url.removeprefix("journal:"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a worker killed while writing leaves its lock behind; journal writes take milliseconds, so a lock
-    # older than 10 s is stale (Optuna's default waits 30 s before breaking it)
-    lock = JournalFileOpenLock(str(path), grace_period=10)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
 
 
 def _sampler(name: str, seed: int, space: str, multi: bool):
@@ -150,7 +138,8 @@ class OptunaSearch:
     study_name: str = "allocator"
     seeds: str = "uniform,owl,knapsack"
     probe: int = 8  # fitness sequences of the calibration pool, the same ones for every trial
-    resume: bool = False  # the only worker left: fail and re-queue trials a killed worker left running
+    resume: bool = False  # the only worker left: re-queue every RUNNING trial at once (else after the grace)
+    heartbeat: float = 10.0  # seconds between a running trial's signs of life; silent 6x as long: recovered
     history: list[dict] = field(default_factory=list)
     pareto: list[dict] = field(default_factory=list)
 
@@ -175,42 +164,70 @@ class OptunaSearch:
         if (error := problem.reach_error()) is not None:
             raise error
         score = self._scorer(problem)
-        sampler = _sampler(self.sampler, seed, self.space, multi)
-        study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage), sampler=sampler,
-                                    directions=["minimize"] * len(objectives), load_if_exists=True)  # fmt: skip
-        key = {"units": len(problem.units), "levels": [lv.name for lv in problem.levels], "limit": problem.limit,
-               "space": self.space, "objectives": self.objectives}  # fmt: skip
-        if study.user_attrs.get("key", key) != key:
-            raise AllocatorError(f"study {self.study_name!r} in {self.storage} belongs to another search: "
-                                 "use another --study-name or output folder")  # fmt: skip
-        study.set_user_attr("key", key)
+        _sampler(self.sampler, seed, self.space, multi)  # refuse a bad sampler before the study is made
+        sampler = trial_seeded(lambda s: _sampler(self.sampler, s, self.space, multi), seed)
         bytes_cost = problem.info.get("bytes", problem.cost)
+        with setup_lock(self.storage):  # one worker at a time creates, checks and seeds the study
+            study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage),
+                                        sampler=sampler, directions=["minimize"] * len(objectives),
+                                        load_if_exists=True)  # fmt: skip
+            key = {"units": len(problem.units), "levels": [lv.name for lv in problem.levels], "limit": problem.limit,
+                   "space": self.space, "objectives": self.objectives}  # fmt: skip
+            if study.user_attrs.get("key", key) != key:
+                raise AllocatorError(f"study {self.study_name!r} in {self.storage} belongs to another search: "
+                                     "use another --study-name or output folder")  # fmt: skip
+            study.set_user_attr("key", key)
+            if self.resume:
+                recover_stale(study, None)
+            if not study.user_attrs.get("seeded"):  # again after a kill during seeding: queued seeds are skipped
+                self._seed(study, problem, seed, score, bytes_cost)
+                study.set_user_attr("seeded", True)
         roles, depth = unit_features(problem)
-        if self.resume:
-            self._recover_stale(study)
-        if not study.trials:
-            self._seed(study, problem, seed, score, bytes_cost)
 
-        over_quota = [False]
-
-        def objective(trial: optuna.Trial):
-            done = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and not _dropped(t)]
-            if len(done) >= self.trials:  # other workers hold the rest of the quota
-                over_quota[0] = True
-                trial.set_user_attr("over_quota", True)
-                raise optuna.TrialPruned("the study has its trials")
+        def evaluate(trial) -> tuple[float, ...] | float:
             t0 = time.perf_counter()
             proposal = self._propose(trial, problem, roles, depth)
             choice = project(problem, proposal, fill=not multi) if self.space == "levels" else proposal
+            plan = [problem.levels[k].name for k in choice]
+            trial.set_user_attr(PLAN, plan)  # claimed before it is evaluated: other workers leave it alone
+            if (other := repeat_of(study, trial.number, plan)) is not None:
+                trial.set_user_attr(REPEAT, other.number)
+                if other.values is None:  # another worker is evaluating it now
+                    raise optuna.TrialPruned(f"trial {other.number} is evaluating this plan")
+                self._record(trial, problem, choice, other.user_attrs["fitness"], bytes_cost, 0.0)
+                return tuple(other.values) if multi else other.values[0]
             fit = score(choice)
             self._record(trial, problem, choice, fit, bytes_cost, time.perf_counter() - t0)
             return (fit, _summed(second, choice)) if multi else fit
 
-        with tqdm(total=self.trials, initial=_evaluated(study), desc=f"optuna ({self.space})", leave=False) as bar:
-            while _evaluated(study) < self.trials and not over_quota[0]:
-                study.optimize(objective, n_trials=1, gc_after_trial=False)
-                bar.n = min(self.trials, _evaluated(study))
+        repeats = 0  # proposals in a row that the study had already evaluated: the space is exhausted
+        with tqdm(total=self.trials, initial=evaluated(study), desc=f"optuna ({self.space})", leave=False) as bar:
+            while (done := evaluated(study)) < self.trials and repeats < max(50, self.trials):
+                bar.n = done
                 bar.refresh()
+                recover_stale(study, 6 * self.heartbeat)
+                if done + in_flight(study) >= self.trials:  # other workers hold the rest of the quota
+                    time.sleep(min(1.0, self.heartbeat))
+                    continue
+                trial = study.ask()
+                if earlier_evaluations(study, trial.number) >= self.trials:
+                    trial.set_user_attr(OVER_QUOTA, True)
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    continue
+                with heartbeat(trial, self.heartbeat):
+                    try:
+                        values = evaluate(trial)
+                    except optuna.TrialPruned:
+                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                        repeats += 1
+                        continue
+                    except Exception:
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        raise
+                    study.tell(trial, values)
+                repeats = repeats + 1 if REPEAT in trial.user_attrs else 0
+        if repeats:
+            log.info("optuna: %d proposals in a row repeated evaluated plans; stopping", repeats)
         return self._result(study, problem, multi)
 
     # ---- pieces ----------------------------------------------------------------------------------
@@ -264,7 +281,6 @@ class OptunaSearch:
                 trial.set_constraint(str(budget), total - allowed(limit))
             else:
                 trial.set_user_attr(f"constraint {budget}", total - allowed(limit))
-        trial.set_user_attr("plan", [problem.levels[k].name for k in choice])
         trial.set_user_attr("budget", str(problem.budget))
         trial.set_user_attr("achieved", problem.in_budget_units(problem.budget, achieved[0]))
         trial.set_user_attr("bytes", _summed(bytes_cost, choice))
@@ -288,7 +304,7 @@ class OptunaSearch:
             elif name == "knapsack":
                 study.enqueue_trial({p: 0.0 for p in self._compact_params(problem)}, user_attrs={"seed": name},
                                     skip_if_exists=True)  # fmt: skip
-            else:  # not expressible as knobs (a param-less trial would blind GP/CMA-ES): kept beside the trials
+            elif name not in study.user_attrs.get("baselines", {}):  # not expressible as knobs: kept beside
                 fit = score(plan)
                 baselines = dict(study.user_attrs.get("baselines", {}))
                 baselines[name] = {"plan": [problem.levels[k].name for k in plan], "fitness": fit,
@@ -299,25 +315,12 @@ class OptunaSearch:
         roles, _ = unit_features(problem)
         return [f"role.{r}" for r in dict.fromkeys(roles)] + ["depth_slope"]
 
-    @staticmethod
-    def _recover_stale(study) -> None:
-        """Trials left RUNNING by a killed worker are failed and their parameters queued again.
-
-        Only safe when no other worker is running on the storage: it is what ``--resume`` is for.
-        """
-        import optuna
-
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            if t.params:
-                study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "seed"})
-
     def _result(self, study, problem: Problem, multi: bool) -> np.ndarray:
         import optuna
 
         names = [lv.name for lv in problem.levels]
         complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                    if "plan" in t.user_attrs]  # fmt: skip
+                    if PLAN in t.user_attrs and REPEAT not in t.user_attrs]  # fmt: skip
         if not complete:
             raise AllocatorError(f"study {self.study_name!r} has no finished trial")
         self.history = [{"trial": t.number, "fitness": t.user_attrs["fitness"], "bytes": t.user_attrs["bytes"],
@@ -348,15 +351,3 @@ def _summed(cost: np.ndarray, choice: np.ndarray) -> float:
 def _indices(names: list[str], plan) -> np.ndarray:
     """Level names (as trials store plans) back to level indices."""
     return np.array([names.index(n) for n in plan])
-
-
-def _dropped(trial) -> bool:
-    import optuna
-
-    return trial.state == optuna.trial.TrialState.FAIL or trial.user_attrs.get("over_quota", False)
-
-
-def _evaluated(study) -> int:
-    import optuna
-
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
