@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -161,3 +167,55 @@ def test_knapsack_start_needs_a_profile():
     problem.fitness = ToyFitness(problem)
     with pytest.raises(AllocatorError, match="profile"):
         get_searcher("evolution", start="knapsack", generations=1).search(problem, seed=0)
+
+
+EVOLVE = """
+import sys, time
+from pathlib import Path
+from tests.test_search_evolution import ToyFitness, _toy_problem, KILL_SETTINGS
+from allocator.search import get_searcher
+
+class Slow(ToyFitness):
+    def __call__(self, choice, batch):
+        Path(sys.argv[2]).touch()  # the search is running
+        time.sleep(0.004)
+        return super().__call__(choice, batch)
+
+problem = _toy_problem()
+problem.fitness = Slow(problem)
+get_searcher("evolution", checkpoint=sys.argv[1], **KILL_SETTINGS).search(problem, seed=11)
+"""
+KILL_SETTINGS = dict(generations=12, offspring=5, stages="2@64,1@128")
+
+
+@pytest.fixture(scope="module")
+def straight_plan() -> np.ndarray:
+    problem = _toy_problem()
+    problem.fitness = ToyFitness(problem)
+    return get_searcher("evolution", **KILL_SETTINGS).search(problem, seed=11)
+
+
+@pytest.mark.parametrize("generation", [0, 5, 10])
+def test_kill_9_then_resume_gives_the_uninterrupted_plan(tmp_path, generation, straight_plan):
+    """A real kill -9 (no handler runs) before the first checkpoint, mid-run and near the end."""
+    ckpt = tmp_path / "state.json"
+    root = Path(__file__).resolve().parents[1]
+    running = tmp_path.parent / f"{tmp_path.name}.running"
+    worker = subprocess.Popen([sys.executable, "-c", EVOLVE, str(ckpt), str(running)], cwd=root)
+    deadline = time.time() + 120
+    while time.time() < deadline and worker.poll() is None:
+        time.sleep(0.01)
+        if generation == 0 and running.is_file():
+            break
+        if ckpt.is_file() and json.loads(ckpt.read_text())["generation"] >= generation > 0:
+            break
+    assert worker.poll() is None, "the search ended before the kill"
+    worker.kill()
+    worker.wait()
+    saved = json.loads(ckpt.read_text())["generation"] if ckpt.is_file() else 0
+    assert generation <= saved < KILL_SETTINGS["generations"]
+    problem = _toy_problem()
+    problem.fitness = ToyFitness(problem)
+    resumed = get_searcher("evolution", checkpoint=str(ckpt), resume=True, **KILL_SETTINGS).search(problem, seed=11)
+    assert np.array_equal(resumed, straight_plan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary file left
