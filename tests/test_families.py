@@ -26,7 +26,8 @@ from allocator.levels import parse_grid, parse_level
 from allocator.model import Inventory, is_linear, weight_view
 from allocator.plan import Plan
 from allocator.search import get_searcher
-from allocator.search.evolution import _ladders, mutate
+from allocator.search.evolution import mutate
+from allocator.search.repair import level_ladders
 from tests.conftest import ALL_FAMILIES, MOE, VOCAB, tiny_model
 
 CHECKS = ("inventory", "experts as units", "backends", "uniform run", "knapsack run", "apply + reload", "exporters",
@@ -147,7 +148,7 @@ def _prefix_cache(family: str, _folder: Path, work: Path, _texts: dict) -> None:
     rng, batch = np.random.default_rng(0), np.array([0, 2, 5])
     assert fitness(parent, batch) > 0
     for _ in range(6):
-        child = mutate(problem, parent, _ladders(problem), rng)
+        child = mutate(problem, parent, level_ladders(problem), rng)
         assert fitness(child, batch) == pytest.approx(fitness.full(child, batch), rel=1e-5, abs=1e-7)
     assert fitness.counters["block_forwards_saved"] > 0
     assert fitness.full(np.full(len(parent), 0), batch) == pytest.approx(0, abs=1e-6)  # dense: KL 0

@@ -16,7 +16,8 @@ from allocator.errors import AllocatorError
 from allocator.levels import parse_grid
 from allocator.model import Inventory
 from allocator.search import get_searcher
-from allocator.search.evolution import _ladders, mutate
+from allocator.search.evolution import mutate
+from allocator.search.repair import level_ladders
 from tests.conftest import tiny_model
 
 
@@ -40,7 +41,7 @@ def _random_problem(seed: int, budgets: int = 1) -> Problem:
 @pytest.mark.parametrize("seed", range(40))
 def test_mutation_never_breaks_the_budget(seed):
     problem = _random_problem(seed, budgets=1 + seed % 2)
-    ladders = _ladders(problem)
+    ladders = level_ladders(problem)
     rng = np.random.default_rng(seed)
     # start from the cheapest choice (always feasible), then mutate repeatedly
     parent = np.array([ladder[-1] for ladder in ladders])

@@ -16,7 +16,7 @@ from allocator.budget import Budget, Problem
 from allocator.errors import AllocatorError
 from allocator.levels import parse_grid
 from allocator.search import get_searcher
-from allocator.search.bayesian import project
+from allocator.search.repair import project
 from allocator.search.study import open_storage
 from tests.test_search_evolution import ToyFitness, _toy_problem
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from allocator.budget import Problem, allowed
 from allocator.errors import AllocatorError
-from allocator.search.evolution import _ladders
+from allocator.search.repair import project
 from allocator.search.study import (
     OVER_QUOTA,
     PLAN,
@@ -80,49 +80,6 @@ def unit_features(problem: Problem) -> tuple[list[str], np.ndarray]:
         roles.append("+".join(n.rsplit(".", 1)[-1] for n in unit))
     d = np.array(depth, dtype=float)
     return roles, (d - d.min()) / max(1.0, d.max() - d.min())
-
-
-def project(problem: Problem, choice: np.ndarray, fill: bool = True) -> np.ndarray:
-    """The nearest plan within every budget, found greedily and deterministically.
-
-    Steps down (more compression) where the profile error grows least per unit of cost saved until
-    feasible; with ``fill``, then steps up where error falls most per unit of cost while it stays
-    feasible. Without a profile, cost alone decides (largest saving first).
-    """
-    choice = choice.copy()
-    cost = problem.cost
-    err = problem.error if problem.error is not None else np.zeros_like(cost)
-    ladders = _ladders(problem)
-    rank = np.array([int(np.flatnonzero(ladders[u] == choice[u])[0]) for u in range(len(choice))])
-
-    def step(u: int, d: int) -> tuple[float, float]:
-        a, b = choice[u], ladders[u][rank[u] + d]
-        return float(err[u, b] - err[u, a]), float(cost[u, a] - cost[u, b])
-
-    while not problem.feasible(choice):
-        options = [(max(step(u, 1)[0], 0.0) / max(step(u, 1)[1], 1e-12), u)
-                   for u in range(len(choice)) if rank[u] < len(ladders[u]) - 1]  # fmt: skip
-        if not options:
-            raise AllocatorError("no plan of this grid meets the budget: loosen it or add more compressed levels")
-        _, u = min(options)
-        rank[u] += 1
-        choice[u] = ladders[u][rank[u]]
-    while fill:
-        options = []
-        for u in range(len(choice)):
-            if rank[u] == 0:
-                continue
-            gain, extra = step(u, -1)
-            trial = choice.copy()
-            trial[u] = ladders[u][rank[u] - 1]
-            if problem.feasible(trial):
-                options.append((gain / max(-extra, 1e-12), u))  # gain <= 0: error removed per cost added
-        if not options or problem.error is None:
-            break
-        _, u = min(options)
-        rank[u] -= 1
-        choice[u] = ladders[u][rank[u]]
-    return choice
 
 
 @dataclass

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from allocator.budget import Problem
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
+from allocator.search.repair import level_ladders
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Evolution:
         if fitness is None:
             raise AllocatorError("evolution needs a fitness on the real model (a level database and calibration data)")
         stages = parse_stages(self.stages)
-        ladders = _ladders(problem)
+        ladders = level_ladders(problem)
         state = self._load(problem, seed) if self.resume else None
         if state is None:
             parent = get_searcher(self.start).search(problem, seed)
@@ -177,15 +178,6 @@ def _uncounted(fitness: Fitness, choice: np.ndarray, batch: np.ndarray) -> float
     if counters:
         fitness.counters.update(counters)  # type: ignore[attr-defined]
     return value
-
-
-def _ladders(problem: Problem) -> list[np.ndarray]:
-    """Per unit, its applicable levels from least to most compressed (decreasing primary cost)."""
-    out = []
-    for row in problem.cost:
-        ok = np.flatnonzero(np.isfinite(row))
-        out.append(ok[np.argsort(-row[ok], kind="stable")])
-    return out
 
 
 def mutate(problem: Problem, parent: np.ndarray, ladders: list[np.ndarray], rng) -> np.ndarray | None:

@@ -83,10 +83,11 @@ def random_plans(
     problem: Problem, start: np.ndarray, n: int, seed: int, steps: tuple[int, int] = (4, 40)
 ) -> np.ndarray:
     """Up to ``n`` distinct feasible plans, each ``start`` after a random number of budget-keeping level switches."""
-    from allocator.search.evolution import _ladders, mutate
+    from allocator.search.evolution import mutate
+    from allocator.search.repair import level_ladders
 
     rng = np.random.default_rng(seed)
-    ladders, plans, seen = _ladders(problem), [], {start.tobytes()}
+    ladders, plans, seen = level_ladders(problem), [], {start.tobytes()}
     for _ in range(50 * n):
         if len(plans) == n:
             break
@@ -118,7 +119,8 @@ def refine(
     around a catastrophic uniform plan) can mislead the solver, and then the prior's own plan wins.
     Returns that fit and a record of every plan and round.
     """
-    from allocator.search.evolution import _ladders, mutate
+    from allocator.search.evolution import mutate
+    from allocator.search.repair import level_ladders
 
     measured: dict[bytes, tuple[np.ndarray, float]] = {}
 
@@ -138,7 +140,7 @@ def refine(
     model = AdditiveFit(np.ones(prior.shape[0]), 0.0, {"note": "the prior itself"})
     history: list[dict] = []
     best: tuple[float, int, AdditiveFit] | None = None  # (measured KL of the solution, round, fit)
-    rng, ladders = np.random.default_rng(seed + 1), _ladders(problem)
+    rng, ladders = np.random.default_rng(seed + 1), level_ladders(problem)
     for r in range(-1, rounds + 1):
         if r >= 0:
             model = refit()
