@@ -110,15 +110,32 @@ def word_tokenizer():
 @pytest.fixture(scope="session")
 def bos_tokenizer():
     """The same words, with a tokenizer that puts ``<bos>`` before text (as Llama-3 and Gemma tokenizers do)."""
+    return bos_word_tokenizer()
+
+
+def bos_word_tokenizer(adds_bos: bool = True):
+    """WORDS with a ``<bos>`` token; ``adds_bos``: the tokenizer puts it before text (else it only knows it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<unk>": 0, "<eos>": 1, "<bos>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>"
     )
+
+
+def repeated_sentences(n_words: int, seed: int) -> str:
+    """Random 3-6 word sentences, each said twice: the second copy is predictable only from context."""
+    import random
+
+    rng, words, out = random.Random(seed), list(dict.fromkeys(WORDS)), []
+    while len(out) < n_words:
+        sentence = [rng.choice(words) for _ in range(rng.randint(3, 6))]
+        out += sentence + sentence
+    return " ".join(out)
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -7,6 +9,7 @@ import transformers
 
 from allocator import data
 from allocator.errors import AllocatorError
+from tests.conftest import bos_word_tokenizer, repeated_sentences
 
 
 def test_records_from_file_folder_and_parquet(tmp_path):
@@ -87,6 +90,36 @@ def test_windows_start_with_bos_and_score_every_text_token_once(bos_tokenizer, t
     assert not (seqs[:, 1:] == bos).any()
     calib = data.calibration_sequences(bos_tokenizer, data.load_records(str(text_files["calib"])), 16, 4, 0, bos)
     assert calib.shape == (4, 16) and (calib[:, 0] == bos).all() and not (calib[:, 1:] == bos).any()
+
+
+BOS_MODEL = Path(__file__).parent / "data" / "bos-llama"  # trained with <bos> before every window
+
+
+def test_a_bos_trained_model_scores_better_when_windows_start_with_bos(tmp_path):
+    """The tiny model of scripts/train_bos_model.py saw <bos> before every training window, as Gemma and
+    Llama-3 did. Run as a user would, with its tokenizer (which adds BOS) every window starts with BOS; with
+    the same vocabulary in a tokenizer that adds none (the old path), its perplexity is worse."""
+    import json
+    import shutil
+
+    from allocator.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(repeated_sentences(4000, seed=2) + "\n")  # held out: training used seed 1
+    plain = tmp_path / "plain"
+    shutil.copytree(BOS_MODEL, plain)
+    bos_word_tokenizer(adds_bos=False).save_pretrained(plain)
+    metrics = {}
+    for name, folder in (("bos", BOS_MODEL), ("plain", plain)):
+        out = tmp_path / name
+        argv = ["run", "--model", str(folder), "--calib", str(text), "--eval", str(text), "--seq-len", "32",
+                "--calib-samples", "2", "--kl-samples", "2", "--eval-samples", "100", "--target", "sparsity=0.1",
+                "--no-dense-cache", "--profiles-dir", str(tmp_path / "profiles"), "-o", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        metrics[name] = json.loads((out / "metrics.json").read_text())
+    assert metrics["bos"]["bos_per_window"] and not metrics["plain"]["bos_per_window"]
+    with_bos, without = metrics["bos"]["dense_perplexity"], metrics["plain"]["dense_perplexity"]
+    assert with_bos < 0.95 * without, (with_bos, without)
 
 
 @pytest.mark.parametrize("seq_len", [0, 1])
