@@ -178,6 +178,7 @@ class Inventory:
     blocks: str  # name of the ModuleList holding the decoder blocks
     n_blocks: int
     attention: tuple[str, ...] = ()  # per block: "full" or "sliding:<window>" (Gemma-2/3 alternate them)
+    tied_embeddings: bool = False  # the LM head is the input embedding's weight (one tensor, two uses)
 
     @classmethod
     def from_model(cls, model: nn.Module, include_lm_head: bool = False) -> Inventory:
@@ -208,7 +209,7 @@ class Inventory:
             head = model.get_output_embeddings()
             if head is None or not is_linear(head):
                 raise AllocatorError("this model has no linear LM head to compress: drop --include-lm-head")
-            if getattr(model.config, "tie_word_embeddings", False):
+            if _tied(model):
                 raise AllocatorError(
                     "the LM head shares its weight with the input embedding (tie_word_embeddings): "
                     "compressing it would change the embedding too; drop --include-lm-head"
@@ -218,7 +219,8 @@ class Inventory:
             layers.append(Layer(name, len(blocks), "lm_head", rows, cols))
             groups[name] = [name]
         attention = tuple(_attention_kind(block, b, model.config) for b, block in enumerate(blocks))
-        return cls(tuple(layers), tuple(tuple(g) for g in groups.values()), blocks_name, len(blocks), attention)
+        return cls(tuple(layers), tuple(tuple(g) for g in groups.values()), blocks_name, len(blocks), attention,
+                   _tied(model))  # fmt: skip
 
     @property
     def params(self) -> int:
@@ -247,6 +249,12 @@ def _is_router(role: str) -> bool:
     """A mixture-of-experts router: it picks experts per token, so it is never compressed."""
     leaf = role.rpartition(".")[2]
     return leaf in ("gate", "router") or leaf.endswith("_gate")
+
+
+def _tied(model: nn.Module) -> bool:
+    """Whether the output head holds the very tensor of the input embedding (read from the modules)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
 
 
 def _expert_shares(block: nn.Module, config: object) -> dict[str, float]:

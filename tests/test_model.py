@@ -62,7 +62,11 @@ def test_lm_head_only_when_asked_and_untied():
     model = tiny_model("llama")
     inv = Inventory.from_model(model, include_lm_head=True)
     assert inv.layers[-1].name == "lm_head"
-    model.config.tie_word_embeddings = True
+    assert not inv.tied_embeddings
+    model.config.tie_word_embeddings = True  # a config flag alone ties nothing
+    assert not Inventory.from_model(model).tied_embeddings
+    model.lm_head.weight = model.get_input_embeddings().weight  # one tensor, two uses: found in the modules
+    assert Inventory.from_model(model).tied_embeddings
     with pytest.raises(AllocatorError, match="tie_word_embeddings"):
         Inventory.from_model(model, include_lm_head=True)
 

@@ -34,6 +34,7 @@ def test_inventory_of_smollm2(smollm):
     assert inv["model.layers.29.mlp.down_proj"].cols == 1536
     assert inv.params == 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536)
     assert len(inv.groups) == 30 * 4
+    assert inv.tied_embeddings and inv.attention == ("full",) * 30
 
 
 def test_dense_wikitext_perplexity_matches_the_published_figure(smollm):
