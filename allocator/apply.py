@@ -10,14 +10,11 @@ zeros" checkpoint holds; packed low-bit formats come from the exporters.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 from allocator.errors import AllocatorError
-from allocator.io import check_output, write_json_atomic
+from allocator.io import atomic_path, check_output, write_json_atomic
 from allocator.moe import fuse_experts
 from allocator.plan import Plan
 from allocator.session import RunConfig, Session
@@ -54,17 +51,10 @@ def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | 
     metrics["plan"] = str(plan_path)
     if over_budget:
         metrics["over_budget"] = over_budget
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_path(out, folder=True) as tmp:  # out is new or empty (checked above)
         fuse_experts(session.model)  # a mixture-of-experts checkpoint in the layout transformers loads
         session.model.save_pretrained(tmp, safe_serialization=True)
         session.loaded.tokenizer.save_pretrained(tmp)
         plan.save(tmp / "allocator_plan.json")
         write_json_atomic(tmp / "allocator_metrics.json", metrics)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return metrics

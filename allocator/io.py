@@ -4,24 +4,65 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+@contextmanager
+def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
+    """A temporary file (or folder) beside ``path``, moved onto it when the block ends without error.
+
+    Its name holds this process's id, so a later write of ``path`` removes what a killed process left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_orphans(path)
+    prefix = f".{path.name}.tmp-{os.getpid()}-"
+    if folder:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+        os.close(fd)
+        tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if folder and path.is_dir():
+            shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def remove_orphans(path: Path) -> None:
+    """Delete temporary files and folders of writes of ``path`` whose process is gone."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{path.name}.tmp-").split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` so that a reader never sees half of it."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json_atomic(path: str | Path, obj: object) -> None:

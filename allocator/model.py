@@ -12,8 +12,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import nn
 
 from allocator.errors import AllocatorError
 from allocator.hub import OFFLINE_HINT, hub_access
+from allocator.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +135,9 @@ def _cached_gguf(path: Path) -> Path:
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
         raise AllocatorError(f"GGUF conversion of {path.name} lost weights: missing {missing}, unexpected {unexpected}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
+    with atomic_path(folder, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

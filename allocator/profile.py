@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm
 
 from allocator.backends.all_levels import for_each_level
 from allocator.errors import AllocatorError
+from allocator.io import atomic_path
 from allocator.levels import Level, with_dense
 from allocator.model import Inventory, weight_view
 from allocator.sensitivity import SENSITIVITIES
@@ -143,13 +142,8 @@ class Profile:
         path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pandas(self.table, preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"allocator": json.dumps(self.meta)})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:

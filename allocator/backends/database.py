@@ -13,9 +13,6 @@ model, so setting a layer to a level is a device-side decode into its weight; ot
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,7 +26,7 @@ from torch import nn
 from allocator.backends.all_levels import for_each_level
 from allocator.backends.codec import Parts, decode, encode_layer
 from allocator.errors import AllocatorError
-from allocator.io import write_json_atomic
+from allocator.io import atomic_path, write_json_atomic
 from allocator.levels import Level, parse_level, with_dense
 from allocator.model import Inventory, weight_view
 
@@ -179,9 +176,8 @@ class DatabaseWriter:
         self.result: LevelDatabase | None = None
 
     def __enter__(self) -> DatabaseWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(self.path)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-{os.getpid()}-"))
+        self._atomic = atomic_path(self.path, folder=True)  # a killed build's folder is removed by the next
+        self.tmp = self._atomic.__enter__()
         self.start = time.perf_counter()
         return self
 
@@ -205,33 +201,12 @@ class DatabaseWriter:
         if tensors:
             save_file(tensors, self.tmp / f"block_{layers[0].block:04d}.safetensors")
 
-    def __exit__(self, exc_type, *_exc) -> None:
-        try:
-            if exc_type is None:
-                size = sum(f.stat().st_size for f in self.tmp.glob("*.safetensors"))
-                manifest = {**self.manifest, "bytes": size, "build_s": time.perf_counter() - self.start}
-                write_json_atomic(self.tmp / "manifest.json", manifest)
-                if self.path.exists():
-                    shutil.rmtree(self.path)
-                os.replace(self.tmp, self.path)
-                self.result = LevelDatabase(self.path, manifest)
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _remove_orphans(path: Path) -> None:
-    """Delete temporary folders of builds of ``path`` whose process is gone (killed before its cleanup)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.removeprefix(f".{path.name}.tmp-").split("-", 1)[0]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+    def __exit__(self, exc_type, exc, tb) -> None:
+        manifest = None
+        if exc_type is None:
+            size = sum(f.stat().st_size for f in self.tmp.glob("*.safetensors"))
+            manifest = {**self.manifest, "bytes": size, "build_s": time.perf_counter() - self.start}
+            write_json_atomic(self.tmp / "manifest.json", manifest)
+        self._atomic.__exit__(exc_type, exc, tb)  # moved into place only without an error
+        if manifest is not None:
+            self.result = LevelDatabase(self.path, manifest)
