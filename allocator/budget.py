@@ -197,7 +197,7 @@ def build_problem(
         for u, unit in enumerate(units):
             layers = [inventory[name] for name in unit]
             for k, level in enumerate(levels):
-                fits = not any(level.applies_to(lay.rows, lay.cols) for lay in layers)
+                fits = not any(level.unfit_reason(lay.rows, lay.cols) for lay in layers)
                 cost[u, k] = sum(b.cost(level, lay, latency) for lay in layers) if fits else np.inf
         return cost
 

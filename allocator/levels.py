@@ -110,7 +110,7 @@ class Level:
         """Storage in bytes (bits / 8; may be fractional for odd sizes)."""
         return self.storage_bits(rows, cols) / 8
 
-    def applies_to(self, rows: int, cols: int) -> str | None:
+    def unfit_reason(self, rows: int, cols: int) -> str | None:
         """Why this level cannot compress a ``rows x cols`` layer, or None if it can."""
         if self.m and cols % self.m:
             return f"{self.name} needs input columns divisible by {self.m}, got {cols}"

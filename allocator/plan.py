@@ -203,7 +203,7 @@ class Plan:
         off = sorted({f"{n}={lv.name}" for n, lv in self.assignment.items() if lv.name not in grid})
         if off:
             raise AllocatorError(f"plan levels outside its grid: {_some(off)}")
-        bad = [f"{n}: {why}" for n, lv in self.assignment.items() if (why := lv.applies_to(*self.shapes[n]))]
+        bad = [f"{n}: {why}" for n, lv in self.assignment.items() if (why := lv.unfit_reason(*self.shapes[n]))]
         if bad:
             raise AllocatorError(f"plan levels that cannot apply: {_some(bad)}")
 

@@ -56,9 +56,9 @@ def test_storage_bits_by_hand():
 
 
 def test_applies_to_checks_divisibility():
-    assert parse_level("2:4").applies_to(4, 6) is not None
-    assert parse_level("w4g128").applies_to(4, 200) is None  # shorter last group, counted in the cost
-    assert parse_level("s0.5").applies_to(4, 7) is None
+    assert parse_level("2:4").unfit_reason(4, 6) is not None
+    assert parse_level("w4g128").unfit_reason(4, 200) is None  # shorter last group, counted in the cost
+    assert parse_level("s0.5").unfit_reason(4, 7) is None
 
 
 @pytest.mark.parametrize("bad", ["s1.5", "4:2", "w1", "w9", "q4", "", "s"])
