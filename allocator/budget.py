@@ -129,9 +129,19 @@ class Problem:
     extra: list[tuple[Budget, np.ndarray, float]] = field(default_factory=list)  # more budgets held at once
     info: dict[str, np.ndarray] = field(default_factory=dict)  # per-unit numbers some methods read (OWL)
 
+    def summed(self, matrix: np.ndarray, choice: np.ndarray) -> float:
+        """A per-unit matrix [U, K] (a cost, an error) summed over one choice (one level index per unit)."""
+        return float(matrix[np.arange(len(self.units)), choice].sum())
+
     def total_cost(self, choice: np.ndarray) -> float:
-        """Summed cost of a choice (one level index per unit)."""
-        return float(self.cost[np.arange(len(self.units)), choice].sum())
+        """Summed primary cost of a choice."""
+        return self.summed(self.cost, choice)
+
+    def total_error(self, choice: np.ndarray) -> float:
+        """Summed profile error of a choice (the profile's prediction of its damage)."""
+        if self.error is None:
+            raise AllocatorError("this problem has no sensitivity profile")
+        return self.summed(self.error, choice)
 
     def constraints(self) -> list[tuple[Budget | None, np.ndarray, float]]:
         """Every budget as (budget, cost matrix, limit), the primary one first."""
@@ -139,8 +149,7 @@ class Problem:
 
     def feasible(self, choice: np.ndarray) -> bool:
         """True when the choice keeps every budget."""
-        rows = np.arange(len(self.units))
-        return all(c[rows, choice].sum() <= allowed(lim) for _, c, lim in self.constraints())
+        return all(self.summed(c, choice) <= allowed(lim) for _, c, lim in self.constraints())
 
     def in_budget_units(self, budget: Budget | None, total: float) -> str:
         """A total cost stated as the budget's quantity (``sparsity 0.4987``), for messages."""

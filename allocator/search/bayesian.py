@@ -155,7 +155,7 @@ class OptunaSearch:
                 return tuple(other.values) if multi else other.values[0]
             fit = score(choice)
             self._record(trial, problem, choice, fit, bytes_cost, time.perf_counter() - t0)
-            return (fit, _summed(second, choice)) if multi else fit
+            return (fit, problem.summed(second, choice)) if multi else fit
 
         repeats = 0  # proposals in a row that the study had already evaluated: the space is exhausted
         with tqdm(total=self.trials, initial=evaluated(study), desc=f"optuna ({self.space})", leave=False) as bar:
@@ -194,8 +194,7 @@ class OptunaSearch:
         if fitness is None:
             if problem.error is None:
                 raise AllocatorError("optuna needs a fitness (level database + data) or a sensitivity profile")
-            rows = np.arange(len(problem.units))
-            return lambda choice: float(problem.error[rows, choice].sum())
+            return problem.total_error
         batch = np.arange(min(self.probe, fitness.pool_size))
         state = {"parent": False}
 
@@ -231,7 +230,7 @@ class OptunaSearch:
 
     def _record(self, trial, problem: Problem, choice, fit: float, bytes_cost, seconds: float) -> None:
         """Plan, budget, fitness and timing as user attributes (what optuna-dashboard shows)."""
-        achieved = [_summed(c, choice) for _, c, _ in problem.constraints()]
+        achieved = [problem.summed(c, choice) for _, c, _ in problem.constraints()]
         for (budget, _, limit), total in zip(problem.constraints(), achieved, strict=True):
             # the same tolerance as Problem.feasible: a plan exactly at the limit is feasible for the study too
             if hasattr(trial, "set_constraint"):  # Optuna >= 5; on 4.x the margin is kept as an attribute
@@ -240,7 +239,7 @@ class OptunaSearch:
                 trial.set_user_attr(f"constraint {budget}", total - allowed(limit))
         trial.set_user_attr("budget", str(problem.budget))
         trial.set_user_attr("achieved", problem.in_budget_units(problem.budget, achieved[0]))
-        trial.set_user_attr("bytes", _summed(bytes_cost, choice))
+        trial.set_user_attr("bytes", problem.summed(bytes_cost, choice))
         trial.set_user_attr("fitness", fit)
         trial.set_user_attr("seconds", seconds)
 
@@ -265,7 +264,7 @@ class OptunaSearch:
                 fit = score(plan)
                 baselines = dict(study.user_attrs.get("baselines", {}))
                 baselines[name] = {"plan": [problem.levels[k].name for k in plan], "fitness": fit,
-                                   "bytes": _summed(bytes_cost, plan)}  # fmt: skip
+                                   "bytes": problem.summed(bytes_cost, plan)}  # fmt: skip
                 study.set_user_attr("baselines", baselines)
 
     def _compact_params(self, problem: Problem) -> list[str]:
@@ -286,23 +285,18 @@ class OptunaSearch:
         if multi:
             front = {t.number for t in study.best_trials}
             seen: set[tuple[str, ...]] = set()  # NSGA-II proposes some plans again: one entry per plan
-            self.pareto = []
+            self.pareto, bytes_cost = [], problem.info.get("bytes", problem.cost)
             for t in complete:
                 plan = tuple(t.user_attrs["plan"])
                 if t.number in front and plan not in seen:
                     seen.add(plan)
                     choice = _indices(names, plan)
                     self.pareto.append({"trial": t.number, "fitness": t.values[0], "choice": choice,
-                                        "bytes": _summed(problem.info.get("bytes", problem.cost), choice)})  # fmt: skip
+                                        "bytes": problem.summed(bytes_cost, choice)})  # fmt: skip
         candidates = [(t.user_attrs["fitness"], t.number, t.user_attrs["plan"]) for t in complete]
         candidates += [(b["fitness"], -1, b["plan"]) for b in study.user_attrs.get("baselines", {}).values()]
         best = min(candidates, key=lambda c: (c[0], c[1]))
         return _indices(names, best[2])
-
-
-def _summed(cost: np.ndarray, choice: np.ndarray) -> float:
-    """Total of a per-unit cost matrix [U, K] over one choice."""
-    return float(cost[np.arange(len(choice)), choice].sum())
 
 
 def _indices(names: list[str], plan) -> np.ndarray:
