@@ -48,6 +48,44 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="measure the dense reference again instead of reusing an earlier run's")  # fmt: skip
 
 
+def _search_flags(p: argparse.ArgumentParser) -> None:
+    """How a plan is searched for: flags of ``run`` and ``compare``."""
+    d = RunConfig()
+    p.add_argument("--per", default=d.per, choices=list(PER),
+                   help="one level per layer, per tie group (q/k/v, gate/up), or per expert role (MoE)")  # fmt: skip
+    p.add_argument("--profile", default=None, help="use this profile .parquet (default: reuse or measure)")
+    p.add_argument("--sensitivity", default=d.sensitivity, choices=list(SENSITIVITIES),
+                   help="what knapsack, optuna's compact space and a knapsack start minimise: error (relative "
+                   "output error), fisher (Fisher-weighted, in nats), kl (measured per layer), fitted (a prior "
+                   "re-weighted to the measured KL of real plans)")  # fmt: skip
+    p.add_argument(
+        "--fit-prior",
+        default=d.fit_prior,
+        choices=["auto", "kl", "fisher"],
+        help="fitted: the per-layer prior it re-weights (auto: kl on a GPU or if already measured)",
+    )
+    p.add_argument("--fit-seqs", type=int, default=d.fit_seqs, help="kl/fitted: calibration windows measured")
+    p.add_argument("--fit-plans", type=int, default=d.fit_plans, help="fitted: random plans before the first fit")
+    p.add_argument("--fit-rounds", type=int, default=d.fit_rounds, help="fitted: knapsack-measure-refit rounds")
+    p.add_argument("--lam", type=float, default=d.lam, help="OWL's lambda (sparsity spread)")
+    p.add_argument("--time-limit", type=float, default=None, help="knapsack MILP time limit in seconds")
+    p.add_argument("--generations", type=int, default=d.generations, help="evolution: generations")
+    p.add_argument("--offspring", type=int, default=d.offspring, help="evolution: offspring per generation")
+    p.add_argument("--stages", default=d.stages, help="evolution: selection SURVIVORS@TOKENS,... (last 1@...)")
+    p.add_argument("--start", default=d.start, choices=["uniform", "knapsack"], help="evolution: start point")
+    p.add_argument("--resume", action="store_true", help="evolution/optuna: continue a killed run in the output folder")
+    p.add_argument("--space", default=d.space, choices=["levels", "compact"], help="optuna: search space")
+    p.add_argument("--sampler", default=d.sampler, choices=["tpe", "gp", "cmaes", "nsga2"], help="optuna: sampler")
+    p.add_argument("--trials", type=int, default=d.trials, help="optuna: model evaluations in the study (all workers)")
+    p.add_argument("--objectives", default=d.objectives, choices=["fitness", "fitness,bytes", "fitness,latency"],
+                   help="optuna: fitness,bytes or fitness,latency gives a Pareto front of plans")  # fmt: skip
+    p.add_argument("--storage", default=None,
+                   help="optuna: journal file or RDB URL; workers on one storage share a study")  # fmt: skip
+    p.add_argument("--study-name", default=d.study_name, help="optuna: study name within the storage")
+    p.add_argument("--latency-table", default=None, help="latency/speedup budgets: a table from `allocator latency`")
+    p.add_argument("--latency-tokens", type=int, default=d.latency_tokens, help="token count latency budgets hold at")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per verb)."""
     parser = argparse.ArgumentParser(prog="allocator", description=__doc__)
@@ -57,39 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
     r.add_argument("--target", default=d.target, help="budget(s), e.g. sparsity=0.5 or bits=3.5,bytes=6e7")
     r.add_argument("--method", default=d.method, help=f"allocation method: {', '.join(SEARCHERS)}")
-    r.add_argument("--per", default=d.per, choices=list(PER),
-                   help="one level per layer, per tie group (q/k/v, gate/up), or per expert role (MoE)")  # fmt: skip
-    r.add_argument("--profile", default=None, help="use this profile .parquet (default: reuse or measure)")
-    r.add_argument("--sensitivity", default=d.sensitivity, choices=list(SENSITIVITIES),
-                   help="what knapsack, optuna's compact space and a knapsack start minimise: error (relative "
-                   "output error), fisher (Fisher-weighted, in nats), kl (measured per layer), fitted (a prior "
-                   "re-weighted to the measured KL of real plans)")  # fmt: skip
-    r.add_argument(
-        "--fit-prior",
-        default=d.fit_prior,
-        choices=["auto", "kl", "fisher"],
-        help="fitted: the per-layer prior it re-weights (auto: kl on a GPU or if already measured)",
-    )
-    r.add_argument("--fit-seqs", type=int, default=d.fit_seqs, help="kl/fitted: calibration windows measured")
-    r.add_argument("--fit-plans", type=int, default=d.fit_plans, help="fitted: random plans before the first fit")
-    r.add_argument("--fit-rounds", type=int, default=d.fit_rounds, help="fitted: knapsack-measure-refit rounds")
-    r.add_argument("--lam", type=float, default=d.lam, help="OWL's lambda (sparsity spread)")
-    r.add_argument("--time-limit", type=float, default=None, help="knapsack MILP time limit in seconds")
-    r.add_argument("--generations", type=int, default=d.generations, help="evolution: generations")
-    r.add_argument("--offspring", type=int, default=d.offspring, help="evolution: offspring per generation")
-    r.add_argument("--stages", default=d.stages, help="evolution: selection SURVIVORS@TOKENS,... (last 1@...)")
-    r.add_argument("--start", default=d.start, choices=["uniform", "knapsack"], help="evolution: start point")
-    r.add_argument("--resume", action="store_true", help="evolution/optuna: continue a killed run in the output folder")
-    r.add_argument("--space", default=d.space, choices=["levels", "compact"], help="optuna: search space")
-    r.add_argument("--sampler", default=d.sampler, choices=["tpe", "gp", "cmaes", "nsga2"], help="optuna: sampler")
-    r.add_argument("--trials", type=int, default=d.trials, help="optuna: model evaluations in the study (all workers)")
-    r.add_argument("--objectives", default=d.objectives, choices=["fitness", "fitness,bytes", "fitness,latency"],
-                   help="optuna: fitness,bytes or fitness,latency gives a Pareto front of plans")  # fmt: skip
-    r.add_argument("--storage", default=None,
-                   help="optuna: journal file or RDB URL; workers on one storage share a study")  # fmt: skip
-    r.add_argument("--study-name", default=d.study_name, help="optuna: study name within the storage")
-    r.add_argument("--latency-table", default=None, help="latency/speedup budgets: a table from `allocator latency`")
-    r.add_argument("--latency-tokens", type=int, default=d.latency_tokens, help="token count latency budgets hold at")
+    _search_flags(r)
     r.add_argument("--plan", default=None, help="apply this saved plan.json instead of searching")
     r.add_argument("--allow-over-budget", action="store_true",
                    help="with --plan: accept a plan that breaks its budget (recorded in the metrics)")  # fmt: skip
@@ -118,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     for sub_parser in (a, e):
         sub_parser.add_argument("--allow-over-budget", action="store_true",
                                 help="accept a plan that breaks its budget (recorded in the metrics)")  # fmt: skip
+    c = sub.add_parser("compare", help="methods x budgets x evaluation texts on one model, with intervals")
+    _common(c)
+    _search_flags(c)
+    c.add_argument("--methods", default="uniform,owl,knapsack", help=f"comma-separated: {', '.join(SEARCHERS)}")
+    c.add_argument("--targets", default="sparsity=0.4;sparsity=0.5;sparsity=0.6",
+                   help="budgets separated by ';' (each may hold several: bits=4,bytes=6e7)")  # fmt: skip
+    c.add_argument("--texts", default=None,
+                   help="evaluation texts separated by ',' (default: --eval, or WikiText-2 test)")  # fmt: skip
+    c.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the windows")
+    c.add_argument("--output-dir", "-o", required=True, help="comparison folder (a killed run continues there)")
     rep = sub.add_parser("report", help="Markdown report (plots included) of a run folder or a folder of runs")
     rep.add_argument("folder")
     latency_cli.add_parser(sub)
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         verbs = {"run": _run, "profile": _profile, "apply": _apply, "export": _export, "report": _report,
-                 "latency": latency_cli.run}  # fmt: skip
+                 "compare": _compare, "latency": latency_cli.run}  # fmt: skip
         return verbs[args.command](args)
     except AllocatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -177,6 +193,25 @@ def _export(args: argparse.Namespace) -> int:
     for path in export(plan, args.to, args.output_dir or here / "exports" / args.to, backend):
         print(f"wrote {path}")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from allocator.compare import compare
+    from allocator.data import default_evaluation
+
+    if args.bootstrap < 1:
+        raise AllocatorError(f"--bootstrap must be at least 1, got {args.bootstrap}")
+    targets, methods = _parts(args.targets, ";"), _parts(args.methods, ",")
+    texts = _parts(args.texts or args.eval or default_evaluation(), ",")
+    command = "allocator " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "allocator compare"
+    df = compare(_config(args), methods, targets, texts, args.output_dir, args.bootstrap, command)
+    print(df[["target", "method", "text", "perplexity", "lo", "hi", "vs_uniform"]].round(3).to_string(index=False))
+    print(f"wrote {args.output_dir}/compare.md, compare.csv and a plot per text")
+    return 0
+
+
+def _parts(text: str, sep: str) -> list[str]:
+    return [part.strip() for part in text.split(sep) if part.strip()]
 
 
 def _report(args: argparse.Namespace) -> int:

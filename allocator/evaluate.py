@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +35,19 @@ def perplexity(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4, desc: 
         nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4) -> np.ndarray:
+    """Mean next-token NLL of each window ``[n]`` (float64): what a bootstrap over windows resamples."""
+    device = _device(model)
+    out = []
+    for batch in _batches(seqs, batch_size, "perplexity"):
+        batch = batch.to(device)
+        logits = model(batch).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [b, T-1]
+        out.append(nll.double().mean(dim=1).cpu().numpy())
+    return np.concatenate(out)
 
 
 @torch.no_grad()

@@ -37,10 +37,12 @@ class RunResult:
     output_dir: Path | None = None
 
 
-def run(config: RunConfig) -> RunResult:
+def run(config: RunConfig, session: Session | None = None) -> RunResult:
     """Allocate, compress and evaluate as ``config`` says; write plan.json, metrics.json, config.json.
 
-    Inputs are validated before any heavy work, and nothing is written unless the run succeeds.
+    Inputs are validated before any heavy work, and nothing is written unless the run succeeds. A
+    ``session`` loaded with the same model and data is reused (``allocator compare`` runs many plans on one);
+    the model is left compressed to the plan.
     """
     budget, *extra = parse_budgets(config.target)
     grid = parse_grid(config.levels)
@@ -72,7 +74,7 @@ def run(config: RunConfig) -> RunResult:
     latency = (
         LatencyModel(LatencyTable.load(config.latency_table), config.latency_tokens) if config.latency_table else None
     )
-    session = Session(config)
+    session = session or Session(config)
     inventory = session.inventory
     sensitivity = None
     t0 = time.perf_counter()

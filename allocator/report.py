@@ -31,7 +31,7 @@ def write_history(history: list[dict], out: Path) -> None:
         ax.plot(df["trial"], df["fitness"].cummin(), label="best so far")
         ax.set(xlabel="trial", ylabel="fitness (KL to dense)", yscale="log", title="optuna")
         ax.legend()
-    _save_figure(fig, out / "history.png")
+    save_figure(fig, out / "history.png")
 
 
 def write_pareto(rows: list[dict], out: Path, x: str = "bytes") -> None:
@@ -52,10 +52,10 @@ def write_pareto(rows: list[dict], out: Path, x: str = "bytes") -> None:
         ax.plot(df[x], df["perplexity"], "o-")
         ax.set(xlabel="predicted latency (ms)")
     ax.set(ylabel="WikiText-2 perplexity", yscale="log", title="Pareto front")
-    _save_figure(fig, out / "pareto.png")
+    save_figure(fig, out / "pareto.png")
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """Write a PNG atomically (temporary name, then rename) and free the figure."""
     import matplotlib.pyplot as plt
 
@@ -90,7 +90,7 @@ def write_run_report(folder: str | Path) -> Path:
                      "sparsity": achieved["sparsity"], "bits": achieved["bits"],
                      "perplexity": metrics.get("perplexity"), "dense perplexity": metrics.get("dense_perplexity"),
                      "KL": metrics.get("kl_to_dense")})  # fmt: skip
-        _plot_allocation(plan, run / "allocation.png")
+        plot_allocation(plan, run / "allocation.png")
         prefix = "" if run == folder else f"{run.name}/"
         summary = pd.DataFrame(rows[-1:]).round(4).to_markdown(index=False)
         lines += [f"## {run.name}", "", summary, "", f"![per-layer allocation]({prefix}allocation.png)", ""]
@@ -128,7 +128,7 @@ def _read_run(run: Path) -> tuple[dict, dict]:
     return plan, metrics
 
 
-def _plot_allocation(plan: dict, path: Path) -> None:
+def plot_allocation(plan: dict, path: Path) -> None:
     """Heatmap of stored bits per weight: decoder block x layer role."""
     import re
 
@@ -156,7 +156,7 @@ def _plot_allocation(plan: dict, path: Path) -> None:
     ax.set_xticks(range(len(roles)), [r.split(".")[-1].removesuffix("_proj") for r in roles], rotation=90, fontsize=7)
     ax.set(ylabel="decoder block", title=f"{plan['method']}, {plan['budget']['kind']}={plan['budget']['value']:g}")
     fig.colorbar(im, ax=ax, label="stored bits / weight")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_perplexity(df: pd.DataFrame, path: Path) -> None:
@@ -171,4 +171,4 @@ def _plot_perplexity(df: pd.DataFrame, path: Path) -> None:
         ax.plot(g["bits"], g["perplexity"], "o-", label=method)
     ax.set(xlabel="stored bits per weight (achieved)", ylabel="perplexity", yscale="log", title="perplexity vs budget")
     ax.legend(fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)

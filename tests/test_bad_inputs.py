@@ -274,6 +274,10 @@ CASES: dict[str, Case] = {
     "report missing folder": Case(cmd("report", "{root}/nope"), "does not exist"),
     "report folder without runs": Case(cmd("report", "{report_empty}"), "no run"),
     "report with a corrupt plan": Case(cmd("report", "{report_corrupt}"), "not valid JSON"),
+    "compare unknown method": Case(cmd("compare", "--methods", "magic", "-o", "{root}/c"), "unknown methods"),
+    "compare bad target": Case(cmd("compare", "--targets", "sparsity=2", "-o", "{root}/c"), "[0, 1)"),
+    "compare bootstrap 0": Case(cmd("compare", "--bootstrap", "0", "-o", "{root}/c"), "--bootstrap"),
+    "compare output is a file": Case(cmd("compare", "--model", "{model}", "-o", "{afile}"), "is a file"),
     # ---- latency -------------------------------------------------------------------------------------
     "latency measure tokens 0": Case(cmd("latency", "measure", "--device", "cpu", "--tokens", "0,8"), "--tokens"),
     "latency measure tokens word": Case(cmd("latency", "measure", "--tokens", "a,b"), "--tokens"),

@@ -1,0 +1,143 @@
+"""``allocator compare``: methods x budgets x evaluation texts in one command, on one loaded model.
+
+Each cell (budget, method) is an ordinary run folder (plan.json, metrics.json, config.json) under
+``OUT/<budget>/<method>/``, plus ``eval.json``: the plan's perplexity on every evaluation text with a
+bootstrap interval over windows. A cell with ``eval.json`` is done, so a killed comparison continues where
+it stopped. The summary (``compare.csv``/``.md``), one plot per text and the per-layer allocation of every
+plan are rewritten from the cells at the end. Every method sees the same model, calibration windows,
+backend and grid; uniform is the yardstick the table states every method against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from allocator import data
+from allocator.budget import parse_budgets
+from allocator.errors import AllocatorError
+from allocator.evaluate import window_nll
+from allocator.io import check_output, write_json_atomic, write_text_atomic
+from allocator.pipeline import run
+from allocator.report import plot_allocation, save_figure
+from allocator.search import SEARCHERS
+from allocator.session import RunConfig, Session, check_config
+
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_perplexity(nll: np.ndarray, samples: int = 1000, level: float = 0.95) -> tuple[float, float, float]:
+    """Perplexity of windows with mean token NLLs ``nll`` (equal-length windows) and its percentile
+    bootstrap interval over windows (seeded: the same NLLs give the same interval)."""
+    nll = np.asarray(nll, dtype=np.float64)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = nll[rng.integers(len(nll), size=(samples, len(nll)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return math.exp(nll.mean()), math.exp(lo), math.exp(hi)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")
+
+
+def compare(config: RunConfig, methods: list[str], targets: list[str], texts: list[str], out: str | Path,
+            samples: int = 1000, command: str = "") -> pd.DataFrame:  # fmt: skip
+    """Run every method at every target, evaluate each plan on every text; returns the summary table."""
+    unknown = [m for m in methods if m not in SEARCHERS]
+    if unknown:
+        raise AllocatorError(f"unknown methods {unknown}: choose from {', '.join(SEARCHERS)}")
+    if not methods or not targets or not texts:
+        raise AllocatorError("compare needs at least one --methods, --targets and --eval text each")
+    for target in targets:
+        parse_budgets(target)
+    out = Path(out)
+    check_output(out, "--output-dir")
+    check_config(config)
+    session = Session(replace(config, eval=texts[0]))
+    windows = {text: _windows(session, text, config) for text in texts}
+    dense = _evaluate(session, windows, config.batch_size, samples, restore=True)
+    write_json_atomic(out / "dense" / "eval.json", dense)
+    for target in targets:
+        for method in methods:
+            cell = out / _slug(target) / method
+            if (cell / "eval.json").is_file():
+                continue  # done before a kill: kept
+            cell_config = replace(config, method=method, target=target, output_dir=str(cell), eval=texts[0])
+            run(cell_config, session)  # leaves the model compressed to the plan
+            write_json_atomic(cell / "eval.json", _evaluate(session, windows, config.batch_size, samples))
+    return summarize(out, methods, targets, texts, command)
+
+
+def _windows(session: Session, text: str, config: RunConfig) -> torch.Tensor:
+    tokenizer, records = session.loaded.tokenizer, data.load_records(text)
+    return data.evaluation_sequences(tokenizer, records, config.seq_len, config.eval_samples, session.bos)
+
+
+def _evaluate(session: Session, windows: dict[str, torch.Tensor], batch_size: int, samples: int,
+              restore: bool = False) -> dict:  # fmt: skip
+    if restore:
+        session.restore_()
+    out = {}
+    for text, seqs in windows.items():
+        nll = window_nll(session.model, seqs, batch_size)
+        ppl, lo, hi = bootstrap_perplexity(nll, samples)
+        out[text] = {"perplexity": ppl, "lo": lo, "hi": hi, "windows": len(nll), "tokens": int(seqs[:, 1:].numel())}
+    return out
+
+
+def summarize(out: Path, methods: list[str], targets: list[str], texts: list[str], command: str = "") -> pd.DataFrame:
+    """compare.csv/.md, one plot per text and every plan's allocation heatmap, from the cell folders."""
+    dense = json.loads((out / "dense" / "eval.json").read_text())
+    rows = []
+    for target in targets:
+        for method in methods:
+            cell = out / _slug(target) / method
+            metrics = json.loads((cell / "metrics.json").read_text())
+            evals = json.loads((cell / "eval.json").read_text())
+            plot_allocation(json.loads((cell / "plan.json").read_text()), cell / "allocation.png")
+            for text in texts:
+                rows.append({"target": target, "method": method, "text": text, **evals[text],
+                             "dense": dense[text]["perplexity"], "sparsity": metrics["achieved"]["sparsity"],
+                             "bits": metrics["achieved"]["bits"], "kl_to_dense": metrics["kl_to_dense"],
+                             "search_s": metrics["timings"].get("search_s", 0.0)})  # fmt: skip
+    df = pd.DataFrame(rows)
+    uniform = df[df.method == "uniform"].set_index(["target", "text"]).perplexity
+    df["vs_uniform"] = [r.perplexity / uniform.get((r.target, r.text), np.nan) for r in df.itertuples()]
+    write_text_atomic(out / "compare.csv", df.to_csv(index=False))
+    lines = [f"# allocator compare\n\n`{command}` (each cell's settings: its config.json)\n"]
+    for text in texts:
+        sub = df[df.text == text]
+        cells = sub.assign(cell=[f"{r.perplexity:.2f} [{r.lo:.2f}, {r.hi:.2f}]" for r in sub.itertuples()])
+        table = cells.pivot(index="target", columns="method", values="cell").reindex(index=targets, columns=methods)
+        lines += [f"## {text} (dense {dense[text]['perplexity']:.2f})", "",
+                  "perplexity [95 % bootstrap interval over windows]", "", table.to_markdown(), "",
+                  f"![perplexity]({_slug(Path(text).name)}.png)", ""]  # fmt: skip
+        _plot(sub, methods, targets, dense[text]["perplexity"], text, out / f"{_slug(Path(text).name)}.png")
+    write_text_atomic(out / "compare.md", "\n".join(lines))
+    return df
+
+
+def _plot(df: pd.DataFrame, methods: list[str], targets: list[str], dense: float, text: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(len(targets))
+    for i, method in enumerate(methods):
+        g = df[df.method == method].set_index("target").reindex(targets)
+        err = np.vstack([g.perplexity - g.lo, g.hi - g.perplexity])
+        ax.errorbar(x + 0.06 * (i - len(methods) / 2), g.perplexity, yerr=err, fmt="o-", capsize=3, label=method)
+    ax.axhline(dense, color="grey", ls=":", label="dense")
+    ax.set_xticks(x, targets, rotation=20, fontsize=8)
+    ax.set(ylabel="perplexity", yscale="log", title=Path(text).name)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
