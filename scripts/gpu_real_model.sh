@@ -2,7 +2,7 @@
 # Real-model runs on the loaned GPU (device tool). The GGUF (98 MB) is larger than one upload (64 MB), so it
 # travels in two halves over two back-to-back calls:
 #   call 1 (carry .gpu/m.partA):                 bash scripts/gpu_real_model.sh stage
-#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto|sensitivity|speed
+#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto|sensitivity|speed|compare
 #   (pareto: fitness vs bytes, then fitness vs predicted latency on the committed H100 table)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
@@ -53,6 +53,20 @@ stage)
         --profiles-dir /tmp/profiles \
         --out "$OUT/sensitivity_$backend" 2>&1 | sed "/it\\/s\\]/d"
     done ;;
+  compare)
+    # issue 17: `allocator compare` on the real model: uniform / OWL / knapsack (default fitted sensitivity) at
+    # three sparsities, on WikiText-2 test and on 400 held-out C4 documents never used to calibrate; the
+    # cells stay in /tmp/compare (a call cut at the limit is continued by the next one on the warm machine)
+    mkdir -p /tmp/texts && cp .gpu/data/test.txt /tmp/texts/wikitext2-test.txt
+    python3 -c "import sys; sys.path.insert(0, 'scripts'); from pathlib import Path; \
+from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.parquet'), 400, Path('/tmp/texts'))"
+    python3 -m allocator.cli compare --model "$MODEL" --calib /tmp/texts/c4-calib.parquet \
+      --texts /tmp/texts/wikitext2-test.txt,/tmp/texts/c4-heldout.txt --methods "${METHODS:-uniform,owl,knapsack}" \
+      --targets "${TARGETS:-sparsity=0.5;sparsity=0.6;sparsity=0.7}" --backend "${BACKEND:-wanda}" \
+      --levels 0:0.9:0.05 --device cuda --batch-size 16 --profiles-dir /tmp/profiles -o /tmp/compare 2>&1 \
+      | sed "/it\/s\]/d"
+    cp /tmp/compare/compare.md /tmp/compare/compare.csv /tmp/compare/*.png "$OUT"/
+    tar -czf "$OUT/compare_cells.tar.gz" -C /tmp/compare --exclude "*.png" . ;;
   speed)
     # issue 14: evolution's candidate tokens/s against a plain bf16 forward, fast vs reference path; then
     # profile + database in one pass at the 19-level SparseGPT grid (the pipeline's calibration: 128 x 512)
