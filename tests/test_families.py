@@ -44,7 +44,7 @@ def _inventory(family: str, _folder: Path, _work: Path, _texts: dict) -> None:
     model = tiny_model(family)
     inv = Inventory.from_model(model)
     assert inv.attention == ATTENTION.get(family, ("full", "full")), inv.attention
-    assert not inv.tied_embeddings  # the tiny configs untie them; SmolLM2's are tied (tests/test_real_model.py)
+    assert inv.tied_embeddings == (family == "gpt2")  # GPT-2 ties by default; the other tiny configs untie them
     shares = {lay.share for lay in inv.layers if ".experts." in lay.name}
     assert shares == ({0.5} if family in MOE else set()), shares  # 2 of 4 experts per token
     assert all(lay.share == 1.0 for lay in inv.layers if ".experts." not in lay.name), "shared experts see every token"
