@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise AllocatorError(f"--bootstrap must be at least 1, got {args.bootstrap}")
     targets, methods = _parts(args.targets, ";"), _parts(args.methods, ",")
     texts = _parts(args.texts or args.eval or default_evaluation(), ",")
-    command = "allocator " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "allocator compare"
+    command = shlex.join(["allocator", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else "allocator compare"
     df = compare(_config(args), methods, targets, texts, args.output_dir, args.bootstrap, command)
     print(df[["target", "method", "text", "perplexity", "lo", "hi", "vs_uniform"]].round(3).to_string(index=False))
     print(f"wrote {args.output_dir}/compare.md, compare.csv and a plot per text")
