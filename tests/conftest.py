@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
+
+from allocator.budget import Budget, Problem, build_problem
+from allocator.levels import parse_grid
+from allocator.model import Inventory
 
 VOCAB = 256
 WORDS = (
@@ -173,3 +179,49 @@ def repo_stays_clean():
     after = status()
     new = sorted(set(after.splitlines()) - set(before.splitlines()))
     assert not new, f"tests wrote into the repository: {new}"
+
+
+# ---- fakes the search tests share -------------------------------------------------------------------
+class ToyFitness:
+    """A deterministic stand-in for the model: summed error plus a batch-dependent wobble."""
+
+    pool_size, seq_len = 16, 64
+
+    def __init__(self, problem: Problem, fail_after: int | None = None):
+        self.problem, self.calls, self.fail_after = problem, 0, fail_after
+
+    def set_parent(self, choice):
+        pass
+
+    def __call__(self, choice, batch):
+        self.calls += 1
+        if hasattr(self, "counters"):
+            self.counters["block_forwards"] += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # the search is killed mid-generation
+        rows = np.arange(len(choice))
+        wobble = 0.01 * np.sin(batch.sum() + choice.sum())
+        return float(self.problem.error[rows, choice].sum() + wobble)
+
+
+def toy_problem() -> Problem:
+    """The tiny Llama's layers at a 0.1-step sparsity grid, with a made-up error that grows with sparsity."""
+    inv = Inventory.from_model(tiny_model("llama"))
+    grid = parse_grid("0:0.9:0.1")
+    problem = build_problem(inv, grid, Budget.parse("sparsity=0.5"))
+    rng = np.random.default_rng(0)
+    s = np.array([lv.sparsity for lv in grid])
+    problem.error = rng.uniform(0.2, 3.0, size=(len(problem.units), 1)) * s[None, :] ** 2
+    return problem
+
+
+class SlowToyFitness(ToyFitness):
+    """The toy fitness, slow enough that two workers interleave (or that a kill lands inside a trial)."""
+
+    def __init__(self, problem: Problem, delay: float = 0.01):
+        super().__init__(problem)
+        self.delay = delay
+
+    def __call__(self, choice, batch):
+        time.sleep(self.delay)
+        return super().__call__(choice, batch)

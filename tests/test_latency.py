@@ -18,8 +18,7 @@ from allocator.levels import Level, parse_grid, parse_level
 from allocator.model import Inventory
 from allocator.plan import Plan
 from allocator.search import get_searcher
-from tests.conftest import tiny_model
-from tests.test_search_evolution import ToyFitness
+from tests.conftest import ToyFitness, tiny_model
 
 TOKENS = (1, 4, 16, 512, 2048)
 # synthetic per-kernel time = A * rows * cols * tokens**B (a power law: log-log interpolation is exact)

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allocator.budget import Budget, Problem, build_problem
+from allocator.budget import Budget, Problem
 from allocator.errors import AllocatorError
 from allocator.levels import parse_grid
-from allocator.model import Inventory
 from allocator.search import get_searcher
 from allocator.search.evolution import mutate
 from allocator.search.repair import level_ladders
-from tests.conftest import tiny_model
+from tests.conftest import ToyFitness, toy_problem
 
 
 def _random_problem(seed: int, budgets: int = 1) -> Problem:
@@ -55,40 +54,8 @@ def test_mutation_never_breaks_the_budget(seed):
         parent = child
 
 
-class ToyFitness:
-    """A deterministic stand-in for the model: summed error plus a batch-dependent wobble."""
-
-    pool_size, seq_len = 16, 64
-
-    def __init__(self, problem: Problem, fail_after: int | None = None):
-        self.problem, self.calls, self.fail_after = problem, 0, fail_after
-
-    def set_parent(self, choice):
-        pass
-
-    def __call__(self, choice, batch):
-        self.calls += 1
-        if hasattr(self, "counters"):
-            self.counters["block_forwards"] += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt  # the search is killed mid-generation
-        rows = np.arange(len(choice))
-        wobble = 0.01 * np.sin(batch.sum() + choice.sum())
-        return float(self.problem.error[rows, choice].sum() + wobble)
-
-
-def _toy_problem() -> Problem:
-    inv = Inventory.from_model(tiny_model("llama"))
-    grid = parse_grid("0:0.9:0.1")
-    problem = build_problem(inv, grid, Budget.parse("sparsity=0.5"))
-    rng = np.random.default_rng(0)
-    s = np.array([lv.sparsity for lv in grid])
-    problem.error = rng.uniform(0.2, 3.0, size=(len(problem.units), 1)) * s[None, :] ** 2
-    return problem
-
-
 def test_same_seed_same_plan_and_better_than_start():
-    problem = _toy_problem()
+    problem = toy_problem()
     plans = []
     for _ in range(2):
         problem.fitness = ToyFitness(problem)
@@ -106,7 +73,7 @@ def test_same_seed_same_plan_and_better_than_start():
 
 def test_probe_tracks_the_parent_without_changing_the_search():
     """The probe (a fixed yardstick for convergence plots) must not touch the RNG, the plan or the counters."""
-    problem = _toy_problem()
+    problem = toy_problem()
     plans, histories = [], []
     for probe in (0, 4):
         problem.fitness = ToyFitness(problem)
@@ -123,7 +90,7 @@ def test_probe_tracks_the_parent_without_changing_the_search():
 
 
 def test_resume_after_interruption_gives_the_same_plan(tmp_path):
-    problem = _toy_problem()
+    problem = toy_problem()
     settings = dict(generations=12, offspring=5, stages="2@64,1@128")
     problem.fitness = ToyFitness(problem)
     straight = get_searcher("evolution", **settings).search(problem, seed=7)
@@ -141,7 +108,7 @@ def test_resume_after_interruption_gives_the_same_plan(tmp_path):
 
 def test_counters_continue_on_resume(tmp_path):
     """history's block-forward counters after a kill and resume equal an uninterrupted run's."""
-    problem = _toy_problem()
+    problem = toy_problem()
     settings = dict(generations=8, offspring=4, stages="2@64,1@128")
 
     def counted(**kw):
@@ -163,7 +130,7 @@ def test_counters_continue_on_resume(tmp_path):
 
 
 def test_knapsack_start_needs_a_profile():
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.error = None
     problem.fitness = ToyFitness(problem)
     with pytest.raises(AllocatorError, match="profile"):
@@ -173,7 +140,8 @@ def test_knapsack_start_needs_a_profile():
 EVOLVE = """
 import sys, time
 from pathlib import Path
-from tests.test_search_evolution import ToyFitness, _toy_problem, KILL_SETTINGS
+from tests.conftest import ToyFitness, toy_problem
+from tests.test_search_evolution import KILL_SETTINGS
 from allocator.search import get_searcher
 
 class Slow(ToyFitness):
@@ -182,7 +150,7 @@ class Slow(ToyFitness):
         time.sleep(0.004)
         return super().__call__(choice, batch)
 
-problem = _toy_problem()
+problem = toy_problem()
 problem.fitness = Slow(problem)
 get_searcher("evolution", checkpoint=sys.argv[1], **KILL_SETTINGS).search(problem, seed=11)
 """
@@ -191,7 +159,7 @@ KILL_SETTINGS = dict(generations=12, offspring=5, stages="2@64,1@128")
 
 @pytest.fixture(scope="module")
 def straight_plan() -> np.ndarray:
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.fitness = ToyFitness(problem)
     return get_searcher("evolution", **KILL_SETTINGS).search(problem, seed=11)
 
@@ -215,7 +183,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_plan(tmp_path, generation, s
     worker.wait()
     saved = json.loads(ckpt.read_text())["generation"] if ckpt.is_file() else 0
     assert generation <= saved < KILL_SETTINGS["generations"]
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.fitness = ToyFitness(problem)
     resumed = get_searcher("evolution", checkpoint=str(ckpt), resume=True, **KILL_SETTINGS).search(problem, seed=11)
     assert np.array_equal(resumed, straight_plan)

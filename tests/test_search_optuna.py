@@ -18,21 +18,9 @@ from allocator.levels import parse_grid
 from allocator.search import get_searcher
 from allocator.search.repair import project
 from allocator.search.study import open_storage
-from tests.test_search_evolution import ToyFitness, _toy_problem
+from tests.conftest import SlowToyFitness, ToyFitness, toy_problem
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class SlowToyFitness(ToyFitness):
-    """The toy fitness, slow enough that two workers interleave (or that a kill lands inside a trial)."""
-
-    def __init__(self, problem: Problem, delay: float = 0.01):
-        super().__init__(problem)
-        self.delay = delay
-
-    def __call__(self, choice, batch):
-        time.sleep(self.delay)
-        return super().__call__(choice, batch)
 
 
 def _trials(storage: str, name: str = "allocator") -> list[optuna.trial.FrozenTrial]:
@@ -48,7 +36,7 @@ def _finished(storage: str) -> int:
 
 
 def test_every_trial_meets_the_budget_and_beats_no_seed():
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.fitness = ToyFitness(problem)
     searcher = get_searcher("optuna", trials=25, storage=None)
     best = searcher.search(problem, seed=0)
@@ -64,7 +52,7 @@ def test_every_trial_meets_the_budget_and_beats_no_seed():
 
 
 def test_trial_plans_recorded_for_the_dashboard_hold_the_budget(tmp_path):
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.fitness = ToyFitness(problem)
     storage = str(tmp_path / "study.journal")
     get_searcher("optuna", trials=15, storage=storage).search(problem, seed=1)
@@ -80,7 +68,7 @@ def test_trial_plans_recorded_for_the_dashboard_hold_the_budget(tmp_path):
 
 @pytest.mark.parametrize("space", ["levels", "compact"])
 def test_same_seed_same_best_plan(space):
-    problem = _toy_problem()
+    problem = toy_problem()
     plans = []
     for _ in range(2):
         problem.fitness = ToyFitness(problem)
@@ -89,7 +77,7 @@ def test_same_seed_same_best_plan(space):
 
 
 def test_project_meets_the_budget_and_leaves_feasible_plans_alone():
-    problem = _toy_problem()
+    problem = toy_problem()
     rng = np.random.default_rng(0)
     for _ in range(20):
         proposal = rng.integers(0, len(problem.levels), size=len(problem.units))
@@ -100,7 +88,7 @@ def test_project_meets_the_budget_and_leaves_feasible_plans_alone():
 
 
 def test_project_fill_is_never_worse_than_down_only():
-    problem = _toy_problem()
+    problem = toy_problem()
     rows = np.arange(len(problem.units))
     rng = np.random.default_rng(1)
     for _ in range(20):
@@ -110,7 +98,7 @@ def test_project_fill_is_never_worse_than_down_only():
 
 
 def test_a_study_for_another_search_is_refused(tmp_path):
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.fitness = ToyFitness(problem)
     storage = str(tmp_path / "study.journal")
     get_searcher("optuna", trials=3, storage=storage).search(problem, seed=0)
@@ -120,10 +108,10 @@ def test_a_study_for_another_search_is_refused(tmp_path):
 
 WORKER = """
 import sys
-from tests.test_search_optuna import SlowToyFitness, _toy_problem
+from tests.conftest import SlowToyFitness, toy_problem
 from allocator.search import get_searcher
 storage, trials, seed, delay, beat, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7]
-problem = _toy_problem()
+problem = toy_problem()
 problem.fitness = SlowToyFitness(problem, delay=float(delay))
 searcher = get_searcher("optuna", trials=trials, storage=storage, heartbeat=float(beat), resume=resume == "1")
 searcher.search(problem, seed=seed)
@@ -160,7 +148,7 @@ def test_two_workers_started_together_on_a_fresh_storage_share_the_quota(tmp_pat
     plans = [tuple(t.user_attrs["plan"]) for t in evaluations]
     assert len(evaluations) == n and len(set(plans)) == n  # none lost, none extra, none evaluated twice
     assert _no_running(storage)
-    problem = _toy_problem()
+    problem = toy_problem()
     names = [lv.name for lv in problem.levels]
     assert all(problem.feasible(np.array([names.index(x) for x in plan])) for plan in plans)
 
@@ -195,7 +183,7 @@ def test_a_killed_worker_leaves_the_other_to_finish_the_quota(tmp_path):
 
 
 def _search(storage: str, trials: int, **options) -> np.ndarray:
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.fitness = SlowToyFitness(problem, delay=0.0)
     return get_searcher("optuna", trials=trials, storage=storage, heartbeat=0.3, **options).search(problem, seed=0)
 
@@ -225,7 +213,7 @@ def test_kill_and_resume_gives_the_uninterrupted_plan_without_repeating_an_evalu
 
 
 def test_pareto_front_is_not_dominated():
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.fitness = ToyFitness(problem)
     searcher = get_searcher("optuna", sampler="nsga2", trials=40, objectives="fitness,bytes")
     searcher.search(problem, seed=0)
@@ -254,7 +242,7 @@ def test_brute_force_small_problem_found_by_levels_space():
 
 
 def test_bad_settings_are_refused():
-    problem = _toy_problem()
+    problem = toy_problem()
     problem.fitness = ToyFitness(problem)
     with pytest.raises(AllocatorError, match="continuous"):
         get_searcher("optuna", sampler="cmaes").search(problem, seed=0)
