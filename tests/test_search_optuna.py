@@ -154,16 +154,18 @@ def test_two_workers_started_together_on_a_fresh_storage_share_the_quota(tmp_pat
 
 
 def _kill_when(worker: subprocess.Popen, storage: str, finished: int) -> None:
-    """kill -9 the worker once ``finished`` trials are done and one is running."""
+    """kill -9 the worker once ``finished`` trials are done and it is running one of its own."""
     deadline = time.time() + 120
     while time.time() < deadline and worker.poll() is None:
         time.sleep(0.02)
-        if Path(storage.removeprefix("sqlite:///")).is_file() and _finished(storage) >= finished:
-            try:
-                if not _no_running(storage):
-                    break
-            except KeyError:  # the study is still being created
-                continue
+        if not Path(storage.removeprefix("sqlite:///")).is_file() or _finished(storage) < finished:
+            continue
+        try:
+            running = [t for t in _trials(storage) if t.state == optuna.trial.TrialState.RUNNING]
+        except KeyError:  # the study is still being created
+            continue
+        if any(t.user_attrs.get("worker", "").endswith(f":{worker.pid}") for t in running):
+            break
     assert worker.poll() is None, "the worker ended before the kill"
     worker.kill()
     worker.wait()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from allocator.errors import AllocatorError
 from allocator.search.base import Searcher
-from allocator.search.optuna import OptunaSearch
 from allocator.search.evolution import Evolution
 from allocator.search.knapsack import Knapsack
+from allocator.search.optuna import OptunaSearch
 from allocator.search.owl import OWL
 from allocator.search.uniform import Uniform
 

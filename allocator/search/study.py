@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -30,6 +32,7 @@ HEARTBEAT = "heartbeat"  # trial user attribute: the time of the worker's last s
 PLAN = "plan"  # trial user attribute: the plan's level names, set before it is evaluated (a claim)
 REPEAT = "repeat_of"  # trial user attribute: the trial whose plan this one repeated (not evaluated)
 OVER_QUOTA = "over_quota"
+WORKER = "worker"  # trial user attribute: host:pid of the worker running it
 
 
 def storage_file(url: str) -> Path | None:
@@ -142,6 +145,7 @@ def heartbeat(trial, interval: float) -> Iterator[None]:
             with contextlib.suppress(Exception):  # a finished trial takes no attribute: the loop is ending
                 trial.set_user_attr(HEARTBEAT, time.time())
 
+    trial.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")  # who holds it (the dashboard shows it)
     trial.set_user_attr(HEARTBEAT, time.time())
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
