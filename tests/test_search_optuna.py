@@ -202,7 +202,7 @@ def test_kill_and_resume_gives_the_uninterrupted_plan_without_repeating_an_evalu
     """kill -9 during the first (seed) trial, mid-run and at the last trial; --resume ends on the plan an
     uninterrupted run finds, and no plan is evaluated twice."""
     storage = _storage(tmp_path, "journal")
-    _kill_when(_worker(storage, len(uninterrupted), delay=0.05 if at else 0.3), storage, at)
+    _kill_when(_worker(storage, len(uninterrupted), delay=0.3), storage, at)  # 0.3 s a trial: time to land a kill
     _search(storage, len(uninterrupted), resume=True)
     got = _evaluations(storage)
     plans = [tuple(t.user_attrs["plan"]) for t in got]
