@@ -114,6 +114,8 @@ def trial_seeded(make: Callable[[int], object], seed: int):
         def before_trial(self, study, trial) -> None:
             states = Counter(t.state for t in study.get_trials(deepcopy=False))
             key = [seed, states[TrialState.COMPLETE], states[TrialState.RUNNING]]
+            if states[TrialState.RUNNING] > 1:  # workers side by side see equal counts: their trials differ
+                key.append(trial.number)
             self.inner = make(int(np.random.SeedSequence(key).generate_state(1)[0] % 2**31))
             self.inner.before_trial(study, trial)
 
@@ -208,12 +210,15 @@ def earlier_evaluations(study, number: int) -> int:
 
 
 def repeat_of(study, number: int, plan: list[str]):
-    """The trial that already holds ``plan``: a finished evaluation, or a running one numbered lower."""
+    """The trial that already holds ``plan``: a finished evaluation, or another running one.
+
+    Claims are written before they are checked, so of two workers claiming one plan at once at least the
+    later checker sees the other and yields (both may: then neither evaluates it, which is never a repeat).
+    """
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
         if t.number == number or t.user_attrs.get(PLAN) != plan or REPEAT in t.user_attrs:
             continue
-        if t.state == TrialState.COMPLETE or t.number < number:
-            return t
+        return t
     return None
