@@ -61,7 +61,8 @@ def compare(config: RunConfig, methods: list[str], targets: list[str], texts: li
     check_output(out, "--output-dir")
     check_config(config)
     session = Session(replace(config, eval=texts[0]))
-    windows = {text: _windows(session, text, config) for text in texts}
+    # the first text's windows are the session's own evaluation windows: tokenized once
+    windows = {text: session.eval_seqs if i == 0 else _windows(session, text, config) for i, text in enumerate(texts)}
     dense = _evaluate(session, windows, config.batch_size, samples, restore=True)
     write_json_atomic(out / "dense" / "eval.json", dense)
     for target in targets:
