@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from allocator.budget import Budget, Problem, build_problem, summarize
+from allocator.config import RunConfig
 from allocator.errors import AllocatorError
 from allocator.levels import Level, parse_grid, parse_level
 from allocator.model import Inventory, load_model
 from allocator.pipeline import RunResult, run
 from allocator.plan import Plan
-from allocator.session import RunConfig
+from allocator.search import SEARCHERS, Allocation, SearchContext, allocate, make_searcher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SEARCHERS",
+    "Allocation",
     "AllocatorError",
     "Budget",
     "Inventory",
@@ -21,8 +24,11 @@ __all__ = [
     "Problem",
     "RunConfig",
     "RunResult",
+    "SearchContext",
+    "allocate",
     "build_problem",
     "load_model",
+    "make_searcher",
     "parse_grid",
     "parse_level",
     "run",

@@ -13,11 +13,12 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from allocator.config import RunConfig
 from allocator.errors import AllocatorError
 from allocator.io import atomic_path, check_output, write_json_atomic
 from allocator.moe import fuse_experts
 from allocator.plan import Plan
-from allocator.session import RunConfig, Session
+from allocator.session import Session
 
 
 def run_config(plan_path: Path, overrides: dict) -> RunConfig:

@@ -12,8 +12,7 @@ matrices over (decision unit x level) and a limit.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -109,25 +108,52 @@ def summarize(assignment: dict[str, Level], inventory: Inventory) -> dict[str, f
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
     """What a searcher sees: pick one level per unit so that the summed cost stays under ``limit``.
 
     A unit is one layer, or one tie group whose layers share a level. ``cost[u, k]`` is +inf
-    where level k cannot compress unit u. ``error`` (profiles) and ``fitness`` (the real model)
-    are optional: uniform needs neither.
+    where level k cannot compress unit u. ``error`` (a sensitivity profile) and ``outlier_ratio``
+    (OWL) are optional: uniform needs neither. Complete once built and read-only (its arrays too):
+    a profile gives a new problem (:meth:`with_profile`); the real-model fitness is built from a
+    problem and handed to the searcher beside it, never stored in it.
     """
 
-    units: list[tuple[str, ...]]
-    levels: list[Level]
+    units: tuple[tuple[str, ...], ...]
+    levels: tuple[Level, ...]
     cost: np.ndarray  # [U, K]
     limit: float
-    error: np.ndarray | None = None  # [U, K]
-    fitness: Callable[[np.ndarray], float] | None = None
     budget: Budget | None = None
     params: int = 0  # compressible parameters, to state costs in the budget's own units
-    extra: list[tuple[Budget, np.ndarray, float]] = field(default_factory=list)  # more budgets held at once
-    info: dict[str, np.ndarray] = field(default_factory=dict)  # per-unit numbers some methods read (OWL)
+    extra: tuple[tuple[Budget, np.ndarray, float], ...] = ()  # more budgets held at once
+    error: np.ndarray | None = None  # [U, K] the profile's predicted damage
+    outlier_ratio: np.ndarray | None = None  # [U] OWL's layer outlier ratio
+    bytes_cost: np.ndarray | None = None  # [U, K] storage bytes: the second objective of a Pareto front
+    latency_cost: np.ndarray | None = None  # [U, K] linear-layer ms from a latency table
+    blocks: np.ndarray | None = None  # [U] decoder block of each unit (its first layer's)
+    roles: tuple[str, ...] = ()  # [U] each unit's layer roles, e.g. "self_attn.q_proj+self_attn.k_proj"
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__  # frozen: the normalised fields are set once, here
+        put(self, "units", tuple(tuple(u) for u in self.units))
+        put(self, "levels", tuple(self.levels))
+        put(self, "extra", tuple((b, _frozen(c), lim) for b, c, lim in self.extra))
+        for name in ("cost", "error", "outlier_ratio", "bytes_cost", "latency_cost", "blocks"):
+            put(self, name, _frozen(getattr(self, name)))
+
+    def with_profile(self, error: np.ndarray, outlier_ratio: np.ndarray | None = None) -> Problem:
+        """The same problem with a sensitivity profile's error matrix (and OWL's outlier ratios)."""
+        if np.shape(error) != self.cost.shape:
+            raise AllocatorError(f"error matrix {np.shape(error)} does not match the problem {self.cost.shape}")
+        ratio = self.outlier_ratio if outlier_ratio is None else outlier_ratio
+        return replace(self, error=error, outlier_ratio=ratio)
+
+    def objective(self, name: str) -> np.ndarray:
+        """The [U, K] cost of a Pareto objective: ``bytes`` or ``latency`` (needs a latency table)."""
+        matrix = {"bytes": self.bytes_cost, "latency": self.latency_cost}.get(name)
+        if matrix is None:
+            raise AllocatorError(f"objective {name!r} needs its cost: pass --latency-table for latency")
+        return matrix
 
     def summed(self, matrix: np.ndarray, choice: np.ndarray) -> float:
         """A per-unit matrix [U, K] (a cost, an error) summed over one choice (one level index per unit)."""
@@ -214,14 +240,23 @@ def build_problem(
     if np.isinf(cost).all(axis=1).any():
         bad = [unit[0] for unit, row in zip(units, cost, strict=True) if np.isinf(row).all()]
         raise AllocatorError(f"no level of the grid applies to {bad}: add a level such as 'dense' to the grid")
-    more = [(b, matrix(b), b.limit(inventory, latency)) for b in extra or []]
-    problem = Problem(
-        units, list(levels), cost, budget.limit(inventory, latency), budget=budget, params=inventory.params, extra=more
-    )
-    problem.info["bytes"] = cost if budget.kind == "bytes" else matrix(Budget("bytes", 1.0))  # for Pareto fronts
-    if latency is not None:
-        problem.info["latency"] = matrix(Budget("latency", 1.0))  # linear-layer ms: a Pareto objective
-    return problem
+    more = tuple((b, matrix(b), b.limit(inventory, latency)) for b in extra or [])
+    return Problem(
+        units, levels, cost, budget.limit(inventory, latency), budget=budget, params=inventory.params, extra=more,
+        bytes_cost=cost if budget.kind == "bytes" else matrix(Budget("bytes", 1.0)),
+        latency_cost=matrix(Budget("latency", 1.0)) if latency is not None else None,
+        blocks=np.array([min(inventory[n].block for n in unit) for unit in units]),
+        roles=tuple("+".join(inventory[n].role for n in unit) for unit in units),
+    )  # fmt: skip
+
+
+def _frozen(array: np.ndarray | None) -> np.ndarray | None:
+    """A read-only copy (a searcher cannot change the problem another searcher sees)."""
+    if array is None:
+        return None
+    out = np.array(array, copy=True)
+    out.flags.writeable = False
+    return out
 
 
 def parse_budgets(text: str) -> list[Budget]:

@@ -8,8 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from allocator import artifacts
 from allocator.apply import apply_plan, run_config
 from allocator.budget import PER
+from allocator.config import RunConfig
 from allocator.errors import AllocatorError
 from allocator.export import FORMATS, export
 from allocator.io import check_output
@@ -18,10 +20,9 @@ from allocator.levels import DEFAULT_GRID, parse_grid
 from allocator.pipeline import run
 from allocator.plan import Plan
 from allocator.report import write_run_report
-from allocator.search import SEARCHERS
+from allocator.search import SEARCHERS, option_fields
 from allocator.sensitivity import SENSITIVITIES
-from allocator.sensitivity.select import add_kl_column
-from allocator.session import RunConfig, Session
+from allocator.session import Session
 
 
 def _samples(text: str) -> int | None:
@@ -68,21 +69,14 @@ def _search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-seqs", type=int, default=d.fit_seqs, help="kl/fitted: calibration windows measured")
     p.add_argument("--fit-plans", type=int, default=d.fit_plans, help="fitted: random plans before the first fit")
     p.add_argument("--fit-rounds", type=int, default=d.fit_rounds, help="fitted: knapsack-measure-refit rounds")
-    p.add_argument("--lam", type=float, default=d.lam, help="OWL's lambda (sparsity spread)")
-    p.add_argument("--time-limit", type=float, default=None, help="knapsack MILP time limit in seconds")
-    p.add_argument("--generations", type=int, default=d.generations, help="evolution: generations")
-    p.add_argument("--offspring", type=int, default=d.offspring, help="evolution: offspring per generation")
-    p.add_argument("--stages", default=d.stages, help="evolution: selection SURVIVORS@TOKENS,... (last 1@...)")
-    p.add_argument("--start", default=d.start, choices=["uniform", "knapsack"], help="evolution: start point")
     p.add_argument("--resume", action="store_true", help="evolution/optuna: continue a killed run in the output folder")
-    p.add_argument("--space", default=d.space, choices=["levels", "compact"], help="optuna: search space")
-    p.add_argument("--sampler", default=d.sampler, choices=["tpe", "gp", "cmaes", "nsga2"], help="optuna: sampler")
-    p.add_argument("--trials", type=int, default=d.trials, help="optuna: model evaluations in the study (all workers)")
-    p.add_argument("--objectives", default=d.objectives, choices=["fitness", "fitness,bytes", "fitness,latency"],
-                   help="optuna: fitness,bytes or fitness,latency gives a Pareto front of plans")  # fmt: skip
-    p.add_argument("--storage", default=None,
-                   help="optuna: journal file or RDB URL; workers on one storage share a study")  # fmt: skip
-    p.add_argument("--study-name", default=d.study_name, help="optuna: study name within the storage")
+    for name, (f, _) in option_fields().items():  # every searcher option, from its declaration
+        flag = "--" + name.replace("_", "-")
+        if f.metadata["kind"] is bool:
+            p.add_argument(flag, dest=name, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, dest=name, type=f.metadata["kind"], default=f.default, help=f.metadata["help"],
+                           choices=f.metadata["choices"])  # fmt: skip
     p.add_argument("--latency-table", default=None, help="latency/speedup budgets: a table from `allocator latency`")
     p.add_argument("--latency-tokens", type=int, default=d.latency_tokens, help="token count latency budgets hold at")
 
@@ -156,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _config(args: argparse.Namespace, **extra) -> RunConfig:
     names = set(RunConfig.__dataclass_fields__)
-    return RunConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **extra})
+    given = vars(args)
+    options = {name: given[name] for name in option_fields() if name in given}
+    return RunConfig(**{**{k: v for k, v in given.items() if k in names}, "options": options, **extra})
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -222,24 +218,14 @@ def _report(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     grid = parse_grid(args.levels)
-    if args.kl_pool < 0:
-        raise AllocatorError(f"--kl-pool must be >= 0 windows, got {args.kl_pool}")
     if args.output:
         check_output(args.output, "--output", folder=False)
     session = Session(_config(args))
-    profile = session.profile(grid, args.backend, with_database=bool(args.kl_pool))
-    if args.kl_pool:
-        add_kl_column(session, profile, grid, args.backend, args.kl_pool)
-        profile.save(session.profile_file(grid, args.backend))
-    if args.output:
-        profile.save(args.output)
-    summary = profile.table.groupby("level", sort=False)["error"].agg(["mean", "min", "max"])
-    if "kl" in profile.table:
-        summary["kl"] = profile.table.groupby("level", sort=False)["kl"].mean()
+    profile = artifacts.measure_profile(session, grid, args.backend, args.kl_pool, args.output)
     print(f"profile of {session.loaded.model_id}: {len(session.inventory.layers)} layers x {len(grid)} levels, "
           f"backend {args.backend}, {profile.meta['calibration_tokens']} calibration tokens")  # fmt: skip
     print("relative output error per level (mean / min / max over layers):")
-    for level, row in summary.iterrows():
+    for level, row in profile.summary().iterrows():
         kl = f"  KL {row['kl']:.5f}" if "kl" in row else ""
         print(f"  {level:>14}  {row['mean']:.5f}  {row['min']:.5f}  {row['max']:.5f}{kl}")
     return 0

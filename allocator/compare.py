@@ -1,11 +1,13 @@
 """``allocator compare``: methods x budgets x evaluation texts in one command, on one loaded model.
 
-Each cell (budget, method) is an ordinary run folder (plan.json, metrics.json, config.json) under
-``OUT/<budget>/<method>/``, plus ``eval.json``: the plan's perplexity on every evaluation text with a
-bootstrap interval over windows. A cell with ``eval.json`` is done, so a killed comparison continues where
-it stopped. The summary (``compare.csv``/``.md``), one plot per text and the per-layer allocation of every
-plan are rewritten from the cells at the end. Every method sees the same model, calibration windows,
-backend and grid; uniform is the yardstick the table states every method against.
+A method may carry its own options, ``evolution:start=knapsack:generations=20`` (any option its searcher
+declares), so two settings of one method are two columns. Each cell (budget, method) is an ordinary run
+folder (plan.json, metrics.json, config.json) under ``OUT/<budget>/<method>/``, plus ``eval.json``: the
+plan's perplexity on every evaluation text with a bootstrap interval over windows. A cell with
+``eval.json`` is done, so a killed comparison continues where it stopped. The summary
+(``compare.csv``/``.md``), one plot per text and the per-layer allocation of every plan are rewritten from
+the cells at the end. Every method sees the same model, calibration windows, backend and grid; uniform is
+the yardstick the table states every method against.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import torch
 
 from allocator import data
 from allocator.budget import parse_budgets
+from allocator.config import RunConfig, check_config
 from allocator.errors import AllocatorError
 from allocator.evaluate import window_nll
 from allocator.io import check_output, write_json_atomic, write_text_atomic
 from allocator.pipeline import run
 from allocator.report import plot_allocation, save_figure
-from allocator.search import SEARCHERS
-from allocator.session import RunConfig, Session, check_config
+from allocator.search import SEARCHERS, make_searcher
+from allocator.session import Session
 
 BOOTSTRAP_SEED = 0
 
@@ -50,9 +53,7 @@ def _slug(text: str) -> str:
 def compare(config: RunConfig, methods: list[str], targets: list[str], texts: list[str], out: str | Path,
             samples: int = 1000, command: str = "") -> pd.DataFrame:  # fmt: skip
     """Run every method at every target, evaluate each plan on every text; returns the summary table."""
-    unknown = [m for m in methods if m not in SEARCHERS]
-    if unknown:
-        raise AllocatorError(f"unknown methods {unknown}: choose from {', '.join(SEARCHERS)}")
+    specs = {method: method_options(method, config.options) for method in methods}
     if not methods or not targets or not texts:
         raise AllocatorError("compare needs at least one --methods, --targets and --eval text each")
     for target in targets:
@@ -67,13 +68,35 @@ def compare(config: RunConfig, methods: list[str], targets: list[str], texts: li
     write_json_atomic(out / "dense" / "eval.json", dense)
     for target in targets:
         for method in methods:
-            cell = out / _slug(target) / method
+            cell = out / _slug(target) / _slug(method)
             if (cell / "eval.json").is_file():
                 continue  # done before a kill: kept
-            cell_config = replace(config, method=method, target=target, output_dir=str(cell), eval=texts[0])
+            name, options = specs[method]
+            cell_config = replace(config, method=name, options=options, target=target, output_dir=str(cell),
+                                  eval=texts[0])  # fmt: skip
             run(cell_config, session)  # leaves the model compressed to the plan
             write_json_atomic(cell / "eval.json", _evaluate(session, windows, config.batch_size, samples))
     return summarize(out, methods, targets, texts, command)
+
+
+def method_options(spec: str, base: dict) -> tuple[str, dict]:
+    """``NAME[:OPTION=VALUE...]`` -> the method and its options (``base`` overridden), checked by its searcher."""
+    name, *pairs = spec.split(":")
+    if name not in SEARCHERS:
+        raise AllocatorError(f"unknown method {name!r} in {spec!r}: choose from {', '.join(SEARCHERS)}")
+    kinds = {f.name: f.metadata["kind"] for f in SEARCHERS[name].options()}
+    options = dict(base)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in kinds:
+            raise AllocatorError(f"{spec!r}: write {name}:OPTION=VALUE with OPTION one of {', '.join(kinds) or 'none'}")
+        try:
+            options[key] = value.lower() in ("1", "true", "yes") if kinds[key] is bool else kinds[key](value)
+        except ValueError:
+            raise AllocatorError(f"{spec!r}: {key} takes a {kinds[key].__name__}, got {value!r}") from None
+    make_searcher(name, options)  # refused now, before the model is loaded
+    return name, options
 
 
 def _windows(session: Session, text: str, config: RunConfig) -> torch.Tensor:
@@ -99,7 +122,7 @@ def summarize(out: Path, methods: list[str], targets: list[str], texts: list[str
     rows = []
     for target in targets:
         for method in methods:
-            cell = out / _slug(target) / method
+            cell = out / _slug(target) / _slug(method)
             metrics = json.loads((cell / "metrics.json").read_text())
             evals = json.loads((cell / "eval.json").read_text())
             plot_allocation(json.loads((cell / "plan.json").read_text()), cell / "allocation.png")

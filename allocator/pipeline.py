@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from allocator import artifacts
 from allocator.backends import get_backend
+from allocator.backends.database import LevelDatabase
 from allocator.budget import build_problem, parse_budgets
+from allocator.config import RunConfig, check_config
 from allocator.errors import AllocatorError
 from allocator.fitness import KLFitness
 from allocator.io import write_json_atomic
@@ -20,10 +22,10 @@ from allocator.latency.table import LatencyModel, LatencyTable
 from allocator.levels import parse_grid
 from allocator.plan import Plan
 from allocator.report import write_history, write_pareto
-from allocator.search import NEEDS_PROFILE, get_searcher
+from allocator.search import SearchContext, allocate, make_searcher
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.select import sensitivity_matrix
-from allocator.session import RunConfig, Session, check_config
+from allocator.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +53,12 @@ def run(config: RunConfig, session: Session | None = None) -> RunResult:
     if config.fit_prior not in ("auto", "kl", "fisher"):
         raise AllocatorError(f"unknown --fit-prior {config.fit_prior!r}: choose auto, kl or fisher")
     check_config(config)  # before any model work
-    if config.method == "optuna" and "latency" in config.objectives and not config.latency_table:
-        raise AllocatorError("--objectives fitness,latency needs a measured table: pass --latency-table")
+    searcher = None if config.plan else make_searcher(config.method, config.options)
+    if searcher is not None:
+        if "latency" in searcher.needs() and not config.latency_table:
+            raise AllocatorError(f"{searcher.name} with these options needs a measured table: pass --latency-table")
+        searcher.check()  # what touches the outside world (a study's storage), before the profile is measured
     out = Path(config.output_dir) if config.output_dir else None
-    options = {
-        "owl": {"lam": config.lam},
-        "knapsack": {"time_limit": config.time_limit},
-        "evolution": {"generations": config.generations, "offspring": config.offspring, "stages": config.stages,
-                      "start": config.start, "resume": config.resume,
-                      "checkpoint": str(out / "evolution_state.json") if out else None},
-        "optuna": {"space": config.space, "sampler": config.sampler, "trials": config.trials,
-                   "objectives": config.objectives, "study_name": config.study_name, "resume": config.resume,
-                   "storage": config.storage or (str(out / "optuna.journal") if out else None)},
-    }.get(config.method, {})  # fmt: skip
-    searcher = None if config.plan else get_searcher(config.method, **options)
-    if searcher is not None and config.method == "optuna" and config.storage:
-        from allocator.search.study import open_storage
-
-        open_storage(config.storage)  # a bad URL is found before the profile is measured
     saved = Plan.load(config.plan) if config.plan else None
     get_backend(config.backend)
     latency = (
@@ -76,8 +66,7 @@ def run(config: RunConfig, session: Session | None = None) -> RunResult:
     )
     session = session or Session(config)
     inventory = session.inventory
-    sensitivity = None
-    t0 = time.perf_counter()
+    allocation, sensitivity, db = None, None, None
     over_budget: list[str] = []
     if saved is not None:
         saved.check_against(inventory)
@@ -86,18 +75,18 @@ def run(config: RunConfig, session: Session | None = None) -> RunResult:
         extra = saved.extra_budgets
     else:
         problem = build_problem(inventory, grid, budget, config.per, extra, latency)
-        if config.method in NEEDS_PROFILE or config.start == "knapsack" and config.method == "evolution":
-            needs_db = config.method in ("evolution", "optuna") or config.sensitivity in ("kl", "fitted")
-            profile = session.profile(grid, config.backend, config.profile, with_database=needs_db)
-            problem.error, sensitivity = sensitivity_matrix(session, profile, problem, config.backend,
-                                                            config.sensitivity)  # fmt: skip
-            problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
-        if config.method in ("evolution", "optuna"):
-            db = session.database(grid, config.backend)
-            problem.fitness = KLFitness(session.model, inventory, problem, db, session.calib, config.batch_size)
-        t0 = time.perf_counter()
-        assignment, method = problem.assignment(searcher.search(problem, config.seed)), config.method
-    search_s = time.perf_counter() - t0
+        needs = searcher.needs()
+        if needs & {"profile", "outliers"}:
+            with_db = "fitness" in needs or config.sensitivity in ("kl", "fitted")
+            profile = artifacts.profile(session, grid, config.backend, config.profile, with_database=with_db)
+            error, sensitivity = sensitivity_matrix(session, profile, problem, config.backend, config.sensitivity)
+            problem = problem.with_profile(error, profile.outlier_ratio(problem.units))
+        fitness = None
+        if "fitness" in needs:
+            db = artifacts.database(session, grid, config.backend)
+            fitness = KLFitness(session.model, inventory, problem, db, session.calib, config.batch_size)
+        allocation = allocate(problem, searcher, SearchContext(config.seed, fitness, out, config.resume))
+        assignment, method = allocation.assignment, config.method
     metrics = session.evaluate(assignment, config.backend)
     metrics = {"budget": str(budget), "method": method, **metrics}
     if over_budget:  # accepted only with --allow-over-budget: say so where the figures are
@@ -105,21 +94,23 @@ def run(config: RunConfig, session: Session | None = None) -> RunResult:
     if sensitivity is not None:
         metrics["sensitivity"] = {"kind": config.sensitivity, **{k: v for k, v in sensitivity.items()
                                                                  if k not in ("choices", "kl", "weights")}}  # fmt: skip
+    if allocation is not None and allocation.stats:
+        metrics["search"] = allocation.stats
     if latency is not None:
         metrics["latency"] = {
             **latency.table.predict(assignment, inventory, latency.tokens),
             "table": config.latency_table,
         }
-    metrics["timings"]["search_s"] = search_s
+    metrics["timings"]["search_s"] = allocation.search_s if allocation is not None else 0.0
     plan = Plan.create(
         assignment, inventory, session.loaded.model_id, budget, grid, method, config.seed, config.per,
         metrics["timings"], extra, {**session.calib_meta, "bos_per_window": session.bos is not None},
     )  # fmt: skip
     if out is not None:
-        if getattr(searcher, "history", None):
-            write_history(searcher.history, out)
-        if getattr(searcher, "pareto", None):
-            _write_pareto(searcher.pareto, problem, session, config, budget, grid, extra, out, latency)
+        if allocation is not None and allocation.history:
+            write_history(allocation.history, out)
+        if allocation is not None and allocation.front:
+            _write_pareto(allocation.front, problem, session, config, budget, grid, extra, out, latency, db)
         write_json_atomic(out / "config.json", {**asdict(config), "versions": _versions()})
         if sensitivity:
             write_json_atomic(out / "sensitivity.json", sensitivity)
@@ -129,13 +120,13 @@ def run(config: RunConfig, session: Session | None = None) -> RunResult:
 
 
 def _write_pareto(pareto, problem, session: Session, config: RunConfig, budget, grid, extra, out: Path,
-                  latency: LatencyModel | None = None) -> None:  # fmt: skip
+                  latency: LatencyModel | None, db: LevelDatabase | None) -> None:  # fmt: skip
     """Every Pareto plan of a multi-objective study as a Plan, evaluated, plus the front as CSV and plot."""
     rows = []
     for i, point in enumerate(sorted(pareto, key=lambda p: p["bytes"])):
         assignment = problem.assignment(point["choice"])
         # levels copied from the study's own level database: a front of many plans stays cheap to evaluate
-        m = session.evaluate(assignment, config.backend, getattr(problem.fitness, "db", None))
+        m = session.evaluate(assignment, config.backend, db)
         plan = Plan.create(assignment, session.inventory, session.loaded.model_id, budget, grid, "optuna-pareto",
                            config.seed, config.per, m["timings"], extra)  # fmt: skip
         plan.save(out / "pareto" / f"plan_{i:02d}.json")
@@ -146,7 +137,7 @@ def _write_pareto(pareto, problem, session: Session, config: RunConfig, budget, 
             rows[-1]["latency_ms"] = latency.table.predict(assignment, session.inventory, latency.tokens)[
                 "predicted_ms"
             ]
-    write_pareto(rows, out, x="latency_ms" if config.objectives.endswith("latency") else "bytes")
+    write_pareto(rows, out, x="latency_ms" if pareto[0]["objective"].endswith("latency") else "bytes")
 
 
 def _versions() -> dict[str, str]:

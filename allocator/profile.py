@@ -176,6 +176,13 @@ class Profile:
             raise AllocatorError(f"profile was measured with backend {self.meta['backend']!r}, not {backend!r}")
 
     # ---- views for searchers ----------------------------------------------------------------
+    def summary(self) -> pd.DataFrame:
+        """Per level: mean, min and max relative error over layers (and mean KL where measured)."""
+        out = self.table.groupby("level", sort=False)["error"].agg(["mean", "min", "max"])
+        if "kl" in self.table:
+            out["kl"] = self.table.groupby("level", sort=False)["kl"].mean()
+        return out
+
     def error_matrix(self, units: list[tuple[str, ...]], levels: list[Level], column: str = "error") -> np.ndarray:
         """Summed ``column`` (a sensitivity) of each unit at each level ([U, K]); +inf where not measured."""
         if column not in self.table:

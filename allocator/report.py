@@ -14,7 +14,8 @@ from allocator.plan import Plan
 
 
 def write_history(history: list[dict], out: Path) -> None:
-    """``history.csv`` (generation, fitness, time, tokens, block-forwards) and ``history.png``."""
+    """``history.csv`` (one row per generation or trial, whatever the searcher records) and, for evolution's
+    and optuna's records, ``history.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,6 +23,8 @@ def write_history(history: list[dict], out: Path) -> None:
 
     df = pd.DataFrame(history)
     write_text_atomic(out / "history.csv", df.to_csv(index=False))
+    if "fitness" not in df or not {"generation", "trial"} & set(df):
+        return  # another searcher's records: the table only
     fig, ax = plt.subplots(figsize=(6, 4))
     if "generation" in df:
         ax.plot(df["generation"], df["fitness"], marker=".")

@@ -33,7 +33,7 @@ from allocator.fitness import KLFitness
 from allocator.io import write_json_atomic
 from allocator.levels import parse_grid
 from allocator.model import Inventory, load_model
-from allocator.search import get_searcher
+from allocator.search import SearchContext, allocate, make_searcher
 
 
 def _sync(device: str) -> None:
@@ -113,18 +113,17 @@ def main() -> None:
         result["forward_tokens_per_s"] = forward_rate(model, pool, args.batch_size, args.device)
         # untimed warm-up on the fast path: one-time costs (kernel compilation, allocator growth) excluded
         warm = KLFitness(model, inventory, problem, db, pool, batch_size=args.batch_size)
-        problem.fitness = warm
-        get_searcher("evolution", generations=1, offspring=args.offspring, stages=args.stages).search(problem, seed=1)
+        settings = {"offspring": args.offspring, "stages": args.stages}
+        allocate(problem, make_searcher("evolution", generations=1, **settings), SearchContext(1, warm))
         del warm
         for path, incremental in (("fast", True), ("reference", False)):
             fitness = KLFitness(
                 model, inventory, problem, db, pool, batch_size=args.batch_size, incremental=incremental
             )
-            problem.fitness = fitness
-            evo = get_searcher("evolution", generations=args.generations, offspring=args.offspring, stages=args.stages)
+            evolution = make_searcher("evolution", generations=args.generations, **settings)
             _sync(args.device)
             t0 = time.perf_counter()
-            choice = evo.search(problem, seed=0)
+            evo = allocate(problem, evolution, SearchContext(0, fitness))
             _sync(args.device)
             seconds = time.perf_counter() - t0
             tokens = sum(h["tokens"] for h in evo.history)
@@ -136,11 +135,10 @@ def main() -> None:
                 "fraction_of_forward_limit": tokens / seconds / result["forward_tokens_per_s"],
                 "block_forwards_per_generation": (c["block_forwards"] - c["block_forwards_saved"]) / args.generations,
                 "block_forwards_saved_fraction": c["block_forwards_saved"] / max(1, c["block_forwards"]),
-                "plan": [grid[k].name for k in choice],
+                "plan": [grid[k].name for k in evo.choice],
                 "final_fitness": evo.history[-1]["fitness"],
             }
             del fitness
-            problem.fitness = None
     result["same_plan"] = result["fast"]["plan"] == result["reference"]["plan"]
     write_json_atomic(Path(args.out).with_suffix(".json"), result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("fast", "reference")}, indent=2))

@@ -21,7 +21,7 @@ import numpy as np
 from allocator.budget import Budget, Problem
 from allocator.io import write_json_atomic
 from allocator.levels import parse_grid
-from allocator.search import get_searcher
+from allocator.search import allocate, make_searcher
 from allocator.search.knapsack import frontier
 
 SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
@@ -55,7 +55,7 @@ def main() -> None:
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            choice = get_searcher(name).search(problem, seed=0)
+            choice = allocate(problem, make_searcher(name)).choice
             times.append(time.perf_counter() - t0)
         error = float(problem.error[rows, choice].sum())
         result[name] = {"median_s": float(np.median(times)), "max_s": float(max(times)),

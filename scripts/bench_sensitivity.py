@@ -22,7 +22,6 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -33,16 +32,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from allocator import data  # noqa: E402
+from allocator import artifacts, data  # noqa: E402
 from allocator.budget import Budget, build_problem  # noqa: E402
+from allocator.config import RunConfig  # noqa: E402
 from allocator.evaluate import perplexity  # noqa: E402
 from allocator.fitness import KLFitness  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_grid  # noqa: E402
-from allocator.search import get_searcher  # noqa: E402
+from allocator.search import SearchContext, allocate, make_searcher  # noqa: E402
 from allocator.sensitivity.fitted import fit, random_plans  # noqa: E402
-from allocator.sensitivity.select import add_kl_column, sensitivity_matrix  # noqa: E402
-from allocator.session import RunConfig, Session  # noqa: E402
+from allocator.sensitivity.select import sensitivity_matrix  # noqa: E402
+from allocator.session import Session  # noqa: E402
 
 KINDS = ("error", "fisher", "kl", "fitted")
 
@@ -117,13 +117,13 @@ def main() -> None:
                                             args.eval_samples, session.bos)  # fmt: skip
         timing = {"seed": seed, "backend": args.backend, "levels": args.levels, "device": args.device}
         t0 = time.perf_counter()
-        profile = session.profile(grid, args.backend, with_database=True)
+        profile = artifacts.profile(session, grid, args.backend, with_database=True)
         timing["profile_s"] = time.perf_counter() - t0  # relative error, Fisher and the level database in one pass
         t0 = time.perf_counter()
-        db = session.database(grid, args.backend)
+        db = artifacts.database(session, grid, args.backend)
         timing["database_s"] = time.perf_counter() - t0
         if "kl" in kinds and "kl" not in profile.table:
-            add_kl_column(session, profile, grid, args.backend, args.fit_seqs)
+            artifacts.add_kl_column(session, profile, grid, args.backend, args.fit_seqs)
             timing["kl_s"] = profile.meta["kl_s"]
         if seed == first:
             timing.update(backend_pass(session, grid, budgets[0], args.backend))
@@ -144,7 +144,7 @@ def main() -> None:
                 print([{k: v for k, v in s.items() if k not in ("plans_levels", "measured")} for s in spearman])
         for budget in budgets:
             problem = build_problem(session.inventory, grid, budget)
-            problem.info["outlier_ratio"] = profile.outlier_ratio(problem.units)
+            outliers = profile.outlier_ratio(problem.units)
             matrices: dict[str, tuple] = {}  # per sensitivity: the fitted one is measured once per budget
             for method in methods_of[str(budget)]:
                 if (seed, str(budget), method) in done:
@@ -156,17 +156,18 @@ def main() -> None:
                     matrices[kind] = sensitivity_matrix(session, profile, problem, args.backend, kind)
                 if method.startswith("knapsack"):
                     error, record = matrices[kind]
-                    choice = get_searcher("knapsack").search(replace(problem, error=error), seed)
+                    knapsack = make_searcher("knapsack")
+                    choice = allocate(problem.with_profile(error), knapsack, SearchContext(seed)).choice
                 elif method == "optuna-compact":
                     error, record = matrices[kind]
-                    tuned = replace(problem, error=error)
-                    tuned.fitness = KLFitness(session.model, session.inventory, tuned, db, session.calib,
-                                              args.batch_size)  # fmt: skip
-                    searcher = get_searcher("optuna", space="compact", sampler="tpe", trials=args.optuna_trials,
-                                            probe=8)  # fmt: skip
-                    choice = searcher.search(tuned, seed)
+                    tuned = problem.with_profile(error, outliers)
+                    fitness = KLFitness(session.model, session.inventory, tuned, db, session.calib, args.batch_size)
+                    searcher = make_searcher("optuna", space="compact", sampler="tpe", trials=args.optuna_trials,
+                                             probe=8)  # fmt: skip
+                    choice = allocate(tuned, searcher, SearchContext(seed, fitness)).choice
                 else:
-                    record, choice = {}, get_searcher(method).search(problem, seed)
+                    profiled = problem.with_profile(np.zeros(problem.cost.shape), outliers)  # OWL reads the ratios
+                    record, choice = {}, allocate(profiled, make_searcher(method), SearchContext(seed)).choice
                 search_s = time.perf_counter() - t0
                 m = session.evaluate(problem.assignment(choice), args.backend, db)
                 c4 = perplexity(session.model, c4_seqs, args.batch_size, desc="held-out C4")
@@ -193,7 +194,7 @@ def backend_pass(session, grid, budget: Budget, backend: str) -> dict:
     from allocator.backends import apply_
 
     problem = build_problem(session.inventory, grid, budget)
-    assignment = problem.assignment(get_searcher("uniform").search(problem, 0))
+    assignment = allocate(problem, make_searcher("uniform")).assignment
     session.restore_()
     t0 = time.perf_counter()
     apply_(session.model, assignment, backend, session.calib, session.config.batch_size)
@@ -214,14 +215,14 @@ def evolve(session, profile, db, grid, args, out: Path) -> None:
             continue
         problem = build_problem(session.inventory, grid, budget)
         error, _ = sensitivity_matrix(session, profile, problem, args.backend, kind)
-        problem = replace(problem, error=error)
-        problem.fitness = KLFitness(session.model, session.inventory, problem, db, session.calib, args.batch_size)
-        searcher = get_searcher("evolution", start="knapsack", generations=int(generations), offspring=16,
-                                stages="1@4096", probe=8)  # fmt: skip
+        problem = problem.with_profile(error)
+        fitness = KLFitness(session.model, session.inventory, problem, db, session.calib, args.batch_size)
+        searcher = make_searcher("evolution", start="knapsack", generations=int(generations), offspring=16,
+                                 stages="1@4096", probe=8)  # fmt: skip
         t0 = time.perf_counter()
-        choice = searcher.search(problem, 0)
-        m = session.evaluate(problem.assignment(choice), args.backend, db)
-        hist = pd.DataFrame(searcher.history)
+        found = allocate(problem, searcher, SearchContext(0, fitness))
+        m = session.evaluate(found.assignment, args.backend, db)
+        hist = pd.DataFrame(found.history)
         hist["tokens"] = hist["tokens"].cumsum()
         hist["start"], hist["budget"], hist["final_wikitext_ppl"] = kind, str(budget), m["perplexity"]
         hist["search_s"] = time.perf_counter() - t0
@@ -248,7 +249,7 @@ def rank_correlations(session, profile, db, grid, kinds, args) -> list[dict]:
     """Spearman of each sensitivity's summed prediction against the measured KL of random feasible plans."""
     budget = Budget.parse(args.spearman_budget or args.budgets.split(",")[min(1, len(args.budgets.split(",")) - 1)])
     problem = build_problem(session.inventory, grid, budget)
-    start = get_searcher("uniform").search(problem, 0)
+    start = allocate(problem, make_searcher("uniform")).choice
     plans = random_plans(problem, start, args.plans, seed=0)
     seqs = session.kl_seqs  # windows no sensitivity was measured on
     fitness = KLFitness(session.model, session.inventory, problem, db, seqs, args.batch_size)

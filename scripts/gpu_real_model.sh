@@ -24,22 +24,22 @@ stage)
   if [ -d "$OUT/profiles" ]; then mv "$OUT/profiles" /tmp/profiles; fi
   case "$1" in
   evolution)
-    # issue 5: uniform / OWL / knapsack / evolution from both starts at three sparsity budgets, one run
-    python3 scripts/compare_methods.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
-      --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
-      --sparsity 0.4,0.5,0.6 --bits "" --evolution-budgets sparsity=0.4,sparsity=0.5,sparsity=0.6 \
-      --sparsity-methods uniform,owl,knapsack,evolution-uniform,evolution-knapsack \
-      --evolution "generations=${GENERATIONS:-150},offspring=16,stages=4@2048;1@8192" --fitness-batch 16 \
-      --profiles-dir /tmp/profiles --out "$OUT/evolution" 2>&1 | sed "/it\\/s\\]/d" ;;
+    # issue 5: uniform / OWL / knapsack / evolution from both starts at three sparsity budgets, one command
+    python3 -m allocator.cli compare --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
+      --texts .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
+      --targets "sparsity=0.4;sparsity=0.5;sparsity=0.6" --backend wanda --levels 0:0.9:0.05 --batch-size 16 \
+      --methods uniform,owl,knapsack,evolution,evolution:start=knapsack --generations "${GENERATIONS:-150}" \
+      --offspring 16 --stages 4@2048,1@8192 --profiles-dir /tmp/profiles -o "$OUT/evolution" 2>&1 \
+      | sed "/it\/s\]/d" ;;
   optuna)
     # issue 6: optuna (both spaces) vs knapsack vs evolution at equal model evaluations (150 each:
     # evolution 15 generations x (9 offspring + parent) on 8 sequences; optuna 150 trials on the same 8)
-    python3 scripts/compare_methods.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
-      --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
-      --sparsity ${SPARSITY:-0.4,0.5,0.6} --bits "" --evolution-budgets sparsity=0.4,sparsity=0.5,sparsity=0.6 \
-      --sparsity-methods uniform,knapsack,evolution-uniform,optuna-levels,optuna-compact \
-      --evolution "generations=15,offspring=9,stages=1@4096" --optuna "trials=150,sampler=tpe" --probe 8 \
-      --fitness-batch 16 --profiles-dir /tmp/profiles --out "$OUT/optuna" 2>&1 | sed "/it\\/s\\]/d" ;;
+    python3 -m allocator.cli compare --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
+      --texts .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
+      --targets "${TARGETS:-sparsity=0.4;sparsity=0.5;sparsity=0.6}" --backend wanda --levels 0:0.9:0.05 \
+      --batch-size 16 --methods uniform,knapsack,evolution,optuna,optuna:space=compact --generations 15 \
+      --offspring 9 --stages 1@4096 --trials 150 --sampler tpe --probe 8 --profiles-dir /tmp/profiles \
+      -o "$OUT/optuna" 2>&1 | sed "/it\/s\]/d" ;;
   sensitivity)
     # issue 13: sensitivities (error, fisher, kl, fitted) vs uniform/OWL per backend; RUNS lists
     # BACKEND:LEVELS:BUDGETS:SEEDS[:EVOLUTION] entries separated by spaces, each one bench_sensitivity.py run;

@@ -38,7 +38,7 @@ from allocator.latency.measure import (  # noqa: E402
 from allocator.latency.table import LatencyModel  # noqa: E402
 from allocator.levels import parse_grid  # noqa: E402
 from allocator.model import Inventory  # noqa: E402
-from allocator.search import get_searcher  # noqa: E402
+from allocator.search import allocate, make_searcher  # noqa: E402
 
 GRID = parse_grid("dense,s0.5,2:4,w8,w4g64,w4g128")
 # torch's int8 weight-only CUDA kernel takes seconds per forward at prefill sizes: w8 is checked at decode only
@@ -63,9 +63,9 @@ def plans_for(inventory: Inventory, table, tokens: int, grid) -> dict[str, dict]
     speedup = 1 + (best - 1) / 2
     if speedup > 1.001:
         problem = build_problem(inventory, grid, Budget("speedup", speedup), latency=latency)
-        depth = np.array([1 + inventory[u[0]].block / inventory.n_blocks for u in problem.units])
-        problem.error = depth[:, None] * np.array([PROXY_ERROR[lv.name] for lv in grid])[None, :]
-        plans[f"knapsack-x{speedup:.3f}"] = problem.assignment(get_searcher("knapsack").search(problem, 0))
+        depth = 1 + problem.blocks / inventory.n_blocks
+        problem = problem.with_profile(depth[:, None] * np.array([PROXY_ERROR[lv.name] for lv in grid])[None, :])
+        plans[f"knapsack-x{speedup:.3f}"] = allocate(problem, make_searcher("knapsack")).assignment
     return plans
 
 

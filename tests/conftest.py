@@ -14,6 +14,7 @@ import transformers
 from allocator.budget import Budget, Problem, build_problem
 from allocator.levels import parse_grid
 from allocator.model import Inventory
+from allocator.search import SEARCHERS, Allocation, SearchContext, allocate, make_searcher
 
 VOCAB = 256
 WORDS = (
@@ -182,6 +183,21 @@ def repo_stays_clean():
 
 
 # ---- fakes the search tests share -------------------------------------------------------------------
+class ErrorFitness:
+    """The summed profile error, exactly: a deterministic stand-in for the model whose optimum is known."""
+
+    pool_size, seq_len = 8, 32
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
+    def set_parent(self, choice):
+        pass
+
+    def __call__(self, choice, batch):
+        return self.problem.total_error(choice)
+
+
 class ToyFitness:
     """A deterministic stand-in for the model: summed error plus a batch-dependent wobble."""
 
@@ -211,8 +227,13 @@ def toy_problem() -> Problem:
     problem = build_problem(inv, grid, Budget.parse("sparsity=0.5"))
     rng = np.random.default_rng(0)
     s = np.array([lv.sparsity for lv in grid])
-    problem.error = rng.uniform(0.2, 3.0, size=(len(problem.units), 1)) * s[None, :] ** 2
-    return problem
+    return problem.with_profile(rng.uniform(0.2, 3.0, size=(len(problem.units), 1)) * s[None, :] ** 2)
+
+
+def search(method: str, problem: Problem, seed: int = 0, fitness=None, workdir=None, resume: bool = False,
+           **options) -> Allocation:  # fmt: skip
+    """``allocate`` with the method made from ``options``: what the pipeline does, without a model."""
+    return allocate(problem, make_searcher(method, **options), SearchContext(seed, fitness, workdir, resume))
 
 
 class SlowToyFitness(ToyFitness):
@@ -225,3 +246,44 @@ class SlowToyFitness(ToyFitness):
     def __call__(self, choice, batch):
         time.sleep(self.delay)
         return super().__call__(choice, batch)
+
+
+# ---- the contract every searcher keeps (a test's own toy searcher is held to it too) -----------------
+CONTRACT_OPTIONS = {"evolution": {"generations": 5, "offspring": 4, "stages": "2@32,1@64"}, "optuna": {"trials": 8}}
+
+
+def contract_problem(target: str) -> Problem:
+    """The tiny Llama under ``target`` with a made-up profile that grows with compression, and outlier ratios."""
+    inv = Inventory.from_model(tiny_model("llama"))
+    grid = parse_grid("0:0.9:0.05" if target.startswith("sparsity") else "dense,w8,w4g32,w3g32,w2g32")
+    problem = build_problem(inv, grid, Budget.parse(target))
+    rng = np.random.default_rng(0)
+    level_strength = np.array([lv.sparsity + (16 - lv.bits) / 16 for lv in grid])
+    error = (level_strength[None, :] ** 2) * rng.uniform(0.5, 2.0, size=(len(problem.units), 1))
+    return problem.with_profile(error, rng.uniform(0.01, 0.05, size=len(problem.units)))
+
+
+def check_searcher_contract(method: str, target: str, options: dict) -> None:
+    """Through ``allocate``: the budget kept, the same seed gives the same plan, the problem left unchanged,
+    and a method that minimises the proxy (needs a fitness or a profile) is no worse than uniform on it."""
+    problem = contract_problem(target)
+    before = problem.error.copy()
+    a = search(method, problem, 0, ErrorFitness(problem), **options)
+    b = search(method, problem, 0, ErrorFitness(problem), **options)
+    assert problem.feasible(a.choice) and np.array_equal(a.choice, b.choice)
+    assert np.array_equal(problem.error, before)
+    uniform = search("uniform", problem, 0).choice
+    if make_searcher(method, **options).needs() & {"fitness"} or method == "knapsack":
+        assert problem.total_error(a.choice) <= problem.total_error(uniform) + 1e-12
+
+
+def check_options_declared(method: str) -> None:
+    """Each option has help, a type its default has (or None), a default among its choices, and a flag."""
+    from allocator.cli import build_parser
+
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["run"].format_help().split())
+    for f in SEARCHERS[method].options():
+        kind = f.metadata["kind"]
+        assert f.metadata["help"] and (f.default is None or isinstance(f.default, kind)), f.name
+        assert f.metadata["choices"] is None or f.default in f.metadata["choices"], f.name
+        assert "--" + f.name.replace("_", "-") in help_text, f.name

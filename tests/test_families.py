@@ -25,10 +25,9 @@ from allocator.fitness import KLFitness
 from allocator.levels import parse_grid, parse_level
 from allocator.model import Inventory, is_linear, weight_view
 from allocator.plan import Plan
-from allocator.search import get_searcher
 from allocator.search.evolution import mutate
 from allocator.search.repair import level_ladders
-from tests.conftest import ALL_FAMILIES, MOE, VOCAB, tiny_model
+from tests.conftest import ALL_FAMILIES, MOE, VOCAB, search, tiny_model
 
 CHECKS = ("inventory", "experts as units", "backends", "uniform run", "knapsack run", "apply + reload", "exporters",
           "prefix cache")  # fmt: skip
@@ -144,7 +143,7 @@ def _prefix_cache(family: str, _folder: Path, work: Path, _texts: dict) -> None:
     problem = build_problem(inv, grid, Budget.parse("sparsity=0.3"))
     pool = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))
     fitness = KLFitness(model, inv, problem, db, pool, batch_size=4)
-    parent = get_searcher("uniform").search(problem, 0)
+    parent = search("uniform", problem, 0).choice
     fitness.set_parent(parent)
     rng, batch = np.random.default_rng(0), np.array([0, 2, 5])
     assert fitness(parent, batch) > 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from allocator.budget import Budget, build_problem
+from allocator.budget import Budget, Problem, build_problem
 from allocator.cli import main
 from allocator.errors import AllocatorError
 from allocator.latency.kernels import kernel_for
@@ -17,8 +18,7 @@ from allocator.latency.table import COLUMNS, MIN_MS, LatencyModel, LatencyTable
 from allocator.levels import Level, parse_grid, parse_level
 from allocator.model import Inventory
 from allocator.plan import Plan
-from allocator.search import get_searcher
-from tests.conftest import ToyFitness, tiny_model
+from tests.conftest import ToyFitness, search, tiny_model
 
 TOKENS = (1, 4, 16, 512, 2048)
 # synthetic per-kernel time = A * rows * cols * tokens**B (a power law: log-log interpolation is exact)
@@ -117,8 +117,8 @@ def _latency_problem(inv: Inventory, budget: str, extra: list[Budget] | None = N
     problem = build_problem(inv, grid, Budget.parse(budget), extra=extra, latency=latency)
     rng = np.random.default_rng(1)
     quality = np.array([0.0, 0.2, 0.5, 0.6, 0.05, 0.3])
-    problem.error = rng.uniform(0.5, 2.0, size=(len(problem.units), 1)) * quality[None, :]
-    problem.info["outlier_ratio"] = rng.uniform(0, 1, size=len(problem.units))
+    error = rng.uniform(0.5, 2.0, size=(len(problem.units), 1)) * quality[None, :]
+    problem = problem.with_profile(error, rng.uniform(0, 1, size=len(problem.units)))
     return problem, table, latency
 
 
@@ -131,8 +131,7 @@ def test_latency_budgets_hold_for_every_method(inv, method, budget, tmp_path):
     problem, table, _ = _latency_problem(inv, budget)
     options = {"evolution": {"generations": 4, "offspring": 3, "stages": "1@64"},
                "optuna": {"trials": 6, "storage": str(tmp_path / "study.journal")}}.get(method, {})  # fmt: skip
-    problem.fitness = ToyFitness(problem)
-    choice = get_searcher(method, **options).search(problem, 0)
+    choice = search(method, problem, 0, ToyFitness(problem), **options).choice
     assert problem.feasible(choice)
     predicted = table.predict(problem.assignment(choice), inv, 16)
     target = Budget.parse(budget)
@@ -147,7 +146,7 @@ def test_owl_holds_a_latency_budget_beside_its_sparsity(inv):
     table = synthetic(inv)
     limit = 0.8 * table.dense_ms(inv, 16)
     problem, table, _ = _latency_problem(inv, "sparsity=0.3", extra=[Budget("latency", limit)])
-    choice = get_searcher("owl").search(problem, 0)
+    choice = search("owl", problem, 0).choice
     assert problem.feasible(choice)
     assert table.predict(problem.assignment(choice), inv, 16)["predicted_ms"] <= limit * (1 + 1e-9)
 
@@ -161,13 +160,12 @@ def test_knapsack_matches_brute_force_under_a_latency_budget():
     keep = [0, 3, 6]  # three units; the others fixed at their cheapest level
     rest = problem.cost.min(axis=1)
     limit = problem.limit - sum(rest[u] for u in range(len(problem.units)) if u not in keep)
-    sub = build_problem(inv, problem.levels, Budget.parse("sparsity=0.0"))
-    sub.units, sub.cost, sub.error = [problem.units[u] for u in keep], problem.cost[keep], problem.error[keep]
-    sub.limit, sub.extra, sub.budget = limit, [], Budget("latency", 1.0)
+    sub = Problem([problem.units[u] for u in keep], problem.levels, problem.cost[keep], limit,
+                  budget=Budget("latency", 1.0), error=problem.error[keep])  # fmt: skip
     rows = np.arange(3)
     fits = [c for c in itertools.product(range(len(problem.levels)), repeat=3) if sub.cost[rows, c].sum() <= limit]
     best = min(fits, key=lambda c: sub.error[rows, c].sum())
-    got = get_searcher("knapsack").search(sub, 0)
+    got = search("knapsack", sub, 0).choice
     assert sub.error[np.arange(3), got].sum() == pytest.approx(sub.error[np.arange(3), list(best)].sum())
 
 
@@ -222,34 +220,27 @@ def test_cli_measure_predict_check_on_cpu(tiny_model_dir, tmp_path, capsys):
 
 def test_optuna_pareto_front_of_fitness_and_latency(inv, tmp_path):
     problem, table, _ = _latency_problem(inv, "latency=1e9")  # no binding limit: the front spans the grid
-    problem.fitness = ToyFitness(problem)
-    search = get_searcher("optuna", trials=24, sampler="nsga2", objectives="fitness,latency",
-                          storage=str(tmp_path / "s.journal"))  # fmt: skip
-    search.search(problem, 0)
-    points = [(p["fitness"], float(problem.info["latency"][np.arange(len(p["choice"])), p["choice"]].sum()))
-              for p in search.pareto]  # fmt: skip
+    found = search("optuna", problem, 0, ToyFitness(problem), trials=24, sampler="nsga2",
+                   objectives="fitness,latency", storage=str(tmp_path / "s.journal"))  # fmt: skip
+    points = [(p["fitness"], problem.summed(problem.latency_cost, p["choice"])) for p in found.front]
     assert len(points) >= 2
     for a in points:  # no front point is dominated by another
         assert not any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in points)
-    problem.info.pop("latency")
-    with pytest.raises(AllocatorError, match="latency-table"):
-        get_searcher("optuna", trials=2, objectives="fitness,latency", storage=str(tmp_path / "t.journal")).search(
-            problem, 0
-        )
+    without = replace(problem, latency_cost=None)
+    with pytest.raises(AllocatorError, match=r"optuna needs a latency table \(--latency-table\)"):
+        search("optuna", without, 0, ToyFitness(problem), trials=2, objectives="fitness,latency")
 
 
 def test_plans_at_a_latency_limit_are_feasible_for_optuna_too(inv, tmp_path):
     """Real-valued costs sum with float noise: optuna must judge feasibility as Problem.feasible does."""
     problem, _, _ = _latency_problem(inv, "speedup=1")
-    problem.cost[:] = problem.cost[:, :1]  # every level costs dense time: every plan sits at the limit
-    problem.info["latency"] = problem.cost
-    problem.limit = problem.cost[:, 0].sum() * (1 - 1e-14)  # a hair under: summation noise, not an overshoot
+    flat = np.repeat(problem.cost[:, :1], problem.cost.shape[1], axis=1)  # every level costs dense time
+    # every plan sits at the limit, a hair under: summation noise, not an overshoot
+    problem = replace(problem, cost=flat, latency_cost=flat, limit=flat[:, 0].sum() * (1 - 1e-14))
     assert problem.feasible(np.zeros(len(problem.units), dtype=int))
-    problem.fitness = ToyFitness(problem)
-    search = get_searcher("optuna", trials=6, sampler="nsga2", objectives="fitness,latency",
-                          storage=str(tmp_path / "s.journal"))  # fmt: skip
-    search.search(problem, 0)
-    assert search.pareto
+    found = search("optuna", problem, 0, ToyFitness(problem), trials=6, sampler="nsga2",
+                   objectives="fitness,latency", storage=str(tmp_path / "s.journal"))  # fmt: skip
+    assert found.front
 
 
 def test_a_noisy_negative_overhead_predicts_finite_times(inv):

@@ -7,7 +7,7 @@ import torch
 
 from allocator.model import Inventory, weight_view
 from allocator.moe import fuse_experts, unfuse_experts
-from tests.conftest import MOE, VOCAB, tiny_model
+from tests.conftest import MOE, VOCAB, search, tiny_model
 
 
 @pytest.mark.parametrize("family", list(MOE))
@@ -36,7 +36,6 @@ def test_a_compressed_expert_is_saved_where_transformers_reads_it():
 def test_per_expert_role_gives_all_experts_of_a_role_one_level():
     from allocator.budget import Budget, build_problem
     from allocator.levels import parse_grid
-    from allocator.search import get_searcher
 
     inv = Inventory.from_model(tiny_model("mixtral"))
     per_layer = build_problem(inv, parse_grid("0:0.9:0.1"), Budget.parse("sparsity=0.5"))
@@ -46,7 +45,7 @@ def test_per_expert_role_gives_all_experts_of_a_role_one_level():
     experts = [u for u in per_role.units if ".experts." in u[0]]
     assert all(len(u) == 4 and len({n.rsplit(".", 1)[1] for n in u}) == 1 for u in experts)
     assert per_role.cost.sum() == pytest.approx(per_layer.cost.sum())  # the same weights, priced the same
-    choice = get_searcher("uniform").search(per_role, 0)
+    choice = search("uniform", per_role, 0).choice
     assignment = per_role.assignment(choice)
     assert len(assignment) == len(inv.layers) and len({assignment[n] for n in experts[0]}) == 1
 

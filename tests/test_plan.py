@@ -10,8 +10,7 @@ from allocator.errors import AllocatorError
 from allocator.levels import parse_grid, parse_level
 from allocator.model import Inventory
 from allocator.plan import Plan
-from allocator.search import get_searcher
-from tests.conftest import tiny_model
+from tests.conftest import search, tiny_model
 
 
 def _plan(family: str = "llama") -> tuple[Plan, Inventory]:
@@ -19,7 +18,7 @@ def _plan(family: str = "llama") -> tuple[Plan, Inventory]:
     grid = parse_grid("0:0.9:0.1")
     budget = Budget.parse("sparsity=0.5")
     problem = build_problem(inv, grid, budget)
-    choice = get_searcher("uniform").search(problem, 0)
+    choice = search("uniform", problem, 0).choice
     return Plan.create(problem.assignment(choice), inv, family, budget, grid, "uniform", 0), inv
 
 

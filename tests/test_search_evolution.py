@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,9 @@ import pytest
 from allocator.budget import Budget, Problem
 from allocator.errors import AllocatorError
 from allocator.levels import parse_grid
-from allocator.search import get_searcher
 from allocator.search.evolution import mutate
 from allocator.search.repair import level_ladders
-from tests.conftest import ToyFitness, toy_problem
+from tests.conftest import ToyFitness, search, toy_problem
 
 
 def _random_problem(seed: int, budgets: int = 1) -> Problem:
@@ -58,12 +58,11 @@ def test_same_seed_same_plan_and_better_than_start():
     problem = toy_problem()
     plans = []
     for _ in range(2):
-        problem.fitness = ToyFitness(problem)
-        evo = get_searcher("evolution", generations=15, offspring=6, stages="3@64,1@256")
-        plans.append(evo.search(problem, seed=3))
+        evo = search("evolution", problem, 3, ToyFitness(problem), generations=15, offspring=6, stages="3@64,1@256")
+        plans.append(evo.choice)
     assert np.array_equal(plans[0], plans[1])
     assert problem.feasible(plans[0])
-    uniform = get_searcher("uniform").search(problem, 0)
+    uniform = search("uniform", problem).choice
     rows = np.arange(len(uniform))
     assert problem.error[rows, plans[0]].sum() < problem.error[rows, uniform].sum()
     history = evo.history
@@ -76,10 +75,10 @@ def test_probe_tracks_the_parent_without_changing_the_search():
     problem = toy_problem()
     plans, histories = [], []
     for probe in (0, 4):
-        problem.fitness = ToyFitness(problem)
-        problem.fitness.counters = {"block_forwards": 0}
-        evo = get_searcher("evolution", generations=8, offspring=4, stages="1@128", probe=probe)
-        plans.append(evo.search(problem, seed=5))
+        fitness = ToyFitness(problem)
+        fitness.counters = {"block_forwards": 0}
+        evo = search("evolution", problem, 5, fitness, generations=8, offspring=4, stages="1@128", probe=probe)
+        plans.append(evo.choice)
         histories.append(evo.history)
     assert np.array_equal(plans[0], plans[1])
     plain, probed = histories
@@ -92,18 +91,15 @@ def test_probe_tracks_the_parent_without_changing_the_search():
 def test_resume_after_interruption_gives_the_same_plan(tmp_path):
     problem = toy_problem()
     settings = dict(generations=12, offspring=5, stages="2@64,1@128")
-    problem.fitness = ToyFitness(problem)
-    straight = get_searcher("evolution", **settings).search(problem, seed=7)
-    ckpt = tmp_path / "state.json"
-    problem.fitness = ToyFitness(problem, fail_after=40)  # dies during generation 6
-    with pytest.raises(KeyboardInterrupt):
-        get_searcher("evolution", checkpoint=str(ckpt), **settings).search(problem, seed=7)
-    assert ckpt.is_file() and [p.name for p in tmp_path.iterdir()] == ["state.json"]
-    problem.fitness = ToyFitness(problem)
-    resumed = get_searcher("evolution", checkpoint=str(ckpt), resume=True, **settings).search(problem, seed=7)
+    straight = search("evolution", problem, 7, ToyFitness(problem), **settings).choice
+    ckpt = tmp_path / "evolution_state.json"
+    with pytest.raises(KeyboardInterrupt):  # the fitness dies during generation 6
+        search("evolution", problem, 7, ToyFitness(problem, fail_after=40), tmp_path, **settings)
+    assert ckpt.is_file() and [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+    resumed = search("evolution", problem, 7, ToyFitness(problem), tmp_path, resume=True, **settings).choice
     assert np.array_equal(straight, resumed)
     with pytest.raises(AllocatorError, match="another search"):
-        get_searcher("evolution", checkpoint=str(ckpt), resume=True, **settings).search(problem, seed=8)
+        search("evolution", problem, 8, ToyFitness(problem), tmp_path, resume=True, **settings)
 
 
 def test_counters_continue_on_resume(tmp_path):
@@ -116,25 +112,17 @@ def test_counters_continue_on_resume(tmp_path):
         fitness.counters = {"block_forwards": 0}
         return fitness
 
-    problem.fitness = counted()
-    straight = get_searcher("evolution", **settings)
-    straight.search(problem, seed=3)
-    ckpt = tmp_path / "state.json"
-    problem.fitness = counted(fail_after=25)
+    straight = search("evolution", problem, 3, counted(), **settings)
     with pytest.raises(KeyboardInterrupt):
-        get_searcher("evolution", checkpoint=str(ckpt), **settings).search(problem, seed=3)
-    problem.fitness = counted()
-    resumed = get_searcher("evolution", checkpoint=str(ckpt), resume=True, **settings)
-    resumed.search(problem, seed=3)
+        search("evolution", problem, 3, counted(fail_after=25), tmp_path, **settings)
+    resumed = search("evolution", problem, 3, counted(), tmp_path, resume=True, **settings)
     assert [h["block_forwards"] for h in resumed.history] == [h["block_forwards"] for h in straight.history]
 
 
 def test_knapsack_start_needs_a_profile():
-    problem = toy_problem()
-    problem.error = None
-    problem.fitness = ToyFitness(problem)
-    with pytest.raises(AllocatorError, match="profile"):
-        get_searcher("evolution", start="knapsack", generations=1).search(problem, seed=0)
+    problem = replace(toy_problem(), error=None)
+    with pytest.raises(AllocatorError, match="evolution needs a sensitivity profile"):
+        search("evolution", problem, 0, ToyFitness(problem), start="knapsack", generations=1)
 
 
 EVOLVE = """
@@ -142,7 +130,7 @@ import sys, time
 from pathlib import Path
 from tests.conftest import ToyFitness, toy_problem
 from tests.test_search_evolution import KILL_SETTINGS
-from allocator.search import get_searcher
+from allocator.search import SearchContext, make_searcher
 
 class Slow(ToyFitness):
     def __call__(self, choice, batch):
@@ -151,8 +139,7 @@ class Slow(ToyFitness):
         return super().__call__(choice, batch)
 
 problem = toy_problem()
-problem.fitness = Slow(problem)
-get_searcher("evolution", checkpoint=sys.argv[1], **KILL_SETTINGS).search(problem, seed=11)
+make_searcher("evolution", **KILL_SETTINGS).search(problem, SearchContext(11, Slow(problem), Path(sys.argv[1])))
 """
 KILL_SETTINGS = dict(generations=12, offspring=5, stages="2@64,1@128")
 
@@ -160,17 +147,16 @@ KILL_SETTINGS = dict(generations=12, offspring=5, stages="2@64,1@128")
 @pytest.fixture(scope="module")
 def straight_plan() -> np.ndarray:
     problem = toy_problem()
-    problem.fitness = ToyFitness(problem)
-    return get_searcher("evolution", **KILL_SETTINGS).search(problem, seed=11)
+    return search("evolution", problem, 11, ToyFitness(problem), **KILL_SETTINGS).choice
 
 
 @pytest.mark.parametrize("generation", [0, 5, 10])
 def test_kill_9_then_resume_gives_the_uninterrupted_plan(tmp_path, generation, straight_plan):
     """A real kill -9 (no handler runs) before the first checkpoint, mid-run and near the end."""
-    ckpt = tmp_path / "state.json"
+    ckpt = tmp_path / "evolution_state.json"
     root = Path(__file__).resolve().parents[1]
     running = tmp_path.parent / f"{tmp_path.name}.running"
-    worker = subprocess.Popen([sys.executable, "-c", EVOLVE, str(ckpt), str(running)], cwd=root)
+    worker = subprocess.Popen([sys.executable, "-c", EVOLVE, str(tmp_path), str(running)], cwd=root)
     deadline = time.time() + 120
     while time.time() < deadline and worker.poll() is None:
         time.sleep(0.01)
@@ -184,7 +170,6 @@ def test_kill_9_then_resume_gives_the_uninterrupted_plan(tmp_path, generation, s
     saved = json.loads(ckpt.read_text())["generation"] if ckpt.is_file() else 0
     assert generation <= saved < KILL_SETTINGS["generations"]
     problem = toy_problem()
-    problem.fitness = ToyFitness(problem)
-    resumed = get_searcher("evolution", checkpoint=str(ckpt), resume=True, **KILL_SETTINGS).search(problem, seed=11)
+    resumed = search("evolution", problem, 11, ToyFitness(problem), tmp_path, resume=True, **KILL_SETTINGS).choice
     assert np.array_equal(resumed, straight_plan)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]  # no temporary file left

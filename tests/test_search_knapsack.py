@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import pytest
 from allocator.budget import Budget, Problem
 from allocator.errors import AllocatorError
 from allocator.levels import parse_grid
-from allocator.search import get_searcher
 from allocator.search.knapsack import frontier
+from tests.conftest import search
 
 
 def _instance(seed: int, units: int = 5, levels: int = 4, budgets: int = 1) -> Problem:
@@ -45,32 +46,33 @@ def test_knapsack_equals_brute_force(seed):
     best = _brute_force(problem)
     if not np.isfinite(best):  # two budgets, each reachable alone, may exclude each other
         with pytest.raises(AllocatorError, match="no solution"):
-            get_searcher("knapsack").search(problem, seed=0)
+            search("knapsack", problem, 0)
         return
-    choice = get_searcher("knapsack").search(problem, seed=0)
+    choice = search("knapsack", problem, 0).choice
     assert problem.feasible(choice)
     assert problem.error[np.arange(5), choice].sum() == pytest.approx(best, abs=1e-9)
 
 
 def test_knapsack_takes_an_exact_fit():
     problem = _instance(0)
-    problem.limit = float(problem.cost[:, 2].sum())  # uniform level 2 fits exactly
-    choice = get_searcher("knapsack").search(problem, seed=0)
+    problem = replace(problem, limit=float(problem.cost[:, 2].sum()))  # uniform level 2 fits exactly
+    choice = search("knapsack", problem, 0).choice
     assert problem.error[np.arange(5), choice].sum() <= problem.error[:, 2].sum() + 1e-12
 
 
 def test_infeasible_budget_names_the_achievable_range():
     problem = _instance(1)
-    problem.limit = float(problem.cost.min(axis=1).sum()) - 1
+    problem = replace(problem, limit=float(problem.cost.min(axis=1).sum()) - 1)
     with pytest.raises(AllocatorError, match="out of reach: this grid spans"):
-        get_searcher("knapsack").search(problem, seed=0)
+        search("knapsack", problem, 0)
 
 
 def test_knapsack_needs_errors():
-    problem = _instance(2)
-    problem.error = None
-    with pytest.raises(AllocatorError, match="profile"):
-        get_searcher("knapsack").search(problem, seed=0)
+    problem = replace(_instance(2), error=None)
+    with pytest.raises(AllocatorError, match="knapsack needs a sensitivity profile"):
+        search("knapsack", problem, 0)
+    with pytest.raises(AllocatorError, match="knapsack needs a sensitivity profile"):
+        frontier(problem, [problem.limit])
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -80,9 +82,8 @@ def test_frontier_is_exact_for_integer_costs(seed):
     limits = [float(x) for x in np.linspace(problem.cost.min(axis=1).sum(), top, 6).round()]
     points = frontier(problem, limits, buckets=int(top))  # one bucket per cost unit: no rounding
     for point in points:
-        problem.limit = point.limit
         assert point.cost <= point.limit
-        assert point.error == pytest.approx(_brute_force(problem), abs=1e-9)
+        assert point.error == pytest.approx(_brute_force(replace(problem, limit=point.limit)), abs=1e-9)
     assert all(a.error >= b.error - 1e-12 for a, b in zip(points, points[1:], strict=False))
 
 
@@ -94,8 +95,8 @@ def test_owl_follows_outlier_ratios_and_keeps_budget():
     budget = Budget.parse("sparsity=0.5")
     lod = np.linspace(0.01, 0.05, U)[::-1].copy()  # first units have the most outliers
     problem = Problem([(f"l{u}",) for u in range(U)], grid, cost, 0.5 * params.sum(), budget=budget,
-                      params=int(params.sum()), info={"outlier_ratio": lod})  # fmt: skip
-    choice = get_searcher("owl", lam=0.08).search(problem, seed=0)
+                      params=int(params.sum()), outlier_ratio=lod)  # fmt: skip
+    choice = search("owl", problem, 0, lam=0.08).choice
     sparsity = np.array([grid[k].sparsity for k in choice])
     assert problem.feasible(choice)
     assert np.all(np.diff(sparsity) >= -1e-9)  # more outliers, less pruning
@@ -106,7 +107,7 @@ def test_owl_follows_outlier_ratios_and_keeps_budget():
 def test_owl_refuses_bit_budgets():
     problem = _instance(3)
     with pytest.raises(AllocatorError, match="OWL allocates sparsity"):
-        get_searcher("owl").search(problem, seed=0)
+        search("owl", problem.with_profile(problem.error, np.ones(len(problem.units))), 0)
 
 
 def test_real_valued_limit_met_exactly_is_feasible():
@@ -116,4 +117,4 @@ def test_real_valued_limit_met_exactly_is_feasible():
     error = np.tile([0.0, 1.0, 2.0], (6, 1))
     problem = Problem([(f"l{u}",) for u in range(6)], parse_grid("dense,w8,w4g32"), ms, float(ms[:, 0].sum()),
                       error=error, budget=Budget("latency", 1.0))  # fmt: skip
-    assert np.array_equal(get_searcher("knapsack").search(problem, 0), np.zeros(6, dtype=int))
+    assert np.array_equal(search("knapsack", problem, 0).choice, np.zeros(6, dtype=int))

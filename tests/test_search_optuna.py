@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,10 @@ import pytest
 from allocator.budget import Budget, Problem
 from allocator.errors import AllocatorError
 from allocator.levels import parse_grid
-from allocator.search import get_searcher
+from allocator.search import make_searcher
 from allocator.search.repair import project
 from allocator.search.study import open_storage
-from tests.conftest import SlowToyFitness, ToyFitness, toy_problem
+from tests.conftest import ErrorFitness, SlowToyFitness, ToyFitness, search, toy_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +38,8 @@ def _finished(storage: str) -> int:
 
 def test_every_trial_meets_the_budget_and_beats_no_seed():
     problem = toy_problem()
-    problem.fitness = ToyFitness(problem)
-    searcher = get_searcher("optuna", trials=25, storage=None)
-    best = searcher.search(problem, seed=0)
+    searcher = search("optuna", problem, 0, ToyFitness(problem), trials=25, storage=None)
+    best = searcher.choice
     assert problem.feasible(best)
     assert len(searcher.history) == 25
     for h in searcher.history:
@@ -53,9 +53,8 @@ def test_every_trial_meets_the_budget_and_beats_no_seed():
 
 def test_trial_plans_recorded_for_the_dashboard_hold_the_budget(tmp_path):
     problem = toy_problem()
-    problem.fitness = ToyFitness(problem)
     storage = str(tmp_path / "study.journal")
-    get_searcher("optuna", trials=15, storage=storage).search(problem, seed=1)
+    search("optuna", problem, 1, ToyFitness(problem), trials=15, storage=storage)
     names = [lv.name for lv in problem.levels]
     trials = _trials(storage)
     assert len(trials) == 15
@@ -71,8 +70,7 @@ def test_same_seed_same_best_plan(space):
     problem = toy_problem()
     plans = []
     for _ in range(2):
-        problem.fitness = ToyFitness(problem)
-        plans.append(get_searcher("optuna", space=space, trials=12).search(problem, seed=4))
+        plans.append(search("optuna", problem, 4, ToyFitness(problem), space=space, trials=12).choice)
     assert np.array_equal(*plans)
 
 
@@ -99,22 +97,19 @@ def test_project_fill_is_never_worse_than_down_only():
 
 def test_a_study_for_another_search_is_refused(tmp_path):
     problem = toy_problem()
-    problem.fitness = ToyFitness(problem)
     storage = str(tmp_path / "study.journal")
-    get_searcher("optuna", trials=3, storage=storage).search(problem, seed=0)
+    search("optuna", problem, 0, ToyFitness(problem), trials=3, storage=storage)
     with pytest.raises(AllocatorError, match="another search"):
-        get_searcher("optuna", trials=3, storage=storage, space="compact").search(problem, seed=0)
+        search("optuna", problem, 0, ToyFitness(problem), trials=3, storage=storage, space="compact")
 
 
 WORKER = """
 import sys
-from tests.conftest import SlowToyFitness, toy_problem
-from allocator.search import get_searcher
+from tests.conftest import SlowToyFitness, search, toy_problem
 storage, trials, seed, delay, beat, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7]
 problem = toy_problem()
-problem.fitness = SlowToyFitness(problem, delay=float(delay))
-searcher = get_searcher("optuna", trials=trials, storage=storage, heartbeat=float(beat), resume=resume == "1")
-searcher.search(problem, seed=seed)
+search("optuna", problem, seed, SlowToyFitness(problem, delay=float(delay)), resume=resume == "1", trials=trials,
+       storage=storage, heartbeat=float(beat))
 """
 
 
@@ -184,10 +179,10 @@ def test_a_killed_worker_leaves_the_other_to_finish_the_quota(tmp_path):
     assert any(t.state == optuna.trial.TrialState.FAIL for t in _trials(storage)), "the killed trial was failed"
 
 
-def _search(storage: str, trials: int, **options) -> np.ndarray:
+def _search(storage: str, trials: int, resume: bool = False) -> np.ndarray:
     problem = toy_problem()
-    problem.fitness = SlowToyFitness(problem, delay=0.0)
-    return get_searcher("optuna", trials=trials, storage=storage, heartbeat=0.3, **options).search(problem, seed=0)
+    fitness = SlowToyFitness(problem, delay=0.0)
+    return search("optuna", problem, 0, fitness, resume=resume, trials=trials, storage=storage, heartbeat=0.3).choice
 
 
 @pytest.fixture(scope="module")
@@ -216,17 +211,15 @@ def test_kill_and_resume_gives_the_uninterrupted_plan_without_repeating_an_evalu
 
 def test_pareto_front_is_not_dominated():
     problem = toy_problem()
-    problem.fitness = ToyFitness(problem)
-    searcher = get_searcher("optuna", sampler="nsga2", trials=40, objectives="fitness,bytes")
-    searcher.search(problem, seed=0)
-    front = [(p["fitness"], p["bytes"]) for p in searcher.pareto]
+    searcher = search("optuna", problem, 0, ToyFitness(problem), sampler="nsga2", trials=40, objectives="fitness,bytes")
+    front = [(p["fitness"], p["bytes"]) for p in searcher.front]
     every = [(h["fitness"], h["bytes"]) for h in searcher.history]
     assert len(front) >= 2
     for f, b in front:
         assert not any(f2 <= f and b2 <= b and (f2 < f or b2 < b) for f2, b2 in every)
-    for p in searcher.pareto:
+    for p in searcher.front:
         assert problem.feasible(p["choice"])
-    assert len({p["choice"].tobytes() for p in searcher.pareto}) == len(searcher.pareto)  # no plan twice
+    assert len({p["choice"].tobytes() for p in searcher.front}) == len(searcher.front)  # no plan twice
 
 
 def test_brute_force_small_problem_found_by_levels_space():
@@ -239,17 +232,19 @@ def test_brute_force_small_problem_found_by_levels_space():
                       budget=Budget("bytes", 330.0))  # fmt: skip
     best_brute = min((error[np.arange(3), c].sum(), c) for c in itertools.product(range(4), repeat=3)
                      if problem.feasible(np.array(c)))  # fmt: skip
-    found = get_searcher("optuna", trials=64).search(problem, seed=0)
+    found = search("optuna", problem, 0, ErrorFitness(problem), trials=64).choice
     assert error[np.arange(3), found].sum() == pytest.approx(best_brute[0])
 
 
 def test_bad_settings_are_refused():
     problem = toy_problem()
-    problem.fitness = ToyFitness(problem)
     with pytest.raises(AllocatorError, match="continuous"):
-        get_searcher("optuna", sampler="cmaes").search(problem, seed=0)
-    with pytest.raises(AllocatorError, match="unknown sampler"):
-        get_searcher("optuna", sampler="random").search(problem, seed=0)
-    problem.error = None
-    with pytest.raises(AllocatorError, match="profile"):
-        get_searcher("optuna", space="compact").search(problem, seed=0)
+        make_searcher("optuna", sampler="cmaes")
+    with pytest.raises(AllocatorError, match="unknown --sampler 'random'"):
+        make_searcher("optuna", sampler="random")
+    with pytest.raises(AllocatorError, match="--trials must be at least 1"):
+        make_searcher("optuna", {"trials": 0})
+    with pytest.raises(AllocatorError, match="optuna needs a fitness on the real model"):
+        search("optuna", problem, 0, space="compact")
+    with pytest.raises(AllocatorError, match="optuna needs a sensitivity profile"):
+        search("optuna", replace(problem, error=None), 0, ToyFitness(problem), space="compact")

@@ -110,10 +110,10 @@ def test_fit_recovers_known_additive_costs_and_predicts_held_out_plans():
 def test_refine_reaches_the_true_optimum_of_a_known_additive_model():
     problem, prior, w = _synthetic(seed=1)
     truth = prior * w[:, None]
-    optimum = Knapsack().search(type(problem)(**{**problem.__dict__, "error": truth}), 0)
+    optimum = Knapsack().search(problem.with_profile(truth)).choice
 
     def solve(costs):
-        return Knapsack().search(type(problem)(**{**problem.__dict__, "error": costs}), 0)
+        return Knapsack().search(problem.with_profile(costs)).choice
 
     start = np.full(len(w), 2)
     model, record = refine(problem, prior, lambda c: float(truth[np.arange(len(w)), c].sum()), solve, start,
@@ -167,7 +167,7 @@ def test_refine_keeps_the_prior_when_every_fit_misleads():
     problem, prior, w = _synthetic(seed=2)
 
     def solve(costs):
-        return Knapsack().search(type(problem)(**{**problem.__dict__, "error": costs}), 0)
+        return Knapsack().search(problem.with_profile(costs)).choice
 
     plain = solve(prior)
     rows = np.arange(len(w))

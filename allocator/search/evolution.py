@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,20 +23,11 @@ from tqdm.auto import tqdm
 from allocator.budget import Problem
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
+from allocator.search.base import Fitness, SearchContext, Searcher, SearchResult, at_least, one_of, option
 from allocator.search.repair import level_ladders
+from allocator.search.uniform import Uniform
 
 log = logging.getLogger(__name__)
-
-
-class Fitness(Protocol):
-    """Scores a choice on a subset of a fixed pool of calibration sequences (lower is better)."""
-
-    pool_size: int
-    seq_len: int
-
-    def set_parent(self, choice: np.ndarray) -> None: ...
-
-    def __call__(self, choice: np.ndarray, batch: np.ndarray) -> float: ...
 
 
 def parse_stages(text: str) -> list[tuple[int, int]]:
@@ -52,51 +42,56 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
 
 
 @dataclass
-class Evolution:
+class Evolution(Searcher):
     """The search; ``start`` is a method name (uniform, knapsack) giving the initial parent."""
 
-    generations: int = 50
-    offspring: int = 16
-    stages: str = "4@1024,1@4096"
-    start: str = "uniform"
-    checkpoint: str | None = None
-    resume: bool = False
+    name = "evolution"
+    generations: int = option(50, "evolution: generations")
+    offspring: int = option(16, "evolution: offspring per generation")
+    stages: str = option("4@1024,1@4096", "evolution: selection SURVIVORS@TOKENS,... (the last keeps 1)")
+    start: str = option("uniform", "evolution: start point", choices=("uniform", "knapsack"))
     probe: int = 0  # >0: also record the parent's KL on the first ``probe`` pool sequences (a fixed yardstick)
-    history: list[dict] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        parse_stages(self.stages)  # refused when the searcher is made, before any model work
+    def __post_init__(self) -> None:  # refused when the searcher is made, before any model work
+        at_least("--generations", self.generations, 1)
+        at_least("--offspring", self.offspring, 1)
+        parse_stages(self.stages)
+        one_of("--start", self.start, ("uniform", "knapsack"))
 
-    def search(self, problem: Problem, seed: int) -> np.ndarray:
-        """Evolve a choice under the problem's budgets with ``problem.fitness``."""
-        from allocator.search import get_searcher
+    def needs(self) -> frozenset[str]:
+        """The real model's fitness; a knapsack start also the profile."""
+        return frozenset({"fitness", "profile"} if self.start == "knapsack" else {"fitness"})
 
-        fitness: Fitness | None = problem.fitness
+    def search(self, problem: Problem, ctx: SearchContext) -> SearchResult:
+        """Evolve a choice under the problem's budgets with ``ctx.fitness``; checkpoint in ``ctx.workdir``."""
+        fitness: Fitness | None = ctx.fitness
         if fitness is None:
             raise AllocatorError("evolution needs a fitness on the real model (a level database and calibration data)")
+        seed = ctx.seed
+        checkpoint = ctx.workdir / "evolution_state.json" if ctx.workdir else None
         stages = parse_stages(self.stages)
         ladders = level_ladders(problem)
-        state = self._load(problem, seed) if self.resume else None
+        state = self._load(problem, seed, checkpoint) if ctx.resume else None
         if state is None:
-            parent = get_searcher(self.start).search(problem, seed)
+            parent = _start(self.start, problem)
             rng = np.random.default_rng(seed)
             state = {"generation": 0, "parent": parent.tolist(), "history": [], "elapsed_s": 0.0}
         else:
             rng = np.random.default_rng()
             rng.bit_generator.state = state["rng"]
             parent = np.array(state["parent"])
-        self.history = state["history"]
+        history: list[dict] = state["history"]
         counters = getattr(fitness, "counters", None)
-        if counters is not None and self.history:  # a resumed search counts on from where it was killed
-            counters.update({k: v for k, v in self.history[-1].items() if k in counters})
+        if counters is not None and history:  # a resumed search counts on from where it was killed
+            counters.update({k: v for k, v in history[-1].items() if k in counters})
         fitness.set_parent(parent)
         t_start = time.perf_counter() - state["elapsed_s"]
         # the fitness of a generation is measured on a fresh minibatch (noisy); the probe is a fixed one,
         # so runs from different starts can be compared generation by generation
         probe = np.arange(min(self.probe, fitness.pool_size))
         probed = {"parent_kl": _uncounted(fitness, parent, probe)} if self.probe else {}
-        if self.probe and not self.history:
-            self.history.append({"generation": 0, "fitness": None, "tokens": 0, "time_s": 0.0, **probed})
+        if self.probe and not history:
+            history.append({"generation": 0, "fitness": None, "tokens": 0, "time_s": 0.0, **probed})
         for gen in tqdm(range(state["generation"], self.generations), desc="evolution", initial=state["generation"],
                         total=self.generations, leave=False):  # fmt: skip
             children = self._offspring(problem, parent, ladders, rng)
@@ -118,11 +113,12 @@ class Evolution:
             elapsed = time.perf_counter() - t_start
             record = {"generation": gen + 1, "fitness": best_score, "tokens": tokens, "evaluations": evaluations,
                       "time_s": elapsed, **probed, **getattr(fitness, "counters", {})}  # fmt: skip
-            self.history.append(record)
-            state = {"generation": gen + 1, "parent": parent.tolist(), "history": self.history,
+            history.append(record)
+            state = {"generation": gen + 1, "parent": parent.tolist(), "history": history,
                      "elapsed_s": time.perf_counter() - t_start, "rng": rng.bit_generator.state}  # fmt: skip
-            self._save(problem, seed, state)
-        return parent
+            if checkpoint is not None:
+                write_json_atomic(checkpoint, {"key": self._key(problem, seed), **state})
+        return SearchResult(parent, history=history)
 
     # ---- mutation ------------------------------------------------------------------------------
     def _offspring(self, problem: Problem, parent: np.ndarray, ladders, rng) -> list[np.ndarray]:
@@ -145,24 +141,29 @@ class Evolution:
                 "limit": problem.limit, "seed": seed, "start": self.start, "stages": self.stages,
                 "offspring": self.offspring}  # fmt: skip
 
-    def _save(self, problem: Problem, seed: int, state: dict) -> None:
-        if self.checkpoint:
-            write_json_atomic(self.checkpoint, {"key": self._key(problem, seed), **state})
-
-    def _load(self, problem: Problem, seed: int) -> dict | None:
-        if not self.checkpoint or not Path(self.checkpoint).is_file():
+    def _load(self, problem: Problem, seed: int, checkpoint: Path | None) -> dict | None:
+        if checkpoint is None or not checkpoint.is_file():
             return None
         try:
-            saved = json.loads(Path(self.checkpoint).read_text())
+            saved = json.loads(checkpoint.read_text())
         except json.JSONDecodeError as exc:
-            raise AllocatorError(f"checkpoint {self.checkpoint} is corrupt ({exc}): delete it to start over") from None
+            raise AllocatorError(f"checkpoint {checkpoint} is corrupt ({exc}): delete it to start over") from None
         if saved.get("key") != self._key(problem, seed):
             raise AllocatorError(
-                f"checkpoint {self.checkpoint} belongs to another search (model, grid, budget, seed or schedule "
+                f"checkpoint {checkpoint} belongs to another search (model, grid, budget, seed or schedule "
                 "differ): use the same settings or another output folder"
             )
         log.info("resuming evolution at generation %d", saved["generation"])
         return saved
+
+
+def _start(method: str, problem: Problem) -> np.ndarray:
+    """The initial parent: the uniform plan, or the knapsack's over the profile."""
+    if method == "knapsack":
+        from allocator.search.knapsack import Knapsack
+
+        return Knapsack().search(problem).choice
+    return Uniform.choice(problem)
 
 
 def score_all(fitness: Fitness, choices: list[np.ndarray], batch: np.ndarray) -> list[float]:

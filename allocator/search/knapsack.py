@@ -20,6 +20,7 @@ from scipy.sparse import coo_array
 
 from allocator.budget import Problem, allowed
 from allocator.errors import AllocatorError
+from allocator.search.base import SearchContext, Searcher, SearchResult, option
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,23 @@ def _require_error(problem: Problem) -> np.ndarray:
 
 
 @dataclass
-class Knapsack:
+class Knapsack(Searcher):
     """Exact MILP; ``time_limit`` seconds (None: until proven optimal)."""
 
-    time_limit: float | None = None
-    gap: float = 0.0  # optimality gap of the last solve (0 when proven optimal)
+    name = "knapsack"
+    time_limit: float | None = option(None, "knapsack MILP time limit in seconds (default: until optimal)", kind=float)
 
-    def search(self, problem: Problem, seed: int) -> np.ndarray:
-        """The choice of minimal summed error within every budget (deterministic; seed unused)."""
+    def __post_init__(self) -> None:
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise AllocatorError(f"--time-limit must be > 0 seconds, got {self.time_limit}")
+
+    def needs(self) -> frozenset[str]:
+        """It minimises the profile's summed error."""
+        return frozenset({"profile"})
+
+    def search(self, problem: Problem, ctx: SearchContext | None = None) -> SearchResult:
+        """The choice of minimal summed error within every budget (deterministic; seed unused);
+        ``stats["gap"]`` is the optimality gap (0 when proven optimal)."""
         if (error := problem.reach_error()) is not None:
             raise error
         err = _require_error(problem)
@@ -63,10 +73,10 @@ class Knapsack:
                 break
         else:
             raise AllocatorError("knapsack solution failed the exact budget check: report this with the grid used")
-        self.gap = float(getattr(res, "mip_gap", 0.0) or 0.0) if res.status != 0 else 0.0
+        gap = float(getattr(res, "mip_gap", 0.0) or 0.0) if res.status != 0 else 0.0
         if res.status != 0:
-            log.warning("knapsack stopped early (%s); optimality gap %.3g", res.message, self.gap)
-        return choice
+            log.warning("knapsack stopped early (%s); optimality gap %.3g", res.message, gap)
+        return SearchResult(choice, stats={"gap": gap})
 
 
 def _budget_row(cost: np.ndarray, limit: float, inside: bool) -> LinearConstraint:

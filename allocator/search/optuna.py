@@ -21,15 +21,15 @@ workers finish exactly ``trials`` evaluations between them.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from allocator.budget import Problem, allowed
 from allocator.errors import AllocatorError
+from allocator.search.base import SearchContext, Searcher, SearchResult, at_least, one_of, option
 from allocator.search.repair import project
 from allocator.search.study import (
     OVER_QUOTA,
@@ -52,15 +52,12 @@ SAMPLERS = ("tpe", "gp", "cmaes", "nsga2")
 SPACES = ("levels", "compact")
 
 
-def _sampler(name: str, seed: int, space: str, multi: bool):
+OBJECTIVES = ("fitness", "fitness,bytes", "fitness,latency")
+
+
+def _sampler(name: str, seed: int):
     import optuna
 
-    if name not in SAMPLERS:
-        raise AllocatorError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
-    if name == "cmaes" and space != "compact":
-        raise AllocatorError("CMA-ES samples continuous spaces only: use --space compact (or sampler tpe/gp)")
-    if name == "cmaes" and multi:
-        raise AllocatorError("CMA-ES is single-objective: use sampler nsga2 or tpe for a Pareto front")
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "gp":
@@ -71,70 +68,86 @@ def _sampler(name: str, seed: int, space: str, multi: bool):
 
 
 def unit_features(problem: Problem) -> tuple[list[str], np.ndarray]:
-    """Per unit: its role (the layer name without the block index) and its relative depth in [0, 1]."""
-    roles, depth = [], []
-    for unit in problem.units:
-        name = unit[0]
-        match = re.search(r"\.(\d+)\.", name)
-        depth.append(int(match.group(1)) if match else 0)
-        roles.append("+".join(n.rsplit(".", 1)[-1] for n in unit))
-    d = np.array(depth, dtype=float)
+    """Per unit: its role (layer names without the block) and its relative depth in [0, 1]."""
+    roles = ["+".join(n.rsplit(".", 1)[-1] for n in unit) for unit in problem.units]
+    d = np.zeros(len(problem.units)) if problem.blocks is None else problem.blocks.astype(float)
     return roles, (d - d.min()) / max(1.0, d.max() - d.min())
 
 
 @dataclass
-class OptunaSearch:
+class OptunaSearch(Searcher):
     """An Optuna study over allocations; ``objectives``: ``fitness``, or a Pareto front of ``fitness,bytes``
     or ``fitness,latency`` (the latter priced by a latency table, see :mod:`allocator.latency`)."""
 
-    space: str = "levels"
-    sampler: str = "tpe"
-    trials: int = 100
-    objectives: str = "fitness"
-    storage: str | None = None  # journal file path or RDB URL; None: in memory
-    study_name: str = "allocator"
-    seeds: str = "uniform,owl,knapsack"
-    probe: int = 8  # fitness sequences of the calibration pool, the same ones for every trial
-    resume: bool = False  # the only worker left: re-queue every RUNNING trial at once (else after the grace)
-    heartbeat: float = 10.0  # seconds between a running trial's signs of life; silent 6x as long: recovered
-    history: list[dict] = field(default_factory=list)
-    pareto: list[dict] = field(default_factory=list)
+    name = "optuna"
+    space: str = option("levels", "optuna: search space (one level per unit, or a few knobs)", choices=SPACES)
+    sampler: str = option("tpe", "optuna: sampler", choices=SAMPLERS)
+    trials: int = option(100, "optuna: model evaluations in the study (all workers)")
+    objectives: str = option("fitness", "optuna: fitness,bytes or fitness,latency gives a Pareto front of plans",
+                             choices=OBJECTIVES)  # fmt: skip
+    storage: str | None = option(None, "optuna: journal file or RDB URL; workers on one storage share a study "
+                                 "(default: a journal in the output folder)", kind=str)  # fmt: skip
+    study_name: str = option("allocator", "optuna: study name within the storage")
+    seeds: str = option("uniform,owl,knapsack", "optuna: methods whose plans are the first trials")
+    probe: int = option(8, "optuna: calibration windows every trial is scored on (the same ones)")
+    heartbeat: float = option(10.0, "optuna: seconds between a running trial's signs of life (6x silent: recovered)")
 
-    def search(self, problem: Problem, seed: int) -> np.ndarray:
-        """Run (or join, or resume) the study; return the best plan found within the budget."""
+    def __post_init__(self) -> None:  # refused when the searcher is made, before any model work
+        one_of("--space", self.space, SPACES)
+        one_of("--sampler", self.sampler, SAMPLERS)
+        one_of("--objectives", self.objectives, OBJECTIVES)
+        at_least("--trials", self.trials, 1)
+        at_least("--probe", self.probe, 1)
+        if not self.heartbeat > 0:
+            raise AllocatorError(f"--heartbeat must be > 0 seconds, got {self.heartbeat}")
+        if self.sampler == "cmaes" and self.space != "compact":
+            raise AllocatorError("CMA-ES samples continuous spaces only: use --space compact (or sampler tpe/gp)")
+        if self.sampler == "cmaes" and "," in self.objectives:
+            raise AllocatorError("CMA-ES is single-objective: use sampler nsga2 or tpe for a Pareto front")
+        unknown = sorted(set(self.seeds.split(",")) - {"", "uniform", "owl", "knapsack"})
+        if unknown:
+            raise AllocatorError(f"unknown --seeds {unknown}: choose from uniform, owl, knapsack")
+
+    def check(self) -> None:
+        """A storage URL that cannot be opened is refused before any model work."""
+        if self.storage:
+            open_storage(self.storage)
+
+    def needs(self) -> frozenset[str]:
+        """The real model's fitness, a profile (repairs and seeds), and a latency table for a latency front."""
+        return frozenset({"fitness", "profile"} | ({"latency"} if self.objectives.endswith("latency") else set()))
+
+    def search(self, problem: Problem, ctx: SearchContext) -> SearchResult:
+        """Run (or join, or resume) the study; return the best plan found within the budget.
+
+        The study lives in ``storage``, else in a journal in ``ctx.workdir``, else in memory.
+        """
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        if self.space not in SPACES:
-            raise AllocatorError(f"unknown search space {self.space!r}: choose one of {', '.join(SPACES)}")
         objectives = self.objectives.split(",")
-        if objectives not in (["fitness"], ["fitness", "bytes"], ["fitness", "latency"]):
-            raise AllocatorError(
-                f"objectives must be 'fitness', 'fitness,bytes' or 'fitness,latency', got {self.objectives!r}"
-            )
         multi = len(objectives) > 1
-        if multi and objectives[1] not in problem.info:
-            raise AllocatorError(f"objective {objectives[1]!r} needs its cost: pass --latency-table for latency")
-        second = problem.info[objectives[1]] if multi else None
-        if self.space == "compact" and problem.error is None:
-            raise AllocatorError("the compact space re-weights a sensitivity profile: run with a profile")
+        second = problem.objective(objectives[1]) if multi else None
+        if problem.error is None:
+            raise AllocatorError("optuna repairs proposals by a sensitivity profile: run with a profile")
         if (error := problem.reach_error()) is not None:
             raise error
-        score = self._scorer(problem)
-        _sampler(self.sampler, seed, self.space, multi)  # refuse a bad sampler before the study is made
-        sampler = trial_seeded(lambda s: _sampler(self.sampler, s, self.space, multi), seed)
-        bytes_cost = problem.info.get("bytes", problem.cost)
-        with setup_lock(self.storage):  # one worker at a time creates, checks and seeds the study
-            study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage),
+        seed = ctx.seed
+        score = self._scorer(problem, ctx)
+        sampler = trial_seeded(lambda s: _sampler(self.sampler, s), seed)
+        bytes_cost = problem.bytes_cost if problem.bytes_cost is not None else problem.cost
+        storage = self.storage or (str(ctx.workdir / "optuna.journal") if ctx.workdir else None)
+        with setup_lock(storage):  # one worker at a time creates, checks and seeds the study
+            study = optuna.create_study(study_name=self.study_name, storage=open_storage(storage),
                                         sampler=sampler, directions=["minimize"] * len(objectives),
                                         load_if_exists=True)  # fmt: skip
             key = {"units": len(problem.units), "levels": [lv.name for lv in problem.levels], "limit": problem.limit,
                    "space": self.space, "objectives": self.objectives}  # fmt: skip
             if study.user_attrs.get("key", key) != key:
-                raise AllocatorError(f"study {self.study_name!r} in {self.storage} belongs to another search: "
+                raise AllocatorError(f"study {self.study_name!r} in {storage} belongs to another search: "
                                      "use another --study-name or output folder")  # fmt: skip
             study.set_user_attr("key", key)
-            if self.resume:
+            if ctx.resume:  # the only worker left: re-queue every RUNNING trial at once (else after the grace)
                 recover_stale(study, None)
             if not study.user_attrs.get("seeded"):  # again after a kill during seeding: queued seeds are skipped
                 self._seed(study, problem, seed, score, bytes_cost)
@@ -185,16 +198,14 @@ class OptunaSearch:
                 repeats = repeats + 1 if REPEAT in trial.user_attrs else 0
         if repeats:
             log.info("optuna: %d proposals in a row repeated evaluated plans; stopping", repeats)
-        return self._result(study, problem, multi)
+        return self._result(study, problem, multi, storage)
 
     # ---- pieces ----------------------------------------------------------------------------------
-    def _scorer(self, problem: Problem):
-        """Fitness on fixed pool rows (comparable across trials), or the profile error without a model."""
-        fitness = problem.fitness
+    def _scorer(self, problem: Problem, ctx: SearchContext):
+        """Fitness on fixed pool rows (comparable across trials)."""
+        fitness = ctx.fitness
         if fitness is None:
-            if problem.error is None:
-                raise AllocatorError("optuna needs a fitness (level database + data) or a sensitivity profile")
-            return problem.total_error
+            raise AllocatorError("optuna needs a fitness on the real model (a level database and calibration data)")
         batch = np.arange(min(self.probe, fitness.pool_size))
         state = {"parent": False}
 
@@ -219,10 +230,9 @@ class OptunaSearch:
         mult = {r: trial.suggest_float(f"role.{r}", -2.0, 2.0) for r in dict.fromkeys(roles)}
         slope = trial.suggest_float("depth_slope", -2.0, 2.0)
         weight = np.exp(np.array([mult[r] for r in roles]) + slope * (depth - 0.5))
-        shaped = Problem(problem.units, problem.levels, problem.cost, problem.limit, budget=problem.budget,
-                         error=problem.error * weight[:, None], params=problem.params, extra=problem.extra)  # fmt: skip
+        shaped = replace(problem, error=problem.error * weight[:, None])
         if problem.extra:  # several budgets: the exact MILP
-            return Knapsack().search(shaped, 0)
+            return Knapsack().search(shaped).choice
         # one budget: the knapsack's DP (deterministic, a fraction of a second; the MILP on re-weighted
         # errors took up to 40 s per trial), then the slack its cost rounding leaves is spent greedily
         point = frontier(shaped, [problem.limit], buckets=20_000)[0]
@@ -245,12 +255,12 @@ class OptunaSearch:
 
     def _seed(self, study, problem: Problem, seed: int, score, bytes_cost) -> None:
         """Queue the baseline plans (first trials, so the study starts at least as good as they are)."""
-        from allocator.search import get_searcher
+        from allocator.search import allocate, make_searcher
 
         plans = {}
         for name in [s for s in self.seeds.split(",") if s]:
             try:
-                plans[name] = get_searcher(name).search(problem, seed)
+                plans[name] = allocate(problem, make_searcher(name), SearchContext(seed)).choice
             except AllocatorError as exc:
                 log.info("seed %s skipped: %s", name, exc)
         for name, plan in plans.items():
@@ -271,32 +281,34 @@ class OptunaSearch:
         roles, _ = unit_features(problem)
         return [f"role.{r}" for r in dict.fromkeys(roles)] + ["depth_slope"]
 
-    def _result(self, study, problem: Problem, multi: bool) -> np.ndarray:
+    def _result(self, study, problem: Problem, multi: bool, storage: str | None) -> SearchResult:
         import optuna
 
         names = [lv.name for lv in problem.levels]
         complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                     if PLAN in t.user_attrs and REPEAT not in t.user_attrs]  # fmt: skip
         if not complete:
-            raise AllocatorError(f"study {self.study_name!r} has no finished trial")
-        self.history = [{"trial": t.number, "fitness": t.user_attrs["fitness"], "bytes": t.user_attrs["bytes"],
+            raise AllocatorError(f"study {self.study_name!r} in {storage} has no finished trial")
+        history = [{"trial": t.number, "fitness": t.user_attrs["fitness"], "bytes": t.user_attrs["bytes"],
                          "seed": t.user_attrs.get("seed", ""), "seconds": t.user_attrs.get("seconds", 0.0)}
                         for t in sorted(complete, key=lambda t: t.number)]  # fmt: skip
+        pareto: list[dict] = []
         if multi:
             front = {t.number for t in study.best_trials}
             seen: set[tuple[str, ...]] = set()  # NSGA-II proposes some plans again: one entry per plan
-            self.pareto, bytes_cost = [], problem.info.get("bytes", problem.cost)
+            bytes_cost = problem.bytes_cost if problem.bytes_cost is not None else problem.cost
             for t in complete:
                 plan = tuple(t.user_attrs["plan"])
                 if t.number in front and plan not in seen:
                     seen.add(plan)
                     choice = _indices(names, plan)
-                    self.pareto.append({"trial": t.number, "fitness": t.values[0], "choice": choice,
-                                        "bytes": problem.summed(bytes_cost, choice)})  # fmt: skip
+                    pareto.append({"trial": t.number, "fitness": t.values[0], "choice": choice,
+                                   "bytes": problem.summed(bytes_cost, choice),
+                                   "objective": self.objectives})  # fmt: skip
         candidates = [(t.user_attrs["fitness"], t.number, t.user_attrs["plan"]) for t in complete]
         candidates += [(b["fitness"], -1, b["plan"]) for b in study.user_attrs.get("baselines", {}).values()]
         best = min(candidates, key=lambda c: (c[0], c[1]))
-        return _indices(names, best[2])
+        return SearchResult(_indices(names, best[2]), history=history, front=pareto)
 
 
 def _indices(names: list[str], plan) -> np.ndarray:

@@ -15,23 +15,31 @@ import numpy as np
 
 from allocator.budget import Problem
 from allocator.errors import AllocatorError
+from allocator.search.base import SearchContext, Searcher, SearchResult, option
 
 
 @dataclass
-class OWL:
+class OWL(Searcher):
     """OWL with the paper's λ (M is fixed when the profile is measured, default 5)."""
 
-    lam: float = 0.08
+    name = "owl"
+    lam: float = option(0.08, "OWL's lambda: the sparsity spread around the target")
 
-    def search(self, problem: Problem, seed: int) -> np.ndarray:
+    def __post_init__(self) -> None:
+        if not 0 <= self.lam < 1:
+            raise AllocatorError(f"--lam must be in [0, 1) (OWL's sparsity spread), got {self.lam}")
+
+    def needs(self) -> frozenset[str]:
+        """Outlier ratios (measured with a sensitivity profile)."""
+        return frozenset({"outliers"})
+
+    def search(self, problem: Problem, ctx: SearchContext | None = None) -> SearchResult:
         """OWL's allocation snapped to the grid (deterministic; seed unused)."""
         if problem.budget is None or problem.budget.kind != "sparsity":
             raise AllocatorError("OWL allocates sparsity: use --target sparsity=S (or knapsack for bits/bytes)")
-        if "outlier_ratio" not in problem.info:
-            raise AllocatorError("OWL needs outlier ratios from a sensitivity profile: run with a profile")
         if (error := problem.reach_error()) is not None:
             raise error
-        lod = problem.info["outlier_ratio"]  # [U]
+        lod = problem.outlier_ratio  # [U]
         span = lod.max() - lod.min()
         density = (lod - lod.min()) / span * 2 * self.lam if span > 0 else np.zeros_like(lod)
         density = density - density.mean() + (1 - problem.budget.value)
@@ -41,7 +49,7 @@ class OWL:
         if not allowed.any(axis=1).all():
             raise AllocatorError("OWL needs a sparsity level applicable to every layer in the grid")
         gap = np.where(allowed, np.abs(sparsity[None, :] - target[:, None]), np.inf)
-        choice = gap.argmin(axis=1)
+        choice = gap.argmin(axis=1)  # [U] a fresh array: the problem stays read-only
         order = np.argsort(sparsity)  # levels from least to most sparse
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
@@ -54,4 +62,4 @@ class OWL:
                     break
             else:
                 raise AllocatorError(f"OWL could not meet {problem.budget} with this grid: add sparser levels")
-        return choice
+        return SearchResult(choice)

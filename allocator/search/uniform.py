@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from allocator.budget import Problem
 from allocator.errors import AllocatorError
+from allocator.search.base import SearchContext, Searcher, SearchResult
 
 
-class Uniform:
+@dataclass
+class Uniform(Searcher):
     """The least-compressed level that, applied everywhere, keeps every budget."""
 
-    def search(self, problem: Problem, seed: int) -> np.ndarray:
-        """Return one level for all units (seed unused: the answer is deterministic)."""
+    name = "uniform"
+
+    def search(self, problem: Problem, ctx: SearchContext | None = None) -> SearchResult:
+        """One level for all units (deterministic: the seed is unused)."""
+        return SearchResult(self.choice(problem))
+
+    @staticmethod
+    def choice(problem: Problem) -> np.ndarray:
+        """The uniform plan itself (other searchers start from it)."""
         if (error := problem.reach_error()) is not None:
             raise error
         totals = problem.cost.sum(axis=0)  # [K]; inf where a level does not apply to some unit

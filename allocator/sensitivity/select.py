@@ -11,31 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 
 import numpy as np
 
-from allocator.budget import Budget, Problem, build_problem
+from allocator import artifacts
+from allocator.budget import Problem
 from allocator.errors import AllocatorError
 from allocator.fitness import KLFitness
-from allocator.levels import Level, with_dense
 from allocator.profile import Profile
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.fitted import refine
 
 log = logging.getLogger(__name__)
-
-
-def add_kl_column(session, profile: Profile, grid: list[Level], backend: str, pool: int) -> None:
-    """Measure the ``kl`` column on ``pool`` calibration windows (blocks before each layer run once)."""
-    grid = with_dense(grid)
-    problem = build_problem(session.inventory, grid, Budget("sparsity", 0.0))
-    db = session.database(grid, backend)
-    seqs = session.calib[:pool]
-    t0 = time.perf_counter()
-    fitness = KLFitness(session.model, session.inventory, problem, db, seqs, session.config.batch_size)
-    profile.add_kl(fitness, problem, np.arange(len(seqs)))
-    profile.meta["kl_s"] = time.perf_counter() - t0
 
 
 def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str, kind: str) -> tuple[np.ndarray, dict]:
@@ -44,28 +31,30 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
         raise AllocatorError(f"unknown --sensitivity {kind!r}: choose one of {', '.join(SENSITIVITIES)}")
     cfg = session.config
     if kind == "kl":
-        _ensure_kl(session, profile, problem.levels, backend)
+        artifacts.ensure_kl(session, profile, problem.levels, backend, cfg.fit_seqs)
         return profile.error_matrix(problem.units, problem.levels, "kl"), {"kl_tokens": profile.meta["kl_tokens"]}
     if kind != "fitted":
         return profile.error_matrix(problem.units, problem.levels, kind), {}
-    from allocator.search.knapsack import Knapsack
+    from allocator.search import make_searcher
     from allocator.search.uniform import Uniform
 
     prior_kind = cfg.fit_prior
     if prior_kind == "auto":  # the per-layer KL ranks plans better; measuring it is cheap on a GPU only
         prior_kind = "kl" if "kl" in profile.table or session.model.device.type == "cuda" else "fisher"
     if prior_kind == "kl":
-        _ensure_kl(session, profile, problem.levels, backend)
+        artifacts.ensure_kl(session, profile, problem.levels, backend, cfg.fit_seqs)
     prior = profile.error_matrix(problem.units, problem.levels, prior_kind)
-    db = session.database(problem.levels, backend)
+    db = artifacts.database(session, problem.levels, backend)
     seqs = session.calib[: cfg.fit_seqs]
     fitness = KLFitness(session.model, session.inventory, problem, db, seqs, cfg.batch_size)
     rows = np.arange(len(seqs))
 
-    def solve(costs: np.ndarray) -> np.ndarray:
-        return Knapsack(time_limit=cfg.time_limit).search(replace(problem, error=costs), cfg.seed)
+    knapsack = make_searcher("knapsack", cfg.options)
 
-    start = Uniform().search(problem, cfg.seed)
+    def solve(costs: np.ndarray) -> np.ndarray:
+        return knapsack.search(problem.with_profile(costs)).choice
+
+    start = Uniform.choice(problem)
     fitness.set_parent(start)
     t0 = time.perf_counter()
     model, record = refine(problem, prior, lambda c: fitness(c, rows), solve, start, plans=cfg.fit_plans,
@@ -75,10 +64,3 @@ def sensitivity_matrix(session, profile: Profile, problem: Problem, backend: str
     log.info("fitted sensitivity (%s prior): held-out %s, round %s chosen", prior_kind, record["held_out"],
              record["chosen_round"])  # fmt: skip
     return model.costs(prior), record
-
-
-def _ensure_kl(session, profile: Profile, levels: list[Level], backend: str) -> None:
-    """Measure the ``kl`` column once and save it into the cached profile."""
-    if "kl" not in profile.table:
-        add_kl_column(session, profile, levels, backend, session.config.fit_seqs)
-        profile.save(session.profile_file(levels, backend))
