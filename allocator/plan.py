@@ -7,6 +7,7 @@ for another model (fingerprint), one naming unknown layers or levels outside its
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ class Plan:
     data: dict = field(default_factory=dict)  # the calibration windows that made it (source, sizes, BOS)
     shares: dict[str, float] = field(default_factory=dict)  # routed experts' token shares (latency prices them)
     attention: list[str] = field(default_factory=list)  # per block: full or sliding:<window>
+    layers: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (decoder block, role)
 
     @classmethod
     def create(
@@ -75,6 +77,7 @@ class Plan:
             data=dict(data or {}),
             shares={lay.name: lay.share for lay in inventory.layers if lay.share < 1},
             attention=list(inventory.attention),
+            layers={lay.name: (lay.block, lay.role) for lay in inventory.layers},
         )
         plan.check_against(inventory)
         return plan
@@ -89,6 +92,7 @@ class Plan:
                 "shapes": self.shapes,
                 "expert_shares": self.shares,
                 "attention": self.attention,
+                "layers": {name: list(where) for name, where in self.layers.items()},
             },  # fmt: skip
             "budget": asdict(self.budget),
             "extra_budgets": [asdict(b) for b in self.extra_budgets],
@@ -150,6 +154,8 @@ class Plan:
                 data=dict(data.get("data", {})),
                 shares={k: float(v) for k, v in model.get("expert_shares", {}).items()},
                 attention=[str(a) for a in model.get("attention", [])],
+                layers={k: (int(b), str(r)) for k, (b, r) in model.get("layers", {}).items()}
+                or {name: _block_and_role(name) for name in model["shapes"]},
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise AllocatorError(f"{source}: malformed plan ({type(exc).__name__}: {exc}): re-create it") from None
@@ -206,6 +212,12 @@ class Plan:
         bad = [f"{n}: {why}" for n, lv in self.assignment.items() if (why := lv.unfit_reason(*self.shapes[n]))]
         if bad:
             raise AllocatorError(f"plan levels that cannot apply: {_some(bad)}")
+
+
+def _block_and_role(name: str) -> tuple[int, str]:
+    """A layer's block and role from its name: plans written before they were recorded (``lm_head``: -1)."""
+    match = re.search(r"\.(\d+)\.(.+)$", name)
+    return (int(match.group(1)), match.group(2)) if match else (-1, name.rsplit(".", 1)[-1])
 
 
 def _some(items: list[str], n: int = 5) -> str:

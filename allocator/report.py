@@ -133,22 +133,22 @@ def _read_run(run: Path) -> tuple[dict, dict]:
 
 def plot_allocation(plan: dict, path: Path) -> None:
     """Heatmap of stored bits per weight: decoder block x layer role."""
-    import re
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from allocator.levels import parse_level
+    from allocator.plan import Plan
 
+    layers = Plan.from_dict(plan).layers
     cells: dict[tuple[int, str], float] = {}
     for name, level in plan["assignment"].items():
-        m = re.search(r"\.(\d+)\.(.+)$", name)
-        if m is None:
+        block, role = layers[name]
+        if role == "lm_head":
             continue
         rows, cols = plan["model"]["shapes"][name]
-        cells[(int(m.group(1)), m.group(2))] = parse_level(level).storage_bits(rows, cols) / (rows * cols)
+        cells[(block, role)] = parse_level(level).storage_bits(rows, cols) / (rows * cols)
     roles = list(dict.fromkeys(role for _, role in cells))
     blocks = 1 + max(b for b, _ in cells)
     grid = np.full((blocks, len(roles)), np.nan)

@@ -274,7 +274,12 @@ CASES: dict[str, Case] = {
     "report missing folder": Case(cmd("report", "{root}/nope"), "does not exist"),
     "report folder without runs": Case(cmd("report", "{report_empty}"), "no run"),
     "report with a corrupt plan": Case(cmd("report", "{report_corrupt}"), "not valid JSON"),
-    "compare unknown method": Case(cmd("compare", "--methods", "magic", "-o", "{root}/c"), "unknown methods"),
+    "compare unknown method": Case(cmd("compare", "--methods", "magic", "-o", "{root}/c"), "unknown method"),
+    "compare unknown method option": Case(cmd("compare", "--methods", "owl:gens=3", "-o", "{root}/c"), "OPTION=VALUE"),
+    "compare bad method option value": Case(
+        cmd("compare", "--methods", "owl:lam=x", "-o", "{root}/c"), "takes a float"
+    ),
+    "run evolution bad start": Case(cmd("run", "--method", "evolution", "--start", "owl"), "--start"),
     "compare bad target": Case(cmd("compare", "--targets", "sparsity=2", "-o", "{root}/c"), "[0, 1)"),
     "compare bootstrap 0": Case(cmd("compare", "--bootstrap", "0", "-o", "{root}/c"), "--bootstrap"),
     "compare output is a file": Case(cmd("compare", "--model", "{model}", "-o", "{afile}"), "is a file"),

@@ -33,6 +33,21 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temporary file left
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_plan_records_each_layers_block_and_role(tmp_path, family):
+    """Exporters and plots read blocks from the plan; plans saved before it was recorded get them from names."""
+    plan, inv = _plan(family)
+    plan.save(tmp_path / "plan.json")
+    expected = {lay.name: (lay.block, lay.role) for lay in inv.layers}
+    assert Plan.load(tmp_path / "plan.json").layers == expected
+    old = json.loads((tmp_path / "plan.json").read_text())
+    del old["model"]["layers"]
+    derived = Plan.from_dict(old).layers
+    assert {n: w for n, w in derived.items() if w[1] != "lm_head"} == {
+        n: w for n, w in expected.items() if w[1] != "lm_head"
+    }
+
+
 def test_plan_for_another_model_is_refused(tmp_path):
     plan, _ = _plan("llama")
     plan.save(tmp_path / "plan.json")

@@ -41,7 +41,7 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     odd = sorted({lv.name for lv in plan.assignment.values() if lv.bits not in GGML_TYPES})
     if odd:
         raise AllocatorError(f"llama.cpp has no type for {odd}: use {sorted(GGML_TYPES)}-bit levels")
-    blocks = 1 + max(int(m.group(1)) for n in plan.assignment if (m := re.search(r"\.(\d+)\.", n)))
+    blocks = 1 + max(block for block, role in plan.layers.values() if role != "lm_head")
     tensors = _expert_tensors(plan)
     tensors.update({gguf_name(n, blocks): lv for n, lv in plan.assignment.items() if ".experts." not in n})
     lines = [f"^{re.escape(name)}$={GGML_TYPES[lv.bits]}" for name, lv in tensors.items()]
