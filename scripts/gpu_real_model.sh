@@ -22,24 +22,34 @@ stage)
   # (profiles go to /tmp/profiles, outside $OUT: fewer files to bring back)
   if [ -d .gpu/resume ]; then cp -r .gpu/resume/. "$OUT"/; fi
   if [ -d "$OUT/profiles" ]; then mv "$OUT/profiles" /tmp/profiles; fi
+  # a comparison's cells stay in /tmp/NAME (a call cut at the limit is continued by the next one on the warm
+  # machine); its summary comes back as NAME.md/.csv/.png and its cells as one archive (at most 8 files return)
+  bring_back() {
+    for f in /tmp/"$1"/compare.md /tmp/"$1"/compare.csv; do cp "$f" "$OUT/$1.${f##*.}"; done
+    for f in /tmp/"$1"/*.png; do cp "$f" "$OUT/$1_$(basename "$f")"; done
+    tar -czf "$OUT/$1_cells.tar.gz" -C /tmp/"$1" --exclude "*.png" .
+  }
   case "$1" in
   evolution)
     # issue 5: uniform / OWL / knapsack / evolution from both starts at three sparsity budgets, one command
     python3 -m allocator.cli compare --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
       --texts .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
       --targets "sparsity=0.4;sparsity=0.5;sparsity=0.6" --backend wanda --levels 0:0.9:0.05 --batch-size 16 \
-      --methods uniform,owl,knapsack,evolution,evolution:start=knapsack --generations "${GENERATIONS:-150}" \
-      --offspring 16 --stages 4@2048,1@8192 --profiles-dir /tmp/profiles -o "$OUT/evolution" 2>&1 \
-      | sed "/it\/s\]/d" ;;
+      --sensitivity "${SENSITIVITY:-fitted}" --methods uniform,owl,knapsack,evolution,evolution:start=knapsack \
+      --generations "${GENERATIONS:-150}" --offspring 16 --stages 4@2048,1@8192 --profiles-dir /tmp/profiles \
+      -o /tmp/evolution 2>&1 | sed "/it\/s\]/d"
+    bring_back evolution ;;
   optuna)
     # issue 6: optuna (both spaces) vs knapsack vs evolution at equal model evaluations (150 each:
     # evolution 15 generations x (9 offspring + parent) on 8 sequences; optuna 150 trials on the same 8)
     python3 -m allocator.cli compare --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
       --texts .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
       --targets "${TARGETS:-sparsity=0.4;sparsity=0.5;sparsity=0.6}" --backend wanda --levels 0:0.9:0.05 \
-      --batch-size 16 --methods uniform,knapsack,evolution,optuna,optuna:space=compact --generations 15 \
-      --offspring 9 --stages 1@4096 --trials 150 --sampler tpe --probe 8 --profiles-dir /tmp/profiles \
-      -o "$OUT/optuna" 2>&1 | sed "/it\/s\]/d" ;;
+      --sensitivity "${SENSITIVITY:-fitted}" --batch-size 16 \
+      --methods uniform,knapsack,evolution,optuna,optuna:space=compact --generations 15 --offspring 9 \
+      --stages 1@4096 --trials 150 --sampler tpe --probe 8 --profiles-dir /tmp/profiles -o /tmp/optuna 2>&1 \
+      | sed "/it\/s\]/d"
+    bring_back optuna ;;
   sensitivity)
     # issue 13: sensitivities (error, fisher, kl, fitted) vs uniform/OWL per backend; RUNS lists
     # BACKEND:LEVELS:BUDGETS:SEEDS[:EVOLUTION] entries separated by spaces, each one bench_sensitivity.py run;
@@ -65,8 +75,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
       --targets "${TARGETS:-sparsity=0.5;sparsity=0.6;sparsity=0.7}" --backend "${BACKEND:-wanda}" \
       --levels 0:0.9:0.05 --device cuda --batch-size 16 --profiles-dir /tmp/profiles -o /tmp/compare 2>&1 \
       | sed "/it\/s\]/d"
-    cp /tmp/compare/compare.md /tmp/compare/compare.csv /tmp/compare/*.png "$OUT"/
-    tar -czf "$OUT/compare_cells.tar.gz" -C /tmp/compare --exclude "*.png" . ;;
+    bring_back compare ;;
   speed)
     # issue 14: evolution's candidate tokens/s against a plain bf16 forward, fast vs reference path; then
     # profile + database in one pass at the 19-level SparseGPT grid (the pipeline's calibration: 128 x 512)
