@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -18,6 +22,7 @@ from allocator.cli import main
 from allocator.errors import AllocatorError
 from allocator.evaluate import perplexity
 from allocator.export import FORMATS
+from allocator.export.gguf_types import stored_bits, stored_type
 from allocator.latency.architectures import meta_model
 from allocator.levels import DENSE_BITS, Level, parse_grid, parse_level
 from allocator.model import Inventory
@@ -165,8 +170,54 @@ def test_autoround_and_llamacpp_round_trip(seed):
         assert Level(bits=got["bits"], group_size=max(got["group_size"], 0), sym=got["sym"]) == level
     files = FORMATS["llamacpp"](plan)
     assert read_llamacpp(files["tensor-types.txt"]) == {n: lv.bits for n, lv in plan.assignment.items()}
-    assert "llama-quantize --tensor-type-file tensor-types.txt" in files["llama-quantize.sh"]
+    assert '--tensor-type-file "$HERE/tensor-types.txt" "$IN" "$OUT"' in files["llama-quantize.sh"]
     assert "^blk\\.1\\.ffn_down\\.weight$" in files["tensor-types.txt"]
+    stored = {r.split(",")[0]: r.split(",")[1:] for r in files["stored-types.csv"].splitlines()[1:]}
+    assert set(stored) == set(plan.assignment)
+    for name, (asked, kind, _, bits) in stored.items():
+        assert kind == stored_type(asked, plan.shapes[name][1]) and int(bits) == stored_bits(asked, *plan.shapes[name])
+
+
+@pytest.mark.parametrize(
+    "kind,cols,stored,bpw",
+    [("q4_K", 1536, "q4_K", 4.5), ("q4_K", 576, "q5_0", 5.5), ("q2_K", 576, "q4_0", 4.5), ("q3_K", 512, "q3_K", 3.4375),
+     ("q5_K", 576, "q5_1", 6.0), ("q6_K", 576, "q8_0", 8.5), ("q8_0", 576, "q8_0", 8.5), ("q8_0", 48, "f16", 16.0),
+     ("q4_K", 48, "f16", 16.0), ("f16", 7, "f16", 16.0)],
+)  # fmt: skip
+def test_gguf_types_are_priced_as_llama_cpp_stores_them(kind, cols, stored, bpw):
+    """llama-quant.cpp's tensor_type_fallback: a 256-block type on a row it does not divide is stored as
+    another type, and as F16 when that one does not fit either; bits from gguf-py's block sizes."""
+    assert stored_type(kind, cols) == stored
+    assert stored_bits(kind, 3, cols) == pytest.approx(3 * cols * bpw, abs=0)
+
+
+def test_llamacpp_script_requantizes_a_quantized_source(tmp_path):
+    """The script adds --allow-requantize only when the input GGUF holds quantized tensors."""
+    plan = make_plan("dense,w4g128,w8", 0, tied=False)
+    files = FORMATS["llamacpp"](plan)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    fake = tmp_path / "llama-quantize"
+    fake.write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/args"\n')
+    fake.chmod(0o755)
+    for quantized in (False, True):
+        writer = gguf.GGUFWriter(tmp_path / "in.gguf", "llama")
+        data = np.zeros((2, 32), dtype=np.float32)
+        if quantized:
+            writer.add_tensor(
+                "w", gguf.quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
+        else:
+            writer.add_tensor("w", data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        env = {**os.environ, "LLAMA_QUANTIZE": str(fake), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        script, gguf_in, gguf_out = (str(tmp_path / n) for n in ("llama-quantize.sh", "in.gguf", "o.gguf"))
+        subprocess.run(["bash", script, gguf_in, gguf_out], check=True, env=env)
+        args = (tmp_path / "args").read_text().split()
+        assert ("--allow-requantize" in args) == quantized and args[-1] in ("Q4_K", "Q8_0")
 
 
 def test_json_and_csv_round_trip(tmp_path):

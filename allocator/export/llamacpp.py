@@ -11,15 +11,18 @@ so an MoE plan must give every expert of a block one level per projection (``--p
 
 from __future__ import annotations
 
+import logging
 import re
 
 from allocator.errors import AllocatorError
 from allocator.export.common import require_kinds
+from allocator.export.gguf_types import stored_bits, stored_type
 from allocator.levels import Level
 from allocator.plan import Plan
 
 KINDS = {"dense", "bits"}
 GGML_TYPES = {16: "f16", 8: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
+log = logging.getLogger(__name__)
 _ARCHS = ("LLAMA", "QWEN2", "QWEN3", "GEMMA3", "GPT2", "QWEN2MOE", "PHI3", "GPTNEOX")  # tried in turn to name a tensor
 
 
@@ -36,7 +39,8 @@ def gguf_name(hf_name: str, n_blocks: int) -> str:
 
 
 def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
-    """``tensor-types.txt`` (one ``^blk\\.N\\.x\\.weight$=type`` per line) and ``llama-quantize.sh``."""
+    """``tensor-types.txt`` (one ``^blk\\.N\\.x\\.weight$=type`` per line), ``llama-quantize.sh`` and
+    ``stored-types.csv`` (per tensor: the type asked for, the type llama.cpp stores for its shape, bits)."""
     require_kinds(plan, KINDS, "llama.cpp")
     odd = sorted({lv.name for lv in plan.assignment.values() if lv.bits not in GGML_TYPES})
     if odd:
@@ -47,9 +51,42 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     lines = [f"^{re.escape(name)}$={GGML_TYPES[lv.bits]}" for name, lv in tensors.items()]
     quantized = [lv.bits for lv in plan.assignment.values() if lv.quantized]
     base = GGML_TYPES[max(set(quantized), key=quantized.count)].upper() if quantized else "Q8_0"
-    command = f"llama-quantize --tensor-type-file tensor-types.txt model-f16.gguf model-allocator.gguf {base}"
-    script = f"#!/usr/bin/env bash\n# per-tensor types from the plan; unlisted tensors get the base type\n{command}\n"
-    return {"tensor-types.txt": "\n".join(lines) + "\n", "llama-quantize.sh": script}
+    rows, planned, stored = ["layer,asked,stored,plan_bits,stored_bits"], 0, 0
+    for name, level in plan.assignment.items():
+        r, c = plan.shapes[name]
+        kind = GGML_TYPES[level.bits]
+        planned, stored = planned + level.storage_bits(r, c), stored + stored_bits(kind, r, c)
+        rows.append(f"{name},{kind},{stored_type(kind, c)},{level.storage_bits(r, c)},{stored_bits(kind, r, c)}")
+    params = sum(r * c for r, c in plan.shapes.values())
+    fell = sum(1 for row in rows[1:] if row.split(",")[1] != row.split(",")[2])
+    if fell:
+        log.warning("llama.cpp stores %d of %d layers in another type than the plan's (row size not a multiple of "
+                    "the type's block): %.4f bits/weight instead of the plan's %.4f", fell, len(rows) - 1,
+                    stored / params, planned / params)  # fmt: skip
+    script = _SCRIPT.format(n=len(lines), planned=planned / params, stored=stored / params, fell=fell, base=base)
+    return {"tensor-types.txt": "\n".join(lines) + "\n", "llama-quantize.sh": script,
+            "stored-types.csv": "\n".join(rows) + "\n"}  # fmt: skip
+
+
+_SCRIPT = """#!/usr/bin/env bash
+# Quantize a GGUF of the plan's model to the plan's per-tensor types (made by allocator export --to llamacpp).
+#   usage: bash llama-quantize.sh IN.gguf OUT.gguf   (llama-quantize on PATH, or LLAMA_QUANTIZE=/path/to/it)
+# IN is the plan's model as GGUF: F16/F32 keeps the most quality; an already quantized IN (e.g. Q4_1) is
+# re-quantized (--allow-requantize is added when IN holds quantized tensors; needs gguf-py: pip install gguf).
+# {n} tensors are set by tensor-types.txt; the rest get the base type {base}.
+# The plan's compressed layers: {planned:.4f} bits/weight as planned; {stored:.4f} as llama.cpp stores them
+# ({fell} layers fall back to another type for their row size; per layer: stored-types.csv).
+set -euo pipefail
+IN=${{1:?usage: bash llama-quantize.sh IN.gguf OUT.gguf}}
+OUT=${{2:?usage: bash llama-quantize.sh IN.gguf OUT.gguf}}
+HERE=$(cd "$(dirname "$0")" && pwd)
+EXTRA=()
+if python3 -c 'import sys, gguf; r = gguf.GGUFReader(sys.argv[1]); \\
+sys.exit(0 if any(t.tensor_type.name not in ("F32", "F16", "BF16") for t in r.tensors) else 1)' "$IN"; then
+  EXTRA+=(--allow-requantize)
+fi
+"${{LLAMA_QUANTIZE:-llama-quantize}}" "${{EXTRA[@]}}" --tensor-type-file "$HERE/tensor-types.txt" "$IN" "$OUT" {base}
+"""
 
 
 _EXPERT = re.compile(r"\.(\d+)\.[\w.]*experts\.\d+\.(gate_up_proj|down_proj|gate_proj|up_proj)$")
