@@ -64,6 +64,15 @@ def test_it_gets_flags_and_config(greedy):
     assert main(["run", "--method", "greedy", "--passes", "0"]) == 2  # its own check, before any model work
 
 
+def test_compare_checks_each_method_with_its_own_options():
+    """Global flags that one method refuses are fine where its spec overrides them (cmaes needs the compact space)."""
+    from allocator.compare import method_options
+
+    assert method_options("optuna:space=compact", {"sampler": "cmaes", "space": "levels"})[1]["space"] == "compact"
+    with pytest.raises(AllocatorError, match="CMA-ES samples continuous spaces only"):
+        method_options("optuna", {"sampler": "cmaes", "space": "levels"})
+
+
 def test_it_runs_in_compare_with_its_options(greedy, tiny_model_dir, text_files, tmp_path):
     out = tmp_path / "cmp"
     argv = ["compare", "--model", str(tiny_model_dir), "--calib", str(text_files["calib"]),
