@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -238,8 +239,13 @@ def test_json_and_csv_round_trip(tmp_path):
     ("llmcompressor", "dense,drop", "llm-compressor cannot express levels \\['drop'\\]"),
 ])  # fmt: skip
 def test_exporters_refuse_what_their_target_cannot_express(fmt, grid, message):
-    with pytest.raises(AllocatorError, match=message):
-        FORMATS[fmt](make_plan(grid, 0))
+    plan = make_plan(grid, 0)
+    with pytest.raises(AllocatorError, match=message) as refused:
+        FORMATS[fmt](plan)
+    if "cannot express" in message:  # every offending layer is named, not the first few
+        bad = ast.literal_eval(re.search(r"express levels (\[.*?\])", str(refused.value)).group(1))
+        offending = [f"{n}={lv.name}" for n, lv in plan.assignment.items() if lv.name in bad]
+        assert offending and all(entry in str(refused.value) for entry in offending)
 
 
 @pytest.mark.parametrize("fmt", ["llmcompressor", "gptqmodel"])
@@ -248,7 +254,9 @@ def test_vllm_bound_formats_refuse_split_tie_groups(fmt):
     assignment = {lay.name: grid[0] for lay in INV.layers}
     assignment["model.layers.10.self_attn.k_proj"] = grid[1]
     plan = Plan.create(assignment, INV, "tiny-12", Budget("bits", 16), grid, "test", 0)
-    with pytest.raises(AllocatorError, match=r"model\.layers\.10\.self_attn\.qkv_proj.*--per tie-group"):
+    with pytest.raises(
+        AllocatorError, match=r"--per tie-group; the plan splits all of .*model\.layers\.10\.self_attn\.qkv_proj"
+    ):
         FORMATS[fmt](plan)
     FORMATS["autoround"](plan)  # per-module formats take it
 

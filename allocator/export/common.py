@@ -21,11 +21,12 @@ FUSED = {role: f"{kind}_proj" for role, kind in TIE_KINDS.items()}
 
 def require_kinds(plan: Plan, allowed: set[str], target: str) -> None:
     """Refuse a plan using level types ``target`` cannot express, naming them and what it can."""
-    bad = sorted({lv.name for lv in plan.assignment.values() if lv.kind not in allowed})
-    if bad:
+    layers = [f"{name}={lv.name}" for name, lv in plan.assignment.items() if lv.kind not in allowed]
+    if layers:
+        bad = sorted({entry.rpartition("=")[2] for entry in layers})
         raise AllocatorError(
-            f"{target} cannot express levels {bad[:6]} (it takes {', '.join(sorted(allowed))} levels): "
-            "re-plan with a grid of those, or export to json/csv"
+            f"{target} cannot express levels {bad} (it takes {', '.join(sorted(allowed))} levels): "
+            f"re-plan with a grid of those, or export to json/csv; all {len(layers)} layers: {', '.join(layers)}"
         )
 
 
@@ -40,8 +41,7 @@ def require_tied(plan: Plan, setting, target: str) -> None:
     if split:
         raise AllocatorError(
             f"{target} is loaded by vLLM, which fuses q/k/v and gate/up and needs one setting per fused "
-            f"layer, but the plan splits {split[:3]}{' …' if len(split) > 3 else ''}: "
-            "re-plan with --per tie-group"
+            f"layer: re-plan with --per tie-group; the plan splits all of {split}"
         )
 
 
