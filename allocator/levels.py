@@ -3,7 +3,10 @@
 A level says how one linear layer is compressed: unstructured sparsity, an N:M pattern,
 a weight bit-width with a group size, a sparse+quantized combination, or dropped.
 Levels are frozen values with a short readable name (``"s0.5"``, ``"2:4"``, ``"w4g128"``,
-``"s0.5+w4g128"``, ``"drop"``) so that plans serialise to plain JSON.
+``"s0.5+w4g128"``, ``"drop"``) so that plans serialise to plain JSON. A GGUF type (``"q4_K"``) is a level
+too: llama.cpp's own storage, priced as llama.cpp stores it for each layer's shape (its block sizes and
+shape fallback, :mod:`allocator.export.gguf_types`) and simulated by the backends as the nearest
+bits / group / symmetry (e.g. q4_K: 4 bits, groups of 32, with a minimum per group).
 
 Costs are exact integers for a given ``(rows, cols)`` weight shape, so budgets in kept
 parameters, bytes or average bits are exact. The storage model (documented in
@@ -38,6 +41,7 @@ class Level:
     group_size: int = 0
     sym: bool = True
     drop: bool = False
+    gguf: str = ""  # a llama.cpp tensor type: stored (and priced) as that type
 
     # ---- names -------------------------------------------------------------------------
     @property
@@ -45,6 +49,8 @@ class Level:
         """The canonical short name, the inverse of :func:`parse_level`."""
         if self.drop:
             return "drop"
+        if self.gguf:
+            return self.gguf
         parts = []
         if self.m:
             parts.append(f"{self.n}:{self.m}")
@@ -65,9 +71,11 @@ class Level:
 
     @property
     def kind(self) -> str:
-        """The level type: dense, sparsity, nm, bits, sparse+bits or drop."""
+        """The level type: dense, sparsity, nm, bits, sparse+bits, gguf or drop."""
         if self.drop:
             return "drop"
+        if self.gguf:
+            return "gguf"
         sparse = "nm" if self.m else ("sparsity" if self.sparsity > 0 else "")
         if sparse and self.quantized:
             return "sparse+bits"
@@ -95,6 +103,10 @@ class Level:
         """
         if self.drop:
             return 0
+        if self.gguf:
+            from allocator.export.gguf_types import stored_bits
+
+            return stored_bits(self.gguf, rows, cols)
         kept = self.kept_params(rows, cols)
         total = kept * self.bits
         if self.m:
@@ -112,12 +124,28 @@ class Level:
 
     def unfit_reason(self, rows: int, cols: int) -> str | None:
         """Why this level cannot compress a ``rows x cols`` layer, or None if it can."""
+        if self.gguf:
+            from allocator.export.gguf_types import stored_type
+
+            stored = stored_type(self.gguf, cols)
+            return None if stored == self.gguf else f"llama.cpp stores {self.gguf} as {stored} for rows of {cols}"
         if self.m and cols % self.m:
             return f"{self.name} needs input columns divisible by {self.m}, got {cols}"
         return None  # a quantization group that does not divide cols leaves a shorter last group
 
 
 DENSE = Level()
+# llama.cpp's types, simulated as the nearest RTN/GPTQ setting (ggml-quants.c: q8_0/q5_0/q4_0 symmetric blocks
+# of 32, q5_1/q4_1 with a minimum; q6_K/q3_K symmetric sub-blocks of 16; q5_K/q4_K/q2_K sub-blocks of 32/32/16
+# with a minimum each). A k-quant is unfit where its 256-weight block does not divide a row: llama-quantize
+# would store another type there, so the grid offers that type itself (q4_K -> q5_0) and plans stay exact.
+_GGUF = (Level(bits=8, group_size=32, gguf="q8_0"), Level(bits=6, group_size=16, gguf="q6_K"),
+         Level(bits=5, group_size=32, sym=False, gguf="q5_K"), Level(bits=5, group_size=32, sym=False, gguf="q5_1"),
+         Level(bits=5, group_size=32, gguf="q5_0"), Level(bits=4, group_size=32, sym=False, gguf="q4_K"),
+         Level(bits=4, group_size=32, sym=False, gguf="q4_1"), Level(bits=4, group_size=32, gguf="q4_0"),
+         Level(bits=3, group_size=16, gguf="q3_K"), Level(bits=2, group_size=16, sym=False, gguf="q2_K"))  # fmt: skip
+GGUF_LEVELS = {lv.gguf.lower(): lv for lv in _GGUF}
+GGUF_GRID = "dense," + ",".join(lv.gguf for lv in _GGUF)  # ``--levels gguf``: every type llama.cpp stores
 _SPARSE = re.compile(r"^s(?P<s>\d*\.?\d+)$")
 _NM = re.compile(r"^(?P<n>\d+):(?P<m>\d+)$")
 _BITS = re.compile(r"^w(?P<b>\d+)(?:g(?P<g>\d+))?(?P<a>a?)$")
@@ -134,6 +162,8 @@ def parse_level(text: str) -> Level:
         return DENSE
     if name == "drop":
         return Level(drop=True)
+    if name in GGUF_LEVELS:
+        return GGUF_LEVELS[name]
     fields: dict = {}
     for part in name.split("+"):
         if mt := _SPARSE.match(part):
@@ -154,7 +184,7 @@ def parse_level(text: str) -> Level:
         else:
             raise AllocatorError(
                 f"unknown level {text!r}: use s<fraction> (s0.5), N:M (2:4), w<bits>[g<group>][a] "
-                "(w4g128, w3a), a sparse+bits pair (s0.5+w4g128) or drop"
+                "(w4g128, w3a), a sparse+bits pair (s0.5+w4g128), a GGUF type (q4_K) or drop"
             )
     return Level(**fields)
 
@@ -167,11 +197,14 @@ def with_dense(levels: list[Level]) -> list[Level]:
 def parse_grid(text: str) -> list[Level]:
     """Parse a comma-separated level grid; ``a:b:step`` ranges expand to sparsity levels.
 
-    ``"0:0.9:0.1"`` is unstructured sparsity 0%..90% in 10% steps; ``"dense,2:4,w4g128"`` lists levels.
+    ``"0:0.9:0.1"`` is unstructured sparsity 0%..90% in 10% steps; ``"dense,2:4,w4g128"`` lists levels;
+    ``"gguf"`` is dense and every GGUF type llama.cpp stores (each priced as stored, unfit where it falls back).
     """
     levels: list[Level] = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        if item.count(":") == 2:
+        if item.lower() == "gguf":
+            levels += parse_grid(GGUF_GRID)
+        elif item.count(":") == 2:
             try:
                 lo, hi, step = (float(x) for x in item.split(":"))
             except ValueError:

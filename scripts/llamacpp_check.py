@@ -2,7 +2,8 @@
 
     python scripts/llamacpp_check.py --llama-quantize /path/to/llama-quantize --out results/llamacpp_fallback
 
-Exports plans for the embedded SmolLM2-135M (a uniform 4-bit plan and a seeded mix of 2-8 bit levels),
+Exports plans for the embedded SmolLM2-135M (a uniform 4-bit plan, a seeded mix of 2-8 bit levels and a
+seeded mix of GGUF-type levels, ``--levels gguf``),
 runs the exported ``llama-quantize.sh`` on the embedded GGUF (Q4_1, so it re-quantizes), reads the written
 GGUF with gguf-py and compares, tensor by tensor, the type and bytes llama.cpp stored with (a) the plan's
 own bit count and (b) ``allocator.export.gguf_types``' prediction (block sizes and the shape fallback).
@@ -32,13 +33,18 @@ from allocator.plan import Plan
 
 
 def plans(inventory: Inventory) -> dict[str, Plan]:
-    """A uniform 4-bit plan and a seeded mix of 2-8 bit levels."""
+    """A uniform 4-bit plan, a seeded mix of 2-8 bit levels and one of GGUF-type levels."""
     grid = parse_grid("w8,w6g64,w5g32,w4g32,w3g64,w2g64")
     rng = np.random.default_rng(0)
     mixed = {lay.name: grid[int(rng.integers(len(grid)))] for lay in inventory.layers}
     uniform = {lay.name: grid[3] for lay in inventory.layers}
-    return {name: Plan.create(a, inventory, "smollm2-135m", Budget("bits", 16.0), grid, name, 0)
-            for name, a in (("uniform-w4", uniform), ("mixed", mixed))}  # fmt: skip
+    # a seeded mix of GGUF-type levels (--levels gguf), each layer among the types llama.cpp stores as asked
+    types = parse_grid("gguf")[1:]
+    fit = {lay.name: [lv for lv in types if lv.unfit_reason(lay.rows, lay.cols) is None] for lay in inventory.layers}
+    gguf = {name: options[int(rng.integers(len(options)))] for name, options in fit.items()}
+    made = [("uniform-w4", uniform, grid), ("mixed", mixed, grid), ("gguf-levels", gguf, types)]
+    return {name: Plan.create(a, inventory, "smollm2-135m", Budget("bits", 16.0), g, name, 0)
+            for name, a, g in made}  # fmt: skip
 
 
 def check(plan: Plan, quantize: str, work: Path) -> dict:

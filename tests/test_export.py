@@ -118,17 +118,21 @@ def read_gptqmodel(config: dict, name: str) -> Level:
     return Level(bits=config["bits"], group_size=max(config["group_size"], 0), sym=config["sym"])
 
 
-def read_llamacpp(text: str) -> dict[str, int]:
+def read_llamacpp_types(text: str) -> dict[str, str]:
     """llama-quantize: lower-cased patterns, std::regex_search (unanchored), first match wins."""
     rules = [line.rsplit("=", 1) for line in text.split()]
-    types = {"f16": 16, "q8_0": 8, "q6_k": 6, "q5_k": 5, "q4_k": 4, "q3_k": 3, "q2_k": 2}
     mapping = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, INV.n_blocks)
     out = {}
     for lay in INV.layers:
         tensor = mapping.get_name(lay.name) + ".weight"
-        hit = next(t for p, t in rules if re.search(p.lower(), tensor))
-        out[lay.name] = types[hit.lower()]
+        out[lay.name] = next(t for p, t in rules if re.search(p.lower(), tensor)).lower()
     return out
+
+
+def read_llamacpp(text: str) -> dict[str, int]:
+    """The bits of each layer's GGUF type."""
+    types = {"f16": 16, "q8_0": 8, "q6_k": 6, "q5_k": 5, "q4_k": 4, "q3_k": 3, "q2_k": 2}
+    return {name: types[kind] for name, kind in read_llamacpp_types(text).items()}
 
 
 # ---- round trips ----------------------------------------------------------------------------------------------
@@ -190,6 +194,40 @@ def test_gguf_types_are_priced_as_llama_cpp_stores_them(kind, cols, stored, bpw)
     another type, and as F16 when that one does not fit either; bits from gguf-py's block sizes."""
     assert stored_type(kind, cols) == stored
     assert stored_bits(kind, 3, cols) == pytest.approx(3 * cols * bpw, abs=0)
+
+
+def test_a_plan_of_gguf_types_is_exported_exactly_and_refused_elsewhere():
+    """``--levels gguf`` plans: each tensor gets its level's own type and nothing falls back; toolkits that
+    do not store GGUF types refuse the plan naming every layer."""
+    grid, rng = parse_grid("gguf"), np.random.default_rng(0)
+    fit = {lay.name: [lv for lv in grid if lv.unfit_reason(lay.rows, lay.cols) is None] for lay in INV.layers}
+    assignment = {name: options[rng.integers(len(options))] for name, options in fit.items()}
+    plan = Plan.create(assignment, INV, "tiny-12", Budget("bits", 16), grid, "test", 0)
+    assert {lv.kind for lv in assignment.values()} >= {"gguf"}
+    files = FORMATS["llamacpp"](plan)
+    expected = {n: "f16" if lv.kind == "dense" else lv.name.lower() for n, lv in plan.assignment.items()}
+    assert read_llamacpp_types(files["tensor-types.txt"]) == expected
+    stored = [r.split(",") for r in files["stored-types.csv"].splitlines()[1:]]
+    assert all(asked == kind and plan_bits == bits for _, asked, kind, plan_bits, bits in stored)
+    for fmt in ("gptqmodel", "autoround", "llmcompressor"):
+        with pytest.raises(AllocatorError, match="cannot express levels") as refused:
+            FORMATS[fmt](plan)
+        assert all(f"{n}={lv.name}" in str(refused.value) for n, lv in plan.assignment.items() if lv.gguf)
+
+
+def test_a_run_over_the_gguf_grid_keeps_its_budget_as_llama_cpp_stores_it(tiny_model_dir, text_files, tmp_path):
+    """``--levels gguf`` end to end: the plan's bits are the bits llama.cpp writes (no layer falls back)."""
+    run = tmp_path / "run"
+    args = _args(tiny_model_dir, text_files, run, "--target", "bits=6", "--method", "knapsack", "--backend", "rtn",
+                 "--levels", "gguf", "--sensitivity", "error", "--profiles-dir", str(tmp_path / "p"))  # fmt: skip
+    assert main(args) == 0
+    plan = Plan.load(run / "plan.json")
+    assert {lv.kind for lv in plan.assignment.values()} <= {"gguf", "dense"} and plan.achieved["bits"] <= 6
+    assert main(["export", str(run / "plan.json"), "--to", "llamacpp", "-o", str(tmp_path / "x")]) == 0
+    stored = [r.split(",") for r in (tmp_path / "x" / "stored-types.csv").read_text().splitlines()[1:]]
+    params = sum(r * c for r, c in plan.shapes.values())
+    assert all(asked == kind for _, asked, kind, _, _ in stored)
+    assert sum(int(r[4]) for r in stored) / params == pytest.approx(plan.achieved["bits"], rel=1e-12)
 
 
 def test_llamacpp_script_requantizes_a_quantized_source(tmp_path):

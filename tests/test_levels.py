@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from allocator.errors import AllocatorError
 from allocator.levels import DEFAULT_GRID, Level, parse_grid, parse_level
+from allocator.model import Inventory
+from tests.conftest import search
 
 NAMES = ["dense", "s0.5", "s0.1", "2:4", "4:8", "w4g128", "w3", "w2g64a", "s0.5+w4g128", "2:4+w8", "drop"]
 
@@ -65,3 +68,31 @@ def test_applies_to_checks_divisibility():
 def test_bad_levels_are_clear_errors(bad):
     with pytest.raises(AllocatorError, match="level|grid"):
         parse_grid(bad) if bad == "" else parse_level(bad)
+
+
+def test_gguf_types_are_levels_priced_as_llama_cpp_stores_them():
+    """``--levels gguf``: each type's bits from gguf-py's block sizes; a k-quant is unfit where llama-quantize
+    would fall back (its 256-weight block does not divide the row), so a plan never asks for a fallback."""
+    import gguf
+
+    grid = parse_grid("gguf")
+    assert grid[0].name == "dense" and {lv.kind for lv in grid[1:]} == {"gguf"}
+    for lv in grid[1:]:
+        assert parse_level(lv.name) == lv and parse_level(lv.name.upper()) == lv
+        size, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[lv.name.upper()]]
+        assert lv.storage_bits(3, 1536) == 3 * 1536 // size * nbytes * 8
+        assert (lv.unfit_reason(3, 576) is None) == (576 % size == 0)
+    assert parse_level("q4_K") != parse_level("w4g32a")  # same simulation, another storage
+    assert parse_level("q4_K").storage_bits(1, 256) == 144 * 8
+
+
+def test_a_gguf_grid_gives_uniform_a_type_every_layer_can_take():
+    from allocator.budget import Budget, build_problem
+    from allocator.model import Layer
+
+    layers = (Layer("a.0.q", 0, "q", 576, 576), Layer("a.0.down", 0, "down", 576, 1536))
+    inv = Inventory(layers, (("a.0.q",), ("a.0.down",)), "a", 1)
+    problem = build_problem(inv, parse_grid("gguf"), Budget.parse("bits=4.5"))
+    names = [lv.name for lv in problem.levels]
+    assert np.isinf(problem.cost[0, names.index("q4_K")]) and np.isfinite(problem.cost[1, names.index("q4_K")])
+    assert {problem.levels[k].name for k in search("uniform", problem).choice} == {"q4_0"}

@@ -20,7 +20,7 @@ from allocator.export.gguf_types import stored_bits, stored_type
 from allocator.levels import Level
 from allocator.plan import Plan
 
-KINDS = {"dense", "bits"}
+KINDS = {"dense", "bits", "gguf"}
 GGML_TYPES = {16: "f16", 8: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
 log = logging.getLogger(__name__)
 _ARCHS = ("LLAMA", "QWEN2", "QWEN3", "GEMMA3", "GPT2", "QWEN2MOE", "PHI3", "GPTNEOX")  # tried in turn to name a tensor
@@ -42,19 +42,21 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     """``tensor-types.txt`` (one ``^blk\\.N\\.x\\.weight$=type`` per line), ``llama-quantize.sh`` and
     ``stored-types.csv`` (per tensor: the type asked for, the type llama.cpp stores for its shape, bits)."""
     require_kinds(plan, KINDS, "llama.cpp")
-    odd = sorted({lv.name for lv in plan.assignment.values() if lv.bits not in GGML_TYPES})
+    odd = sorted({lv.name for lv in plan.assignment.values() if not lv.gguf and lv.bits not in GGML_TYPES})
     if odd:
         raise AllocatorError(f"llama.cpp has no type for {odd}: use {sorted(GGML_TYPES)}-bit levels")
     blocks = 1 + max(block for block, role in plan.layers.values() if role != "lm_head")
     tensors = _expert_tensors(plan)
     tensors.update({gguf_name(n, blocks): lv for n, lv in plan.assignment.items() if ".experts." not in n})
-    lines = [f"^{re.escape(name)}$={GGML_TYPES[lv.bits]}" for name, lv in tensors.items()]
+    lines = [f"^{re.escape(name)}$={_type(lv)}" for name, lv in tensors.items()]
     quantized = [lv.bits for lv in plan.assignment.values() if lv.quantized]
     base = GGML_TYPES[max(set(quantized), key=quantized.count)].upper() if quantized else "Q8_0"
+    # GGUF-type levels are stored exactly as planned (a plan made with --levels gguf never asks for a fallback);
+    # other quantized levels map to the nearest type by bits and may fall back
     rows, planned, stored = ["layer,asked,stored,plan_bits,stored_bits"], 0, 0
     for name, level in plan.assignment.items():
         r, c = plan.shapes[name]
-        kind = GGML_TYPES[level.bits]
+        kind = _type(level)
         planned, stored = planned + level.storage_bits(r, c), stored + stored_bits(kind, r, c)
         rows.append(f"{name},{kind},{stored_type(kind, c)},{level.storage_bits(r, c)},{stored_bits(kind, r, c)}")
     params = sum(r * c for r, c in plan.shapes.values())
@@ -66,6 +68,11 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     script = _SCRIPT.format(n=len(lines), planned=planned / params, stored=stored / params, fell=fell, base=base)
     return {"tensor-types.txt": "\n".join(lines) + "\n", "llama-quantize.sh": script,
             "stored-types.csv": "\n".join(rows) + "\n"}  # fmt: skip
+
+
+def _type(level: Level) -> str:
+    """The GGUF type for a level: its own for a GGUF-type level, else the nearest by bits."""
+    return level.gguf or GGML_TYPES[level.bits]
 
 
 _SCRIPT = """#!/usr/bin/env bash
