@@ -1,0 +1,42 @@
+"""Dequantize a GGUF to F16 (F32 tensors stay F32), copying every metadata field: a source for llama-quantize.
+
+    python scripts/gguf_to_f16.py IN.gguf OUT.gguf
+
+The embedded SmolLM2 ships as Q4_1 only; re-quantizing from F16 lets every target type start from the same weights
+(results/llamacpp_plans.md). Uses gguf-py's reader, dequantizers and writer only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import gguf
+import numpy as np
+
+KEEP = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+
+
+def main(src: str, dst: str) -> None:
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        if field.name == gguf.Keys.General.FILE_TYPE:
+            writer.add_key_value(field.name, gguf.LlamaFileType.MOSTLY_F16, gguf.GGUFValueType.UINT32)
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)  # fmt: skip
+    for t in reader.tensors:
+        data = t.data if t.tensor_type in KEEP else gguf.quants.dequantize(t.data, t.tensor_type)
+        dtype = np.float32 if t.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
+        writer.add_tensor(t.name, np.asarray(data, dtype=dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
