@@ -53,14 +53,14 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     base = GGML_TYPES[max(set(quantized), key=quantized.count)].upper() if quantized else "Q8_0"
     # GGUF-type levels are stored exactly as planned (a plan made with --levels gguf never asks for a fallback);
     # other quantized levels map to the nearest type by bits and may fall back
-    rows, planned, stored = ["layer,asked,stored,plan_bits,stored_bits"], 0, 0
+    rows, planned, stored, fell = ["layer,asked,stored,plan_bits,stored_bits"], 0, 0, 0
     for name, level in plan.assignment.items():
         r, c = plan.shapes[name]
         kind = _type(level)
-        planned, stored = planned + level.storage_bits(r, c), stored + stored_bits(kind, r, c)
-        rows.append(f"{name},{kind},{stored_type(kind, c)},{level.storage_bits(r, c)},{stored_bits(kind, r, c)}")
+        written, mine, theirs = stored_type(kind, c), level.storage_bits(r, c), stored_bits(kind, r, c)
+        planned, stored, fell = planned + mine, stored + theirs, fell + (written != kind)
+        rows.append(f"{name},{kind},{written},{mine},{theirs}")
     params = sum(r * c for r, c in plan.shapes.values())
-    fell = sum(1 for row in rows[1:] if row.split(",")[1] != row.split(",")[2])
     if fell:
         log.warning("llama.cpp stores %d of %d layers in another type than the plan's (row size not a multiple of "
                     "the type's block): %.4f bits/weight instead of the plan's %.4f", fell, len(rows) - 1,
