@@ -16,13 +16,14 @@ from allocator.errors import AllocatorError
 from allocator.export import FORMATS, export
 from allocator.io import check_output
 from allocator.latency import cli as latency_cli
-from allocator.levels import DEFAULT_GRID, parse_grid
+from allocator.levels import DEFAULT_GRID, target_grid
 from allocator.pipeline import run
 from allocator.plan import Plan
 from allocator.report import write_run_report
 from allocator.search import SEARCHERS, option_fields
 from allocator.sensitivity import SENSITIVITIES
 from allocator.session import Session
+from allocator.targets import ANY, TARGETS, check_backend
 
 
 def _samples(text: str) -> int | None:
@@ -36,7 +37,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None, help="calibration text: file, folder, .parquet or NAME[:CONFIG][@SPLIT]")
     p.add_argument("--eval", default=None, help="evaluation text (default: WikiText-2 raw test)")
     p.add_argument("--backend", default=d.backend, help="magnitude, wanda, sparsegpt, rtn or gptq")
-    p.add_argument("--levels", default=DEFAULT_GRID, help="level grid, e.g. 0:0.9:0.1 or dense,2:4,w4g128")
+    p.add_argument(
+        "--levels",
+        default=None,
+        help=f"level grid, e.g. 0:0.9:0.1 or dense,2:4,w4g128 (default: {DEFAULT_GRID}, or the --format's)",
+    )
+    p.add_argument("--format", default=d.format, choices=[ANY, *TARGETS],
+                   help="deployment target: only the levels it stores and runs, priced as it stores them "
+                   "(llamacpp: GGUF types; vllm: compressed-tensors int4/int8; gptqmodel; autoround)")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--calib-samples", type=int, default=d.calib_samples)
     p.add_argument("--kl-samples", type=int, default=d.kl_samples)
@@ -217,7 +225,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    grid = parse_grid(args.levels)
+    grid = target_grid(args.levels, args.format)
+    check_backend(args.format, args.backend)
     if args.output:
         check_output(args.output, "--output", folder=False)
     session = Session(_config(args))

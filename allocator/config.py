@@ -14,7 +14,7 @@ import torch
 from allocator import data
 from allocator.errors import AllocatorError
 from allocator.io import check_output
-from allocator.levels import DEFAULT_GRID
+from allocator.targets import check_backend
 
 
 @dataclass
@@ -27,7 +27,8 @@ class RunConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M
     calib: str | None = None  # None: the C4 validation sample
     eval: str | None = None  # None: the WikiText-2 raw test split
-    levels: str = DEFAULT_GRID
+    levels: str | None = None  # None: the --format's default grid (sparsity 0..0.9 for any)
+    format: str = "any"  # the deployment target plans are made for (allocator.targets): its levels, its bytes
     per: str = "layer"
     seq_len: int = 512
     calib_samples: int = 128
@@ -72,6 +73,7 @@ def check_config(config: RunConfig) -> None:
         raise AllocatorError(f"--latency-tokens must be at least 1, got {config.latency_tokens}")
     if not config.plan:  # the searcher checks its options (a compare checks each of its methods the same way)
         make_searcher(config.method, config.options)
+    check_backend(config.format, config.backend)
     check_device(config.device)
     if config.output_dir:
         check_output(config.output_dir, "--output-dir")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from allocator.errors import AllocatorError
 
@@ -42,6 +42,7 @@ class Level:
     sym: bool = True
     drop: bool = False
     gguf: str = ""  # a llama.cpp tensor type: stored (and priced) as that type
+    store: str = ""  # a deployment target (allocator.targets) whose layout prices it: ``w4g128@vllm``
 
     # ---- names -------------------------------------------------------------------------
     @property
@@ -59,7 +60,12 @@ class Level:
         if self.quantized:
             g = f"g{self.group_size}" if self.group_size else ""
             parts.append(f"w{self.bits}{g}{'' if self.sym else 'a'}")
-        return "+".join(parts) or "dense"
+        return "+".join(parts) + (f"@{self.store}" if self.store else "") if parts else "dense"
+
+    @property
+    def target(self) -> str:
+        """The deployment target this level was made for ("" for allocator's generic storage)."""
+        return "llamacpp" if self.gguf else self.store
 
     def __str__(self) -> str:
         return self.name
@@ -107,6 +113,10 @@ class Level:
             from allocator.export.gguf_types import stored_bits
 
             return stored_bits(self.gguf, rows, cols)
+        if self.store:
+            from allocator.targets import get_target
+
+            return get_target(self.store).storage_bits(self, rows, cols)
         kept = self.kept_params(rows, cols)
         total = kept * self.bits
         if self.m:
@@ -129,6 +139,10 @@ class Level:
 
             stored = stored_type(self.gguf, cols)
             return None if stored == self.gguf else f"llama.cpp stores {self.gguf} as {stored} for rows of {cols}"
+        if self.store:
+            from allocator.targets import get_target
+
+            return get_target(self.store).unfit(self, rows, cols)
         if self.m and cols % self.m:
             return f"{self.name} needs input columns divisible by {self.m}, got {cols}"
         return None  # a quantization group that does not divide cols leaves a shorter last group
@@ -157,7 +171,9 @@ def _fmt(x: float) -> str:
 
 def parse_level(text: str) -> Level:
     """Parse a level name such as ``s0.5``, ``2:4``, ``w4g128``, ``w3a``, ``s0.5+w4g128``, ``drop``."""
-    name = text.strip().lower()
+    name, _, store = text.strip().lower().partition("@")
+    if store:
+        return for_target(parse_level(name), store)
     if name in ("dense", "s0", "s0.0"):
         return DENSE
     if name == "drop":
@@ -189,16 +205,31 @@ def parse_level(text: str) -> Level:
     return Level(**fields)
 
 
+def for_target(level: Level, target: str) -> Level:
+    """``level`` as ``target`` stores it (tagged ``@target``), or a one-line error saying what the target takes."""
+    from allocator.targets import ANY, get_target
+
+    if target == ANY or level.kind == "dense" or level.target == target:
+        return level
+    chosen = get_target(target)
+    if level.target:
+        raise AllocatorError(f"level {level.name} is made for {level.target}, not {target}: use {target}'s levels")
+    if why := chosen.reason(level):
+        raise AllocatorError(f"--format {target} cannot use level {level.name} ({why}); it takes {chosen.accepts}")
+    return replace(level, store=target)
+
+
 def with_dense(levels: list[Level]) -> list[Level]:
     """``levels`` with ``dense`` first (once): profiles and databases always hold the uncompressed level."""
     return list(dict.fromkeys([parse_level("dense"), *levels]))
 
 
-def parse_grid(text: str) -> list[Level]:
+def parse_grid(text: str, target: str = "any") -> list[Level]:
     """Parse a comma-separated level grid; ``a:b:step`` ranges expand to sparsity levels.
 
     ``"0:0.9:0.1"`` is unstructured sparsity 0%..90% in 10% steps; ``"dense,2:4,w4g128"`` lists levels;
     ``"gguf"`` is dense and every GGUF type llama.cpp stores (each priced as stored, unfit where it falls back).
+    With a ``target`` (``--format``), every level is that target's (``w4g128`` -> ``w4g128@vllm``) or refused.
     """
     levels: list[Level] = []
     for item in filter(None, (t.strip() for t in text.split(","))):
@@ -219,10 +250,17 @@ def parse_grid(text: str) -> list[Level]:
             levels += [parse_level(f"s{lo + i * step:.6f}") for i in range(count)]
         else:
             levels.append(parse_level(item))
-    unique = list(dict.fromkeys(levels))
+    unique = list(dict.fromkeys(for_target(lv, target) for lv in levels))
     if not unique:
         raise AllocatorError(f"empty level grid {text!r}: give at least one level, e.g. 0:0.9:0.1")
     return unique
+
+
+def target_grid(levels: str | None, target: str = "any") -> list[Level]:
+    """The grid of a run: ``levels`` if given, else the target's default (``--format``), else sparsity 0..0.9."""
+    from allocator.targets import ANY, get_target
+
+    return parse_grid(levels or (DEFAULT_GRID if target == ANY else get_target(target).grid), target)
 
 
 DEFAULT_GRID = "0:0.9:0.1"

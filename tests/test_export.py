@@ -210,7 +210,7 @@ def test_a_plan_of_gguf_types_is_exported_exactly_and_refused_elsewhere():
     stored = [r.split(",") for r in files["stored-types.csv"].splitlines()[1:]]
     assert all(asked == kind and plan_bits == bits for _, asked, kind, plan_bits, bits in stored)
     for fmt in ("gptqmodel", "autoround", "llmcompressor"):
-        with pytest.raises(AllocatorError, match="cannot express levels") as refused:
+        with pytest.raises(AllocatorError, match="made for llamacpp") as refused:
             FORMATS[fmt](plan)
         assert all(f"{n}={lv.name}" in str(refused.value) for n, lv in plan.assignment.items() if lv.gguf)
 

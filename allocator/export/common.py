@@ -30,6 +30,32 @@ def require_kinds(plan: Plan, allowed: set[str], target: str) -> None:
         )
 
 
+def require_target(plan: Plan, target: str, fmt: str) -> None:
+    """Refuse a plan made for another deployment target (``--format``), naming every layer it would change."""
+    from allocator.targets import TARGETS
+
+    layers = [f"{name}={lv.name}" for name, lv in plan.assignment.items() if lv.target and lv.target != target]
+    if layers:
+        made = sorted({lv.target for lv in plan.assignment.values() if lv.target and lv.target != target})
+        writers = ", ".join(f"--to {TARGETS[t].exporter}" for t in made)
+        raise AllocatorError(
+            f"the plan was made for {', '.join(made)} (--format), not for {fmt}: export it with {writers}, or "
+            f"re-plan with --format {target}; all {len(layers)} layers: {', '.join(layers)}"
+        )
+
+
+def unservable(plan: Plan, target: str) -> list[str]:
+    """Layers of a generic plan (no ``--format``) whose level ``target`` cannot store or run, each with why."""
+    from allocator.targets import TARGETS
+
+    chosen = TARGETS[target]
+
+    def why(name: str, level: Level) -> str | None:
+        return chosen.reason(level) or chosen.unfit(level, *plan.shapes[name])
+
+    return [f"{name}={lv.name} ({w})" for name, lv in plan.assignment.items() if not lv.target and (w := why(name, lv))]
+
+
 def require_tied(plan: Plan, setting, target: str) -> None:
     """Refuse a plan giving one fused group (q/k/v, gate/up of a block) different settings."""
     groups: dict[str, set] = defaultdict(set)

@@ -12,7 +12,7 @@ import json
 from collections import Counter
 
 from allocator.errors import AllocatorError
-from allocator.export.common import anchored, quant_setting, require_kinds, require_tied
+from allocator.export.common import anchored, quant_setting, require_kinds, require_target, require_tied
 from allocator.plan import Plan
 
 KINDS = {"dense", "bits"}
@@ -21,6 +21,7 @@ BITS = {2, 3, 4, 8}  # what GPTQ kernels (and vLLM's GPTQ loaders) run
 
 def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     """``quantize_config.json``: pass its fields to ``QuantizeConfig(**…)``."""
+    require_target(plan, "gptqmodel", "GPTQModel")
     require_kinds(plan, KINDS, "GPTQModel")
     odd = sorted({lv.name for lv in plan.assignment.values() if lv.quantized and lv.bits not in BITS})
     if odd:

@@ -15,7 +15,7 @@ import logging
 import re
 
 from allocator.errors import AllocatorError
-from allocator.export.common import require_kinds
+from allocator.export.common import require_kinds, require_target
 from allocator.export.gguf_types import stored_bits, stored_type
 from allocator.levels import Level
 from allocator.plan import Plan
@@ -41,6 +41,7 @@ def gguf_name(hf_name: str, n_blocks: int) -> str:
 def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     """``tensor-types.txt`` (one ``^blk\\.N\\.x\\.weight$=type`` per line), ``llama-quantize.sh`` and
     ``stored-types.csv`` (per tensor: the type asked for, the type llama.cpp stores for its shape, bits)."""
+    require_target(plan, "llamacpp", "llama.cpp")
     require_kinds(plan, KINDS, "llama.cpp")
     odd = sorted({lv.name for lv in plan.assignment.values() if not lv.gguf and lv.bits not in GGML_TYPES})
     if odd:

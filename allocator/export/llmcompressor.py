@@ -10,20 +10,26 @@ LM head go to ``ignore``. Research: ../shared/research/ecosystem.md §2.1-2.2.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import yaml
 
-from allocator.export.common import anchored, quant_setting, require_kinds, require_tied
+from allocator.export.common import anchored, quant_setting, require_kinds, require_target, require_tied, unservable
 from allocator.plan import Plan
 
 KINDS = {"dense", "sparsity", "nm", "bits", "sparse+bits"}
+log = logging.getLogger(__name__)
 PRUNERS = {"wanda": "WandaPruningModifier"}  # every other backend: SparseGPT (the OBS pruner)
 
 
 def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     """``recipe.yaml`` with a sparsity stage and/or a quantization stage."""
+    require_target(plan, "vllm", "llm-compressor (vLLM)")
     require_kinds(plan, KINDS, "llm-compressor")
+    if bad := unservable(plan, "vllm"):  # llm-compressor makes them, but vLLM will not load or speed them up
+        log.warning("vLLM cannot serve %d layers of this plan as planned (re-plan with --format vllm): %s",
+                    len(bad), ", ".join(bad))  # fmt: skip
     recipe: dict = {}
     pruner = PRUNERS.get(backend or "", "SparseGPTModifier")
     by_structure: dict[str, list[tuple[str, float]]] = defaultdict(list)
