@@ -204,6 +204,7 @@ class Profile:
 
 def artifact_name(model_id: str, backend: str, levels: list[Level], meta: dict) -> str:
     """``<model>/<backend>-<hash of grid and data>``: one profile or database per distinct question."""
-    key = json.dumps({"grid": sorted(lv.name for lv in levels), **meta}, sort_keys=True)
+    ggml = {"ggml": 1} if any(lv.gguf for lv in levels) else {}  # GGUF types rounded as llama.cpp rounds them
+    key = json.dumps({"grid": sorted(lv.name for lv in levels), **ggml, **meta}, sort_keys=True)
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_id).name or model_id)
     return f"{slug}/{backend}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

@@ -1,6 +1,9 @@
 """Dequantize a GGUF to F16 (F32 tensors stay F32), copying every metadata field: a source for llama-quantize.
 
-    python scripts/gguf_to_f16.py IN.gguf OUT.gguf
+    python scripts/gguf_to_f16.py IN.gguf OUT.gguf [NOISE]
+
+NOISE (e.g. 0.3) adds seeded Gaussian noise of NOISE x each 2-D tensor's standard deviation: weights off every
+quantization grid, for checking quantizers against llama-quantize (scripts/ggml_fixture.py).
 
 The embedded SmolLM2 ships as Q4_1 only; re-quantizing from F16 lets every target type start from the same weights
 (results/llamacpp_plans.md). Uses gguf-py's reader, dequantizers and writer only.
@@ -16,7 +19,8 @@ import numpy as np
 KEEP = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
-def main(src: str, dst: str) -> None:
+def main(src: str, dst: str, noise: str = "0") -> None:
+    rng = np.random.default_rng(0)
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(dst, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     for field in reader.fields.values():
@@ -31,6 +35,9 @@ def main(src: str, dst: str) -> None:
     for t in reader.tensors:
         data = t.data if t.tensor_type in KEEP else gguf.quants.dequantize(t.data, t.tensor_type)
         dtype = np.float32 if t.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
+        if float(noise) and data.ndim == 2:
+            data = data.astype(np.float32)
+            data = data + float(noise) * data.std() * rng.standard_normal(data.shape)
         writer.add_tensor(t.name, np.asarray(data, dtype=dtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -39,4 +46,4 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

