@@ -82,10 +82,17 @@ class Plan:
         plan.check_against(inventory)
         return plan
 
+    @property
+    def target(self) -> str:
+        """The deployment target its levels were made for (``--format``): one name, ``any`` or ``mixed``."""
+        made = {lv.target for lv in self.assignment.values() if lv.target}
+        return made.pop() if len(made) == 1 else ("mixed" if made else "any")
+
     def to_dict(self) -> dict:
         """The JSON form (level names as strings)."""
         return {
             "schema_version": SCHEMA_VERSION,
+            "format": self.target,
             "model": {
                 "id": self.model_id,
                 "fingerprint": self.fingerprint,

