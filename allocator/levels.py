@@ -6,7 +6,10 @@ Levels are frozen values with a short readable name (``"s0.5"``, ``"2:4"``, ``"w
 ``"s0.5+w4g128"``, ``"drop"``) so that plans serialise to plain JSON. A GGUF type (``"q4_K"``) is a level
 too: llama.cpp's own storage, priced as llama.cpp stores it for each layer's shape (its block sizes and
 shape fallback, :mod:`allocator.export.gguf_types`) and simulated by the backends as the nearest
-bits / group / symmetry (e.g. q4_K: 4 bits, groups of 32, with a minimum per group).
+bits / group / symmetry (e.g. q4_K: 4 bits, groups of 32, with a minimum per group) by GPTQ, and exactly as
+llama-quantize rounds it by RTN (:mod:`allocator.backends.ggml`). A level made for a deployment target is tagged
+with it (``w4g64@vllm``, ``--format``): priced as that target stores it, unfit where it cannot run it
+(:mod:`allocator.targets`).
 
 Costs are exact integers for a given ``(rows, cols)`` weight shape, so budgets in kept
 parameters, bytes or average bits are exact. The storage model (documented in

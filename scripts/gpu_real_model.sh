@@ -9,6 +9,7 @@
 #   call 2 (carry .gpu/m.partB .gpu/data .whl/gguf-0.19.0-py3-none-any.whl): ... offgrid   (the model; knapsack plans)
 #   call 3 (same carry):                                                      ... plans     (evolution plans)
 #   call 4 (same carry):                                                      ... quality   (llama-quantize, llama-perplexity)
+#   (quality did not finish within 8 minutes there; results/llamacpp_offgrid.md was scored on 2 CPU cores here)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail

@@ -111,12 +111,15 @@ def plot(rows: list[dict], texts: list[str], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
     for ax, text in zip(axes[0], texts, strict=True):
+        labels: dict[tuple[float, float], list[str]] = {}  # GGUFs that came out the same share one point
         for r in rows:
             uniform_type = r["plan_bits"] is None
             label = r["gguf"].removeprefix("plan ").split("/")[-2] if not uniform_type else r["gguf"]
             marker = "s" if uniform_type else ("o" if "gguf" in label else "^")
             ax.scatter(r["written_bits"], r[text], marker=marker, s=50)
-            ax.annotate(label, (r["written_bits"], r[text]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            labels.setdefault((r["written_bits"], r[text]), []).append(label)
+        for xy, names in labels.items():
+            ax.annotate(" = ".join(names), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set(xlabel="bits/weight written by llama-quantize (plan layers)", ylabel="llama-perplexity", title=text)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -114,13 +114,17 @@ def _with_min(blocks: np.ndarray, sub: int, nmax: int, sbits: int, search: tuple
     return (d[..., None] * L - dm[..., None]).reshape(blocks.shape)
 
 
+def _peak(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first value of largest magnitude (1 where the row is all zero), and where it is."""
+    top = x[np.arange(len(x)), np.abs(x).argmax(1)]
+    zero = np.abs(top) < EPS
+    return np.where(zero, np.float32(1), top), zero
+
+
 def _symmetric_scales(x: np.ndarray, nmax: int) -> np.ndarray:
     """make_qx_quants (rmse_type 1, weights x^2): the best of 19 scales for each row of ``x``."""
     f32 = np.float32
-    idx = np.abs(x).argmax(1)
-    top = x[np.arange(len(x)), idx]
-    zero = np.abs(top) < EPS
-    top = np.where(zero, f32(1), top)
+    top, zero = _peak(x)
     w = x * x
     best, scale = None, None
     for step in [0, *[s for s in range(-9, 10) if s]]:
@@ -139,10 +143,7 @@ def _symmetric_scales(x: np.ndarray, nmax: int) -> np.ndarray:
 def _q3_scales(x: np.ndarray, nmax: int = 4) -> np.ndarray:
     """make_q3_quants with do_rmse: round, then up to 5 sweeps of coordinate descent on the levels."""
     f32 = np.float32
-    idx = np.abs(x).argmax(1)
-    top = x[np.arange(len(x)), idx]
-    zero = np.abs(top) < EPS
-    top = np.where(zero, f32(1), top)
+    top, zero = _peak(x)
     w = x * x
     L = np.clip(_round((-f32(nmax) / top)[:, None] * x), -nmax, nmax - 1)
     slx_all, sl2_all = _sum(w * x * L), _sum(w * L * L)
