@@ -12,6 +12,8 @@ The embedded SmolLM2 ships as Q4_1 only; re-quantizing from F16 lets every targe
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -21,6 +23,20 @@ KEEP = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 def main(src: str, dst: str, noise: str = "0") -> None:
     rng = np.random.default_rng(0)
+
+    def f16(t) -> np.ndarray:
+        data = t.data if t.tensor_type in KEEP else gguf.quants.dequantize(t.data, t.tensor_type)
+        dtype = np.float32 if t.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
+        if float(noise) and data.ndim == 2:
+            data = data.astype(np.float32)
+            data = data + float(noise) * data.std() * rng.standard_normal(data.shape)
+        return np.asarray(data, dtype=dtype)
+
+    rewrite(src, dst, f16)
+
+
+def rewrite(src: str, dst: str | Path, tensor: Callable) -> None:
+    """``src``'s metadata (file type F16) and tensor order, each tensor's data ``tensor(reader_tensor)``."""
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(dst, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     for field in reader.fields.values():
@@ -33,12 +49,7 @@ def main(src: str, dst: str, noise: str = "0") -> None:
         writer.add_key_value(field.name, field.contents(), kind,
                              sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)  # fmt: skip
     for t in reader.tensors:
-        data = t.data if t.tensor_type in KEEP else gguf.quants.dequantize(t.data, t.tensor_type)
-        dtype = np.float32 if t.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
-        if float(noise) and data.ndim == 2:
-            data = data.astype(np.float32)
-            data = data + float(noise) * data.std() * rng.standard_normal(data.shape)
-        writer.add_tensor(t.name, np.asarray(data, dtype=dtype))
+        writer.add_tensor(t.name, tensor(t))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

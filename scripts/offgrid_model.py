@@ -29,6 +29,7 @@ import gguf
 import numpy as np
 import pandas as pd
 import torch
+from gguf_to_f16 import rewrite  # scripts/ (beside this file)
 
 from allocator.data import default_calibration, evaluation_sequences
 from allocator.evaluate import perplexity
@@ -115,26 +116,16 @@ def write_gguf(model: torch.nn.Module, template: str, dst: Path) -> None:
         elif hf.endswith("k_proj.weight"):
             w = rotary_rows(w, config.num_key_value_heads)
         weights[f"{name}.weight"] = w
-    reader = gguf.GGUFReader(template)
-    kept = [t.name for t in reader.tensors if t.name not in weights]
+    kept = [t.name for t in gguf.GGUFReader(template).tensors if t.name not in weights]
     if kept:
-        raise SystemExit(f"no trained weight for template tensors {kept}")
-    writer = gguf.GGUFWriter(dst, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        kind = field.types[0]
-        writer.add_key_value(field.name, field.contents(), kind,
-                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)  # fmt: skip
-    for t in reader.tensors:
+        raise SystemExit(f"no weight for template tensors {kept}")
+
+    def replaced(t) -> np.ndarray:
         old = np.asarray(t.data)
-        new = weights[t.name]
-        assert new.shape == old.shape, (t.name, new.shape, old.shape)
-        writer.add_tensor(t.name, np.asarray(new, dtype=old.dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        assert weights[t.name].shape == old.shape, (t.name, weights[t.name].shape, old.shape)
+        return np.asarray(weights[t.name], dtype=old.dtype)
+
+    rewrite(template, dst, replaced)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ writer lays q/k rows out as transformers' GGUF reader expects to undo (results/l
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import transformers.modeling_gguf_pytorch_utils as gguf_utils
 from tests.conftest import tiny_model
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "offgrid_model.py"
+sys.path.insert(0, str(SCRIPT.parent))  # it imports its neighbour gguf_to_f16 as a script would
 _SPEC = importlib.util.spec_from_file_location("offgrid_model", SCRIPT)
 offgrid = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(offgrid)
