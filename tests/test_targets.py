@@ -212,3 +212,17 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_compare_with_format_llamacpp_plans_every_method_in_gguf_types(tiny_model_dir, text_files, tmp_path):
+    """``allocator compare --format llamacpp``: uniform and knapsack cells both made of GGUF types at the budget."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", str(tiny_model_dir), "--calib", str(text_files["calib"]),
+            "--texts", str(text_files["eval"]), "--methods", "uniform,knapsack", "--targets", "bits=5",
+            "--format", "llamacpp", "--backend", "rtn", "--sensitivity", "error", "--seq-len", "16",
+            "--calib-samples", "2", "--kl-samples", "2", "--eval-samples", "4", "--no-dense-cache",
+            "--profiles-dir", str(tmp_path / "profiles"), "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    plans = [Plan.load(p) for p in sorted(out.rglob("plan.json"))]
+    assert len(plans) == 2 and all(p.target == "llamacpp" and p.achieved["bits"] <= 5 for p in plans)
+    assert all(lv.gguf for p in plans for lv in p.assignment.values() if lv.quantized)
