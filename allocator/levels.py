@@ -152,9 +152,10 @@ class Level:
 
 
 DENSE = Level()
-# llama.cpp's types, simulated as the nearest RTN/GPTQ setting (ggml-quants.c: q8_0/q5_0/q4_0 symmetric blocks
-# of 32, q5_1/q4_1 with a minimum; q6_K/q3_K symmetric sub-blocks of 16; q5_K/q4_K/q2_K sub-blocks of 32/32/16
-# with a minimum each). A k-quant is unfit where its 256-weight block does not divide a row: llama-quantize
+# llama.cpp's types with their nearest bits/group/symmetry (ggml-quants.c: q8_0/q5_0/q4_0 symmetric blocks of 32,
+# q5_1/q4_1 with a minimum; q6_K/q3_K symmetric sub-blocks of 16; q5_K/q4_K/q2_K sub-blocks of 32/32/16 with a
+# minimum each): what GPTQ approximates them by; RTN rounds them as llama-quantize does (allocator.backends.ggml).
+# A k-quant is unfit where its 256-weight block does not divide a row: llama-quantize
 # would store another type there, so the grid offers that type itself (q4_K -> q5_0) and plans stay exact.
 _GGUF = (Level(bits=8, group_size=32, gguf="q8_0"), Level(bits=6, group_size=16, gguf="q6_K"),
          Level(bits=5, group_size=32, sym=False, gguf="q5_K"), Level(bits=5, group_size=32, sym=False, gguf="q5_1"),

@@ -20,11 +20,10 @@ reproduces it exactly. What each target takes, and why (research: ../shared/rese
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from allocator.errors import AllocatorError
 
-SCALE_BITS = 16
 GROUPS = (0, 32, 64, 128)  # per channel, or the group sizes the serving kernels (Marlin, Exllama) take
 
 
@@ -64,10 +63,14 @@ class Target:
         return None
 
     def storage_bits(self, level, rows: int, cols: int) -> int:
-        """Exact bits the target stores for a ``rows x cols`` layer at a (non-GGUF, quantized) ``level``."""
+        """Exact bits the target stores for a ``rows x cols`` layer at a (non-GGUF, quantized) ``level``:
+        allocator's generic count (values, a scale per group, a zero point per group if asymmetric), which is
+        compressed-tensors' layout, plus what the GPTQ layout adds (zero points when symmetric too, ``g_idx``)."""
+        generic = replace(level, store="").storage_bits(rows, cols)
+        if not self.gptq_layout:
+            return generic
         groups = rows * (math.ceil(cols / level.group_size) if level.group_size else 1)
-        zero = level.bits if (self.gptq_layout or not level.sym) else 0
-        return rows * cols * level.bits + groups * (SCALE_BITS + zero) + (cols * 32 if self.gptq_layout else 0)
+        return generic + (groups * level.bits if level.sym else 0) + cols * 32
 
 
 TARGETS = {

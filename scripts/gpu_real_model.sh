@@ -9,7 +9,8 @@
 #   call 2 (carry .gpu/m.partB .gpu/data .whl/gguf-0.19.0-py3-none-any.whl): ... offgrid   (the model; knapsack plans)
 #   call 3 (same carry):                                                      ... plans     (evolution plans)
 #   call 4 (same carry):                                                      ... quality   (llama-quantize, llama-perplexity)
-#   (quality did not finish within 8 minutes there; results/llamacpp_offgrid.md was scored on 2 CPU cores here)
+#   (quality did not finish within 8 minutes there; results/llamacpp_offgrid.md was scored on 2 CPU cores here;
+#   each GGUF's row is now kept in \$OUT/llamacpp_offgrid.log as it is scored)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
@@ -127,7 +128,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
       plans=$(ls -d /tmp/plans/*/plan.json | paste -sd,)
       python3 scripts/llamacpp_quality.py --bin /tmp/llamacpp/bin --source /tmp/offgrid/f16.gguf \
         --texts .gpu/data/test.txt,/tmp/offgrid/c4-heldout.txt --plans "$plans" --uniform Q4_0,Q4_1,Q5_0,Q4_K_M \
-        --chunks "${CHUNKS:-100}" --threads 16 --out "$OUT/llamacpp_offgrid" 2>&1 | grep -v "^{" ;;
+        --chunks "${CHUNKS:-100}" --threads 16 --out "$OUT/llamacpp_offgrid" 2>&1 | tee "$OUT/llamacpp_offgrid.log" ;;
     esac
     tar -czf "$OUT/plans.tar.gz" --exclude "*.png" -C /tmp plans ;;
   pareto)

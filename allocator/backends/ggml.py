@@ -8,8 +8,8 @@ reference rows. gguf-py cannot quantize the k-quants, so they are written here f
   quantized to 6 (4 for q2_K) bits against an fp16 super-block scale, and every weight is re-rounded.
 - q6_K / q3_K: a symmetric grid whose scale is searched (19 candidates, ``make_qx_quants``) or refined by
   coordinate descent (``make_q3_quants``), then 8-bit (6-bit for q3_K) sub-block scales.
-Only dequantized values are produced (the packing does not change them). Summation order differs from the
-C loops, so a few weights at rounding ties may differ (measured against llama-quantize in the tests).
+Only dequantized values are produced (the packing does not change them). Sums run left to right in float32 as
+ggml's loops do, so the result is bit-exact with llama-quantize (tests/test_ggml.py, on rows it wrote).
 """
 
 from __future__ import annotations
