@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from allocator.errors import AllocatorError
+from allocator.formats import storage_bits, unfit
 from allocator.latency.table import LatencyModel
 from allocator.levels import Level
 from allocator.model import Inventory, Layer
@@ -71,7 +72,7 @@ class Budget:
             return model.table.layer_ms(layer, level, model.tokens)
         if self.kind == "sparsity":
             return level.kept_params(layer.rows, layer.cols)
-        bits = level.storage_bits(layer.rows, layer.cols)
+        bits = storage_bits(level, layer.rows, layer.cols)
         return bits if self.kind == "bits" else bits / 8
 
     def limit(self, inventory: Inventory, latency: LatencyModel | None = None) -> float:
@@ -98,7 +99,7 @@ class Budget:
 def summarize(assignment: dict[str, Level], inventory: Inventory) -> dict[str, float]:
     """Exact achieved sparsity, average bits and bytes of an assignment (every budget kind)."""
     kept = sum(assignment[lay.name].kept_params(lay.rows, lay.cols) for lay in inventory.layers)
-    bits = sum(assignment[lay.name].storage_bits(lay.rows, lay.cols) for lay in inventory.layers)
+    bits = sum(storage_bits(assignment[lay.name], lay.rows, lay.cols) for lay in inventory.layers)
     return {
         "params": inventory.params,
         "kept_params": kept,
@@ -232,7 +233,7 @@ def build_problem(
         for u, unit in enumerate(units):
             layers = [inventory[name] for name in unit]
             for k, level in enumerate(levels):
-                fits = not any(level.unfit_reason(lay.rows, lay.cols) for lay in layers)
+                fits = not any(unfit(level, lay.rows, lay.cols) for lay in layers)
                 cost[u, k] = sum(b.cost(level, lay, latency) for lay in layers) if fits else np.inf
         return cost
 

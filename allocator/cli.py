@@ -13,17 +13,17 @@ from allocator.apply import apply_plan, run_config
 from allocator.budget import PER
 from allocator.config import RunConfig
 from allocator.errors import AllocatorError
-from allocator.export import FORMATS, export
+from allocator.export import EXPORTERS, export
+from allocator.formats import ANY, FORMATS, format_grid, get_format
 from allocator.io import check_output
 from allocator.latency import cli as latency_cli
-from allocator.levels import DEFAULT_GRID, target_grid
+from allocator.levels import DEFAULT_GRID
 from allocator.pipeline import run
 from allocator.plan import Plan
 from allocator.report import write_run_report
 from allocator.search import SEARCHERS, option_fields
 from allocator.sensitivity import SENSITIVITIES
 from allocator.session import Session
-from allocator.targets import ANY, TARGETS, check_backend
 
 
 def _samples(text: str) -> int | None:
@@ -42,7 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"level grid, e.g. 0:0.9:0.1 or dense,2:4,w4g128 (default: {DEFAULT_GRID}, or the --format's)",
     )
-    p.add_argument("--format", default=d.format, choices=[ANY, *TARGETS],
+    p.add_argument("--format", default=d.format, choices=[ANY, *FORMATS],
                    help="deployment target: only the levels it stores and runs, priced as it stores them "
                    "(llamacpp: GGUF types; vllm: compressed-tensors int4/int8; gptqmodel; autoround)")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument(flag, type=int, default=None, help="override the run's setting")
     e = sub.add_parser("export", help="write a plan in another toolkit's format")
     e.add_argument("plan", help="plan.json")
-    e.add_argument("--to", required=True, choices=list(FORMATS), help="target format")
+    e.add_argument("--to", required=True, choices=list(EXPORTERS), help="target format")
     e.add_argument("--output-dir", "-o", default=None, help="default: exports/<format> beside the plan")
     e.add_argument("--backend", default=None, help="pruner for llm-compressor (default: the run's backend)")
     for sub_parser in (a, e):
@@ -225,8 +225,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    grid = target_grid(args.levels, args.format)
-    check_backend(args.format, args.backend)
+    grid = format_grid(args.levels, args.format)
+    get_format(args.format).check_backend(args.backend)
     if args.output:
         check_output(args.output, "--output", folder=False)
     session = Session(_config(args))

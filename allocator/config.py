@@ -13,8 +13,8 @@ import torch
 
 from allocator import data
 from allocator.errors import AllocatorError
+from allocator.formats import get_format
 from allocator.io import check_output
-from allocator.targets import check_backend
 
 
 @dataclass
@@ -73,7 +73,7 @@ def check_config(config: RunConfig) -> None:
         raise AllocatorError(f"--latency-tokens must be at least 1, got {config.latency_tokens}")
     if not config.plan:  # the searcher checks its options (a compare checks each of its methods the same way)
         make_searcher(config.method, config.options)
-    check_backend(config.format, config.backend)
+    get_format(config.format).check_backend(config.backend)
     check_device(config.device)
     if config.output_dir:
         check_output(config.output_dir, "--output-dir")

@@ -17,9 +17,9 @@ from allocator.budget import build_problem, parse_budgets
 from allocator.config import RunConfig, check_config
 from allocator.errors import AllocatorError
 from allocator.fitness import KLFitness
+from allocator.formats import format_grid
 from allocator.io import write_json_atomic
 from allocator.latency.table import LatencyModel, LatencyTable
-from allocator.levels import target_grid
 from allocator.plan import Plan
 from allocator.report import write_history, write_pareto
 from allocator.search import SearchContext, allocate, make_searcher
@@ -47,7 +47,7 @@ def run(config: RunConfig, session: Session | None = None) -> RunResult:
     the model is left compressed to the plan.
     """
     budget, *extra = parse_budgets(config.target)
-    grid = target_grid(config.levels, config.format)
+    grid = format_grid(config.levels, config.format)
     if config.sensitivity not in SENSITIVITIES:
         raise AllocatorError(f"unknown --sensitivity {config.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
     if config.fit_prior not in ("auto", "kl", "fisher"):

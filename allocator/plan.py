@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from allocator.budget import LATENCY_KINDS, Budget, allowed, summarize
 from allocator.errors import AllocatorError
+from allocator.formats import check_level, unfit
 from allocator.io import write_json_atomic
 from allocator.levels import Level, parse_level
 from allocator.model import Inventory, Layer
@@ -83,16 +84,16 @@ class Plan:
         return plan
 
     @property
-    def target(self) -> str:
-        """The deployment target its levels were made for (``--format``): one name, ``any`` or ``mixed``."""
-        made = {lv.target for lv in self.assignment.values() if lv.target}
+    def format(self) -> str:
+        """The deployment format its levels were made for (``--format``): one name, ``any`` or ``mixed``."""
+        made = {lv.format for lv in self.assignment.values() if lv.format}
         return made.pop() if len(made) == 1 else ("mixed" if made else "any")
 
     def to_dict(self) -> dict:
         """The JSON form (level names as strings)."""
         return {
             "schema_version": SCHEMA_VERSION,
-            "format": self.target,
+            "format": self.format,
             "model": {
                 "id": self.model_id,
                 "fingerprint": self.fingerprint,
@@ -166,6 +167,8 @@ class Plan:
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise AllocatorError(f"{source}: malformed plan ({type(exc).__name__}: {exc}): re-create it") from None
+        for level in grid:  # a tagged level its format does not store (a hand-edited plan) is refused here
+            check_level(level)
         off_grid = sorted({lv.name for lv in plan.assignment.values()} - {lv.name for lv in grid})
         if off_grid:
             raise AllocatorError(f"{source}: levels {off_grid} are outside the plan's grid {[lv.name for lv in grid]}")
@@ -216,7 +219,7 @@ class Plan:
         off = sorted({f"{n}={lv.name}" for n, lv in self.assignment.items() if lv.name not in grid})
         if off:
             raise AllocatorError(f"plan levels outside its grid: {_some(off)}")
-        bad = [f"{n}: {why}" for n, lv in self.assignment.items() if (why := lv.unfit_reason(*self.shapes[n]))]
+        bad = [f"{n}: {why}" for n, lv in self.assignment.items() if (why := unfit(lv, *self.shapes[n]))]
         if bad:
             raise AllocatorError(f"plan levels that cannot apply: {_some(bad)}")
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from allocator.backends.all_levels import for_each_level
 from allocator.errors import AllocatorError
+from allocator.formats import storage_bits
 from allocator.io import atomic_path
 from allocator.levels import Level, with_dense
 from allocator.model import Inventory, weight_view
@@ -80,7 +81,7 @@ class Profile:
             error = float(((D @ H) * D).double().sum()) / max(base, 1e-30)
             rows.append({"layer": layer.name, "block": layer.block, "role": layer.role, "level": level.name,
                          "params": layer.params, "kept_params": level.kept_params(layer.rows, layer.cols),
-                         "bits": level.storage_bits(layer.rows, layer.cols), "error": error,
+                         "bits": storage_bits(level, layer.rows, layer.cols), "error": error,
                          "fisher": fisher_error(D, H, fisher[layer.name])})  # fmt: skip
             for receiver in also:
                 receiver.visit(layer, level, W, Q, stats)
@@ -204,7 +205,7 @@ class Profile:
 
 def artifact_name(model_id: str, backend: str, levels: list[Level], meta: dict) -> str:
     """``<model>/<backend>-<hash of grid and data>``: one profile or database per distinct question."""
-    ggml = {"ggml": 1} if any(lv.gguf for lv in levels) else {}  # GGUF types rounded as llama.cpp rounds them
-    key = json.dumps({"grid": sorted(lv.name for lv in levels), **ggml, **meta}, sort_keys=True)
+    rounding = {k: v for lv in levels for p in lv.parts for k, v in p.cache_tag.items()}  # a kind's rounding version
+    key = json.dumps({"grid": sorted(lv.name for lv in levels), **rounding, **meta}, sort_keys=True)
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_id).name or model_id)
     return f"{slug}/{backend}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 
 from allocator.errors import AllocatorError
+from allocator.formats import storage_bits
 from allocator.io import write_text_atomic
+from allocator.levels import parse_level
 from allocator.plan import Plan
 
 
@@ -138,7 +140,6 @@ def plot_allocation(plan: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from allocator.levels import parse_level
     from allocator.plan import Plan
 
     layers = Plan.from_dict(plan).layers
@@ -148,7 +149,7 @@ def plot_allocation(plan: dict, path: Path) -> None:
         if role == "lm_head":
             continue
         rows, cols = plan["model"]["shapes"][name]
-        cells[(block, role)] = parse_level(level).storage_bits(rows, cols) / (rows * cols)
+        cells[(block, role)] = storage_bits(parse_level(level), rows, cols) / (rows * cols)
     roles = list(dict.fromkeys(role for _, role in cells))
     blocks = 1 + max(b for b, _ in cells)
     grid = np.full((blocks, len(roles)), np.nan)

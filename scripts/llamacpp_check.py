@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 
 from allocator.budget import Budget
-from allocator.export import FORMATS
+from allocator.export import EXPORTERS
 from allocator.export.llamacpp import gguf_name
 from allocator.io import write_json_atomic, write_text_atomic
 from allocator.levels import parse_grid
@@ -48,7 +48,7 @@ def plans(inventory: Inventory) -> dict[str, Plan]:
 
 
 def check(plan: Plan, quantize: str, work: Path) -> dict:
-    files = FORMATS["llamacpp"](plan)
+    files = EXPORTERS["llamacpp"](plan)
     for name, text in files.items():
         (work / name).write_text(text)
     out = work / "out.gguf"

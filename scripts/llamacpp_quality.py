@@ -23,7 +23,7 @@ from pathlib import Path
 
 import gguf
 
-from allocator.export import FORMATS
+from allocator.export import EXPORTERS
 from allocator.export.llamacpp import gguf_name
 from allocator.io import write_json_atomic, write_text_atomic
 from allocator.plan import Plan
@@ -66,7 +66,7 @@ def main() -> None:
         for i, path in enumerate(args.plans.split(",")):
             plan, work = Plan.load(path), Path(tmp) / f"plan{i}"
             work.mkdir()
-            for name, text in FORMATS["llamacpp"](plan).items():
+            for name, text in EXPORTERS["llamacpp"](plan).items():
                 (work / name).write_text(text)
             env = {**os.environ, "LLAMA_QUANTIZE": str(binary / "llama-quantize"),
                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}  # fmt: skip

@@ -258,7 +258,9 @@ def contract_problem(target: str) -> Problem:
     grid = parse_grid("0:0.9:0.05" if target.startswith("sparsity") else "dense,w8,w4g32,w3g32,w2g32")
     problem = build_problem(inv, grid, Budget.parse(target))
     rng = np.random.default_rng(0)
-    level_strength = np.array([lv.sparsity + (16 - lv.bits) / 16 for lv in grid])
+    level_strength = np.array(
+        [lv.sparsity + (16 - (lv.weights.value_bits if lv.quantized else 16)) / 16 for lv in grid]
+    )
     error = (level_strength[None, :] ** 2) * rng.uniform(0.5, 2.0, size=(len(problem.units), 1))
     return problem.with_profile(error, rng.uniform(0.01, 0.05, size=len(problem.units)))
 

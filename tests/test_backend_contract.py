@@ -40,12 +40,13 @@ def test_sparsity_is_exact(backend, name, layer):
     level = parse_level(name)
     Q = compress_weight(W, level, BACKENDS[backend], stats)
     zeros_per_row = (Q == 0).sum(1)
-    if backend in ("magnitude", "rtn") and not level.m:  # layer-wise threshold: exact per layer
+    nm = level.prune.nm
+    if backend in ("magnitude", "rtn") and not nm:  # layer-wise threshold: exact per layer
         assert int(zeros_per_row.sum()) == ROWS * level.pruned_per_row(COLS)
     else:
         assert (zeros_per_row == level.pruned_per_row(COLS)).all()
-    if level.m:
-        assert ((Q != 0).view(ROWS, -1, level.m).sum(-1) <= level.n).all()
+    if nm:
+        assert ((Q != 0).view(ROWS, -1, nm[1]).sum(-1) <= nm[0]).all()
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
@@ -54,10 +55,10 @@ def test_quantized_groups_use_at_most_2_pow_b_values(backend, name, layer):
     W, _, stats = layer
     level = parse_level(name)
     Q = compress_weight(W, level, BACKENDS[backend], stats)
-    g = level.group_size or COLS
+    g = level.weights.group or COLS
     for r in range(0, ROWS, 7):
         for c in range(0, COLS, g):
-            assert Q[r, c : c + g].unique().numel() <= 2**level.bits
+            assert Q[r, c : c + g].unique().numel() <= 2**level.weights.bits
     if level.sparsity:  # rounding may add zeros, never remove the pruned ones
         assert int((Q == 0).sum()) >= ROWS * level.pruned_per_row(COLS)
 
@@ -93,7 +94,7 @@ def test_data_backends_apply_block_by_block(backend):
     apply_(model, {lay.name: level for lay in inv.layers}, backend, calib, batch_size=2)
     for lay in inv.layers:
         W = weight_view(model.get_submodule(lay.name))
-        if level.m:
+        if level.prune is not None:
             assert ((W != 0).view(lay.rows, -1, 4).sum(-1) <= 2).all()
         else:
             assert W[0, :32].unique().numel() <= 16

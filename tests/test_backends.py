@@ -33,8 +33,9 @@ def test_nm_mask_is_valid(nm):
     level = parse_level(nm)
     score = torch.randn(16, 64)
     mask = prune_mask(score, level, per_row=True)
-    groups = (~mask).view(16, -1, level.m).sum(-1)
-    assert (groups == level.n).all()
+    n, m = level.prune.nm
+    groups = (~mask).view(16, -1, m).sum(-1)
+    assert (groups == n).all()
 
 
 def test_magnitude_removes_smallest_weights_exactly():

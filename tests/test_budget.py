@@ -43,7 +43,8 @@ def test_summarize_matches_float64_reference():
     bits = np.float64(0)
     for lay in inv.layers:
         lv = assignment[lay.name]
-        per_row = lay.cols - (lay.cols // 4 * 2 if lv.m else int(np.ceil(np.float64(lv.sparsity) * lay.cols - 1e-9)))
+        nm = lv.prune is not None and lv.prune.nm is not None
+        per_row = lay.cols - (lay.cols // 4 * 2 if nm else int(np.ceil(np.float64(lv.sparsity) * lay.cols - 1e-9)))
         kept += lay.rows * per_row
         bits += lv.storage_bits(lay.rows, lay.cols)
     assert got["kept_params"] == kept

@@ -35,7 +35,7 @@ def test_every_level_type_decodes_exactly(backend, dtype):
         got = decode(entries[level.name], level.name, parts, tuple(W.shape))
         assert got.dtype == Q.dtype and torch.equal(got, Q), (backend, level.name, entries[level.name])
     encodings = {name: e["enc"] for name, e in entries.items()}
-    unstructured = [lv.name for lv in GRID if lv.kind == "sparsity"]
+    unstructured = [lv.name for lv in GRID if lv.prune is not None and lv.prune.nm is None and not lv.quantized]
     # nested pruning needs no per-level copy; moved kept values (OBS) need mask + values
     expected = "order" if backend in ("magnitude", "rtn", "wanda") else "masked"
     assert {encodings[name] for name in unstructured} == {expected}

@@ -22,10 +22,11 @@ from allocator.budget import Budget
 from allocator.cli import main
 from allocator.errors import AllocatorError
 from allocator.evaluate import perplexity
-from allocator.export import FORMATS
-from allocator.export.gguf_types import stored_bits, stored_type
+from allocator.export import EXPORTERS
+from allocator.formats.llamacpp import stored_bits, stored_type
 from allocator.latency.architectures import meta_model
 from allocator.levels import DENSE_BITS, Level, parse_grid, parse_level
+from allocator.levels.ints import IntWeights
 from allocator.model import Inventory
 from allocator.plan import Plan
 from allocator.session import Session
@@ -58,6 +59,12 @@ def fused_names(names) -> list[str]:
 
 
 # ---- readers: each toolkit's documented matching rules, written independently of the exporters ----------------
+def int_level(bits: int, group: int = 0, sym: bool = True, prune: str = "") -> Level:
+    """The level a toolkit's (bits, group size, symmetry) setting reads as, after an optional pruning part."""
+    weights = IntWeights(bits, group, sym).name if bits < DENSE_BITS else ""
+    return parse_level("+".join(p for p in (prune, weights) if p) or "dense")
+
+
 def ct_target(name: str, targets: list[str]) -> bool:
     """compressed-tensors: an exact name, or ``re:`` applied with re.match."""
     return any(t == name or (t.startswith("re:") and re.match(t[3:], name)) for t in targets)
@@ -77,7 +84,7 @@ def read_llmcompressor(text: str) -> tuple[dict[str, Level], dict[str, str]]:
                     assert len(matched) == len(args["sparsity"]), "sparsity list must align with the matches"
                     n_, m_ = map(int, args["mask_structure"].split(":"))
                     for name, s in zip(matched, args["sparsity"], strict=True):
-                        sparse[name] = Level(n=n_, m=m_) if m_ else Level(sparsity=s)
+                        sparse[name] = parse_level(f"{n_}:{m_}" if m_ else f"s{s}")
                 else:
                     assert modifier == "GPTQModifier"
                     for name in names + fused_names(names):
@@ -98,9 +105,8 @@ def read_llmcompressor(text: str) -> tuple[dict[str, Level], dict[str, str]]:
                             fused_group[name] = hits[0]
     levels = {}
     for name in names:
-        base = sparse.get(name, Level())
-        bits, group, sym = quant.get(name, (DENSE_BITS, 0, True))
-        levels[name] = Level(sparsity=base.sparsity, n=base.n, m=base.m, bits=bits, group_size=group, sym=sym)
+        prune = sparse.get(name, Level()).prune
+        levels[name] = int_level(*quant.get(name, (DENSE_BITS, 0, True)), prune=prune.name if prune else "")
     return levels, fused_group
 
 
@@ -112,10 +118,8 @@ def read_gptqmodel(config: dict, name: str) -> Level:
             if sign == "-:":
                 return Level()
             g = override.get("group_size", config["group_size"])
-            return Level(
-                bits=override.get("bits", config["bits"]), group_size=max(g, 0), sym=override.get("sym", config["sym"])
-            )
-    return Level(bits=config["bits"], group_size=max(config["group_size"], 0), sym=config["sym"])
+            return int_level(override.get("bits", config["bits"]), max(g, 0), override.get("sym", config["sym"]))
+    return int_level(config["bits"], max(config["group_size"], 0), config["sym"])
 
 
 def read_llamacpp_types(text: str) -> dict[str, str]:
@@ -139,7 +143,7 @@ def read_llamacpp(text: str) -> dict[str, int]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_llmcompressor_round_trip_pruning_and_quantization(seed, tmp_path):
     plan = make_plan("dense,s0.3,s0.55,2:4,w4g32,w8,w4g64a,s0.5+w4g32", seed)
-    files = FORMATS["llmcompressor"](plan, "wanda")
+    files = EXPORTERS["llmcompressor"](plan, "wanda")
     levels, fused_group = read_llmcompressor(files["recipe.yaml"])
     assert {n: lv.name for n, lv in levels.items()} == {n: lv.name for n, lv in plan.assignment.items()}
     assert "WandaPruningModifier" in files["recipe.yaml"] and "sparsity: {" not in files["recipe.yaml"]
@@ -157,7 +161,7 @@ def test_llmcompressor_round_trip_pruning_and_quantization(seed, tmp_path):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gptqmodel_round_trip_including_fused_names(seed):
     plan = make_plan("dense,w2g64,w3g128,w4g128,w4g32a,w8", seed)
-    config = json.loads(FORMATS["gptqmodel"](plan)["quantize_config.json"])
+    config = json.loads(EXPORTERS["gptqmodel"](plan)["quantize_config.json"])
     for name, level in plan.assignment.items():
         assert read_gptqmodel(config, name).name == level.name
     for fused in fused_names(plan.assignment):
@@ -169,12 +173,13 @@ def test_gptqmodel_round_trip_including_fused_names(seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_autoround_and_llamacpp_round_trip(seed):
     plan = make_plan("dense,w2g64,w3g128,w4g128,w5g32,w6g64,w8", seed, tied=False)
-    config = json.loads(FORMATS["autoround"](plan)["layer_config.json"])
+    config = json.loads(EXPORTERS["autoround"](plan)["layer_config.json"])
     for name, level in plan.assignment.items():
         got = config["layer_config"][name]
-        assert Level(bits=got["bits"], group_size=max(got["group_size"], 0), sym=got["sym"]) == level
-    files = FORMATS["llamacpp"](plan)
-    assert read_llamacpp(files["tensor-types.txt"]) == {n: lv.bits for n, lv in plan.assignment.items()}
+        assert int_level(got["bits"], max(got["group_size"], 0), got["sym"]) == level
+    files = EXPORTERS["llamacpp"](plan)
+    bits = {n: lv.weights.bits if lv.quantized else DENSE_BITS for n, lv in plan.assignment.items()}
+    assert read_llamacpp(files["tensor-types.txt"]) == bits
     assert '--tensor-type-file "$HERE/tensor-types.txt" "$IN" "$OUT"' in files["llama-quantize.sh"]
     assert "^blk\\.1\\.ffn_down\\.weight$" in files["tensor-types.txt"]
     stored = {r.split(",")[0]: r.split(",")[1:] for r in files["stored-types.csv"].splitlines()[1:]}
@@ -203,16 +208,16 @@ def test_a_plan_of_gguf_types_is_exported_exactly_and_refused_elsewhere():
     fit = {lay.name: [lv for lv in grid if lv.unfit_reason(lay.rows, lay.cols) is None] for lay in INV.layers}
     assignment = {name: options[rng.integers(len(options))] for name, options in fit.items()}
     plan = Plan.create(assignment, INV, "tiny-12", Budget("bits", 16), grid, "test", 0)
-    assert {lv.kind for lv in assignment.values()} >= {"gguf"}
-    files = FORMATS["llamacpp"](plan)
-    expected = {n: "f16" if lv.kind == "dense" else lv.name.lower() for n, lv in plan.assignment.items()}
+    assert any(lv.quantized for lv in assignment.values())
+    files = EXPORTERS["llamacpp"](plan)
+    expected = {n: "f16" if lv.is_dense else lv.name.lower() for n, lv in plan.assignment.items()}
     assert read_llamacpp_types(files["tensor-types.txt"]) == expected
     stored = [r.split(",") for r in files["stored-types.csv"].splitlines()[1:]]
     assert all(asked == kind and plan_bits == bits for _, asked, kind, plan_bits, bits in stored)
     for fmt in ("gptqmodel", "autoround", "llmcompressor"):
         with pytest.raises(AllocatorError, match="made for llamacpp") as refused:
-            FORMATS[fmt](plan)
-        assert all(f"{n}={lv.name}" in str(refused.value) for n, lv in plan.assignment.items() if lv.gguf)
+            EXPORTERS[fmt](plan)
+        assert all(f"{n}={lv.name}" in str(refused.value) for n, lv in plan.assignment.items() if lv.quantized)
 
 
 def test_a_run_over_the_gguf_grid_keeps_its_budget_as_llama_cpp_stores_it(tiny_model_dir, text_files, tmp_path):
@@ -222,7 +227,7 @@ def test_a_run_over_the_gguf_grid_keeps_its_budget_as_llama_cpp_stores_it(tiny_m
                  "--levels", "gguf", "--sensitivity", "error", "--profiles-dir", str(tmp_path / "p"))  # fmt: skip
     assert main(args) == 0
     plan = Plan.load(run / "plan.json")
-    assert {lv.kind for lv in plan.assignment.values()} <= {"gguf", "dense"} and plan.achieved["bits"] <= 6
+    assert {lv.format for lv in plan.assignment.values()} <= {"llamacpp", ""} and plan.achieved["bits"] <= 6
     assert main(["export", str(run / "plan.json"), "--to", "llamacpp", "-o", str(tmp_path / "x")]) == 0
     stored = [r.split(",") for r in (tmp_path / "x" / "stored-types.csv").read_text().splitlines()[1:]]
     params = sum(r * c for r, c in plan.shapes.values())
@@ -233,7 +238,7 @@ def test_a_run_over_the_gguf_grid_keeps_its_budget_as_llama_cpp_stores_it(tiny_m
 def test_llamacpp_script_requantizes_a_quantized_source(tmp_path):
     """The script adds --allow-requantize only when the input GGUF holds quantized tensors."""
     plan = make_plan("dense,w4g128,w8", 0, tied=False)
-    files = FORMATS["llamacpp"](plan)
+    files = EXPORTERS["llamacpp"](plan)
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     fake = tmp_path / "llama-quantize"
@@ -261,9 +266,9 @@ def test_llamacpp_script_requantizes_a_quantized_source(tmp_path):
 
 def test_json_and_csv_round_trip(tmp_path):
     plan = make_plan("dense,s0.5,2:4,w4g128,s0.5+w4g128,drop", 3, tied=False)
-    (tmp_path / "p.json").write_text(FORMATS["json"](plan)["plan.json"])
+    (tmp_path / "p.json").write_text(EXPORTERS["json"](plan)["plan.json"])
     assert Plan.load(tmp_path / "p.json", INV).assignment == plan.assignment
-    (tmp_path / "p.csv").write_text(FORMATS["csv"](plan)["plan.csv"])
+    (tmp_path / "p.csv").write_text(EXPORTERS["csv"](plan)["plan.csv"])
     df = pd.read_csv(tmp_path / "p.csv")
     assert list(df.layer) == [lay.name for lay in INV.layers]
     assert {r.layer: parse_level(r.level) for r in df.itertuples()} == plan.assignment
@@ -279,7 +284,7 @@ def test_json_and_csv_round_trip(tmp_path):
 def test_exporters_refuse_what_their_target_cannot_express(fmt, grid, message):
     plan = make_plan(grid, 0)
     with pytest.raises(AllocatorError, match=message) as refused:
-        FORMATS[fmt](plan)
+        EXPORTERS[fmt](plan)
     if "cannot express" in message:  # every offending layer is named, not the first few
         bad = ast.literal_eval(re.search(r"express levels (\[.*?\])", str(refused.value)).group(1))
         offending = [f"{n}={lv.name}" for n, lv in plan.assignment.items() if lv.name in bad]
@@ -295,8 +300,8 @@ def test_vllm_bound_formats_refuse_split_tie_groups(fmt):
     with pytest.raises(
         AllocatorError, match=r"--per tie-group; the plan splits all of .*model\.layers\.10\.self_attn\.qkv_proj"
     ):
-        FORMATS[fmt](plan)
-    FORMATS["autoround"](plan)  # per-module formats take it
+        EXPORTERS[fmt](plan)
+    EXPORTERS["autoround"](plan)  # per-module formats take it
 
 
 def test_cli_export_writes_files_and_refuses_cleanly(tmp_path, capsys):
@@ -325,11 +330,11 @@ def test_apply_reloads_with_plain_transformers_and_reproduces_perplexity(tiny_mo
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert abs(perplexity(dense, session.eval_seqs, 4) / recorded - 1) > 1e-3
     plan = Plan.load(run / "plan.json")
-    low = [(n, lv) for n, lv in plan.assignment.items() if lv.bits <= 4]
+    low = [(n, lv.weights) for n, lv in plan.assignment.items() if lv.quantized and lv.weights.bits <= 4]
     assert low
-    for name, level in low:  # each stored row holds at most 2**bits values per quantization group
+    for name, w in low:  # each stored row holds at most 2**bits values per quantization group
         row = reloaded.get_submodule(name).weight[0]
-        assert len(row.unique()) <= 2**level.bits * -(-row.numel() // level.group_size)
+        assert len(row.unique()) <= 2**w.bits * -(-row.numel() // w.group)
     assert main(["apply", str(run / "plan.json"), "-o", str(out)]) == 2  # never overwrites a checkpoint
 
 
@@ -366,7 +371,7 @@ def test_llmcompressor_own_parser_reads_our_recipe(seed, tmp_path):
     from torch import nn
 
     plan = make_plan("dense,s0.3,s0.55,2:4,w4g32,w8,w4g64a,s0.5+w4g32", seed)
-    (tmp_path / "recipe.yaml").write_text(FORMATS["llmcompressor"](plan, "sparsegpt")["recipe.yaml"])
+    (tmp_path / "recipe.yaml").write_text(EXPORTERS["llmcompressor"](plan, "sparsegpt")["recipe.yaml"])
     modifiers = Recipe.create_instance(str(tmp_path / "recipe.yaml")).modifiers
     model = meta_model(CONFIG)
     got = {lay.name: {} for lay in INV.layers}
@@ -377,7 +382,7 @@ def test_llmcompressor_own_parser_reads_our_recipe(seed, tmp_path):
             assert len(matched) == len(m.sparsity)
             n_, m_ = map(int, m.mask_structure.split(":"))
             for name, s in zip(matched, m.sparsity, strict=True):
-                got[name].update(n=n_, m=m_) if m_ else got[name].update(sparsity=s)
+                got[name]["prune"] = f"{n_}:{m_}" if m_ else f"s{s}"
         else:
             assert kind == "GPTQModifier"
             fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -388,7 +393,7 @@ def test_llmcompressor_own_parser_reads_our_recipe(seed, tmp_path):
                 assert len(hits) <= 1
                 if hits:
                     w = m.config_groups[hits[0]].weights
-                    got[name].update(bits=w.num_bits, group_size=w.group_size or 0, sym=w.symmetric)
+                    got[name]["weights"] = (w.num_bits, w.group_size or 0, w.symmetric)
             for name in fused_names(got):  # vLLM's fused layers resolve to their shards' group
                 hits = [
                     g
@@ -398,4 +403,5 @@ def test_llmcompressor_own_parser_reads_our_recipe(seed, tmp_path):
                 shard = next(n for n in got if n.rpartition(".")[0] == name.rpartition(".")[0]
                              and FUSED.get(n.rpartition(".")[2]) == name.rpartition(".")[2])  # fmt: skip
                 assert (len(hits) == 1) == plan.assignment[shard].quantized
-    assert {n: Level(**fields).name for n, fields in got.items()} == {n: lv.name for n, lv in plan.assignment.items()}
+    read = {n: int_level(*f.get("weights", (DENSE_BITS, 0, True)), prune=f.get("prune", "")) for n, f in got.items()}
+    assert {n: lv.name for n, lv in read.items()} == {n: lv.name for n, lv in plan.assignment.items()}

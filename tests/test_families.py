@@ -20,7 +20,7 @@ from allocator.backends.database import LevelDatabase
 from allocator.budget import Budget, build_problem
 from allocator.cli import main
 from allocator.errors import AllocatorError
-from allocator.export import FORMATS, export
+from allocator.export import EXPORTERS, export
 from allocator.fitness import KLFitness
 from allocator.levels import parse_grid, parse_level
 from allocator.model import Inventory, is_linear, weight_view
@@ -58,6 +58,7 @@ def _inventory(family: str, _folder: Path, _work: Path, _texts: dict) -> None:
 def _experts(family: str, _folder: Path, _work: Path, _texts: dict) -> None:
     """Routed experts are units (one per expert and projection), and unfusing them changes no output."""
     model = tiny_model(family)
+    model.config._experts_implementation = "eager"  # transformers' own expert loop, which the unfused one replays
     x = torch.randint(VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(x).logits
@@ -124,12 +125,12 @@ def _exporters(family: str, folder: Path, work: Path, texts: dict) -> None:
     written = {}
     for run in ("uniform", "bits"):
         plan = Plan.load(work / run / "plan.json")
-        for fmt in FORMATS:
+        for fmt in EXPORTERS:
             try:
                 written[run, fmt] = export(plan, fmt, work / "exports" / run / fmt, "magnitude")
             except AllocatorError:
                 continue
-    expected = set(FORMATS) - REFUSED.get(family, set())
+    expected = set(EXPORTERS) - REFUSED.get(family, set())
     assert {fmt for (_, fmt) in written} == expected, f"never exported: {expected - {f for _, f in written}}"
 
 

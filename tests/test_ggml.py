@@ -16,8 +16,8 @@ import torch
 from safetensors.numpy import load_file
 
 from allocator.backends import BACKENDS, compress_weight
-from allocator.backends.ggml import ggml_roundtrip
 from allocator.levels import parse_level
+from allocator.levels.ggml import ggml_roundtrip
 
 ROWS = load_file(Path(__file__).parent / "data" / "ggml_rows.safetensors")
 WRITTEN = sorted(k for k in ROWS if not k.startswith("source."))

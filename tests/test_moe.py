@@ -59,7 +59,7 @@ def test_llamacpp_takes_per_expert_role_plans_on_ggufs_expert_tensors():
 
     from allocator.budget import Budget
     from allocator.errors import AllocatorError
-    from allocator.export import FORMATS
+    from allocator.export import EXPORTERS
     from allocator.levels import parse_grid
     from allocator.plan import Plan
 
@@ -72,7 +72,7 @@ def test_llamacpp_takes_per_expert_role_plans_on_ggufs_expert_tensors():
     plan = Plan.create(assignment, inv, "tiny-mixtral", Budget("bits", 16), grid, "test", 0)
     back = Plan.from_dict(plan.to_dict())
     assert back.shares == plan.shares and set(plan.shares.values()) == {0.5} and back.attention == ["full", "full"]
-    rules = dict(line.rsplit("=", 1) for line in FORMATS["llamacpp"](plan)["tensor-types.txt"].split())
+    rules = dict(line.rsplit("=", 1) for line in EXPORTERS["llamacpp"](plan)["tensor-types.txt"].split())
     names = gguf.TENSOR_NAMES
     for b in range(inv.n_blocks):
         for tensor, ggml in ((gguf.MODEL_TENSOR.FFN_GATE_EXP, "q8_0"), (gguf.MODEL_TENSOR.FFN_UP_EXP, "q8_0"),
@@ -85,4 +85,4 @@ def test_llamacpp_takes_per_expert_role_plans_on_ggufs_expert_tensors():
     split = dict(assignment)
     split[next(n for n in split if n.endswith("experts.1.down_proj"))] = grid[0]
     with pytest.raises(AllocatorError, match=r"ffn_down_exps.*--per expert-role"):
-        FORMATS["llamacpp"](Plan.create(split, inv, "tiny-mixtral", Budget("bits", 16), grid, "test", 0))
+        EXPORTERS["llamacpp"](Plan.create(split, inv, "tiny-mixtral", Budget("bits", 16), grid, "test", 0))

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from allocator.backends.obs import obs_compress, obs_compress_levels
-from allocator.backends.quant import grid_params, quantize
 from allocator.levels import Level, parse_level
+from allocator.levels.ints import grid_params, quantize
 
 
 def _reference(W: torch.Tensor, H: torch.Tensor, level: Level, blocksize: int, percdamp: float = 0.01):
@@ -22,25 +22,27 @@ def _reference(W: torch.Tensor, H: torch.Tensor, level: Level, blocksize: int, p
     H.diagonal().add_(percdamp * H.diagonal().mean())
     rows, cols = W.shape
     mask = torch.zeros(rows, cols, dtype=torch.bool)
-    g = level.group_size or cols
+    w = level.weights
+    g = (w.group or cols) if w is not None else cols
+    nm = level.prune.nm if level.prune is not None else None
     diag = [torch.linalg.inv(H[j:, j:])[0, 0] for j in range(cols)]  # [H_{F_j}^-1]_jj
     scale = zero = None
     for i in range(cols):
         Hinv_F = torch.linalg.inv(H[i:, i:])  # F = {i, ..., cols-1}
-        if level.sparsity and not level.m and i % blocksize == 0:
+        if level.sparsity and not nm and i % blocksize == 0:
             i2 = min(i + blocksize, cols)
             k = min(i2, math.ceil(level.sparsity * i2 - 1e-9)) - min(i, math.ceil(level.sparsity * i - 1e-9))
             if k:
                 score = W[:, i:i2] ** 2 / torch.stack(diag[i:i2])[None, :]
                 mask[:, i:i2].scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
-        if level.m and i % level.m == 0:
-            score = W[:, i : i + level.m] ** 2 / torch.stack(diag[i : i + level.m])[None, :]
-            mask[:, i : i + level.m].scatter_(1, torch.topk(score, level.m - level.n, 1, largest=False).indices, True)
+        if nm and i % nm[1] == 0:
+            score = W[:, i : i + nm[1]] ** 2 / torch.stack(diag[i : i + nm[1]])[None, :]
+            mask[:, i : i + nm[1]].scatter_(1, torch.topk(score, nm[1] - nm[0], 1, largest=False).indices, True)
         if level.quantized and i % g == 0:
-            scale, zero = grid_params(W[:, i : i + g].masked_fill(mask[:, i : i + g], 0), level.bits, level.sym)
+            scale, zero = grid_params(W[:, i : i + g].masked_fill(mask[:, i : i + g], 0), w.bits, w.sym)
         q = W[:, i].masked_fill(mask[:, i], 0)
         if level.quantized:
-            q = quantize(q[:, None], scale, zero, level.bits)[:, 0].masked_fill(mask[:, i], 0)
+            q = quantize(q[:, None], scale, zero, w.bits)[:, 0].masked_fill(mask[:, i], 0)
         W[:, i:] -= ((W[:, i] - q) / Hinv_F[0, 0])[:, None] * Hinv_F[0, :][None, :]
         W[:, i] = q  # equal up to rounding; set exactly
     return W

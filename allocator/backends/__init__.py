@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from allocator.backends.calibrate import blockwise
 from allocator.backends.magnitude import magnitude_prune
 from allocator.backends.obs import obs_compress, obs_compress_levels
-from allocator.backends.quant import rtn
 from allocator.backends.stats import LayerStats
 from allocator.backends.wanda import wanda_prune
 from allocator.errors import AllocatorError
@@ -40,9 +39,9 @@ class Backend:
 
 def _prune_then_rtn(prune: Callable[[torch.Tensor, Level, LayerStats | None], torch.Tensor]):
     def compress(W: torch.Tensor, level: Level, stats: LayerStats | None) -> torch.Tensor:
-        out = prune(W, level, stats) if level.sparsity > 0 else W
-        if level.quantized:
-            out = rtn(out, level).masked_fill(out == 0, 0)  # pruned weights stay exactly zero
+        out = prune(W, level, stats) if level.prune is not None else W
+        if level.weights is not None:
+            out = level.weights.rtn(out).masked_fill(out == 0, 0)  # pruned weights stay exactly zero
         return out
 
     return compress
@@ -72,7 +71,7 @@ def compress_weight(W: torch.Tensor, level: Level, backend: Backend, stats: Laye
     """The compressed copy of one weight ([rows, cols]) at ``level``; the input is not modified."""
     if level.drop:
         return torch.zeros_like(W)
-    if level.kind == "dense":
+    if level.is_dense:
         return W.clone()
     return backend.compress(W, level, stats).to(W.dtype)
 
@@ -84,7 +83,7 @@ def compress_levels(
     if backend.compress_many is None:
         return [compress_weight(W, level, backend, stats) for level in levels]
     out: list[torch.Tensor | None] = [None] * len(levels)
-    hard = [i for i, lv in enumerate(levels) if not lv.drop and lv.kind != "dense"]
+    hard = [i for i, lv in enumerate(levels) if not lv.drop and not lv.is_dense]
     for i, lv in enumerate(levels):
         if i not in hard:
             out[i] = compress_weight(W, lv, backend, stats)

@@ -15,6 +15,7 @@ from allocator.backends import compress_levels, get_backend
 from allocator.backends.calibrate import blockwise
 from allocator.backends.stats import LayerStats
 from allocator.errors import AllocatorError
+from allocator.formats import unfit
 from allocator.levels import Level
 from allocator.model import Inventory, Layer, weight_view
 
@@ -43,7 +44,7 @@ def for_each_level(
     def block_done(layers: list[Layer], stats: dict[str, LayerStats]) -> None:
         for layer in layers:
             W = weight_view(model.get_submodule(layer.name))
-            fits = [level for level in levels if level.unfit_reason(layer.rows, layer.cols) is None]
+            fits = [level for level in levels if unfit(level, layer.rows, layer.cols) is None]
             for level, Q in zip(fits, compress_levels(W, fits, chosen, stats[layer.name]), strict=True):
                 visit(layer, level, W, Q, stats[layer.name])
         if on_block is not None:

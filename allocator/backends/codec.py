@@ -61,7 +61,7 @@ def encode_layer(dense: torch.Tensor, compressed: dict[Level, torch.Tensor]) -> 
     for level, Q in compressed.items():
         if level.name in entries:
             continue
-        if level.kind == "dense" and torch.equal(Q, dense):
+        if level.is_dense and torch.equal(Q, dense):
             entries[level.name] = {"enc": "dense"}
             continue
         if level.drop and not Q.any():
@@ -76,7 +76,8 @@ def encode_layer(dense: torch.Tensor, compressed: dict[Level, torch.Tensor]) -> 
 def _nested_chain(dense: torch.Tensor, compressed: dict[Level, torch.Tensor]) -> list[Level]:
     """The longest run of pruning-only levels, in increasing sparsity, whose removed sets are nested and
     whose kept weights equal the dense ones (at most 254, the ``uint8`` order's range)."""
-    candidates = sorted((lv for lv in compressed if lv.kind == "sparsity"), key=lambda lv: -lv.sparsity)
+    pruning_only = [lv for lv in compressed if lv.prune is not None and lv.prune.nm is None and lv.weights is None]
+    candidates = sorted(pruning_only, key=lambda lv: -lv.sparsity)
     chain: list[Level] = []
     previous = None
     for level in reversed(candidates):  # density decreasing: sparsity increasing
@@ -138,7 +139,7 @@ def _codebook(Q: torch.Tensor, level: Level) -> tuple[Parts, Entry]:
     """Codes into per-(row, group) tables of the group's distinct values (sized to the most any group has);
     ``masked`` where that is smaller (tiny groups) or a group has more than 256 values."""
     rows, cols = Q.shape
-    group = level.group_size or cols
+    group = level.weights.code_group(cols)
     n_groups = -(-cols // group)
     # a short last group is padded with its own last value: no new distinct value, sliced off on decode
     padded = torch.cat([Q, Q[:, -1:].expand(rows, n_groups * group - cols)], dim=1)

@@ -17,10 +17,11 @@ def prune_mask(score: torch.Tensor, level: Level, per_row: bool) -> torch.Tensor
     """
     rows, cols = score.shape
     mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
-    if level.m:
-        groups = score.reshape(rows, cols // level.m, level.m)  # [rows, groups, m]
-        drop = torch.topk(groups, level.m - level.n, dim=-1, largest=False).indices
-        return mask.view(rows, cols // level.m, level.m).scatter_(-1, drop, True).view(rows, cols)
+    if level.prune is not None and level.prune.nm is not None:
+        n, m = level.prune.nm
+        groups = score.reshape(rows, cols // m, m)  # [rows, groups, m]
+        drop = torch.topk(groups, m - n, dim=-1, largest=False).indices
+        return mask.view(rows, cols // m, m).scatter_(-1, drop, True).view(rows, cols)
     k = level.pruned_per_row(cols)
     if k == 0:
         return mask

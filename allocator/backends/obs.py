@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from allocator.backends.quant import grid_params, quantize
 from allocator.levels import Level
 
 MAX_STACK = 2**26  # elements of one stacked problem on a CPU (256 MB in float32); more levels run in turns
@@ -43,9 +42,9 @@ def _pruned_before(sparsity: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _group_key(level: Level) -> tuple:
-    """Levels with equal keys share one column loop (blocks aligned to m, same quantization groups)."""
-    quant = level.quantized
-    return level.m, quant, level.group_size if quant else 0, level.sym if quant else True
+    """Levels with equal keys share one column loop (blocks aligned to m, one quantizer for their formats)."""
+    nm = level.prune.nm if level.prune is not None else None
+    return (nm[1] if nm else 0), (level.weights.stack_key() if level.weights is not None else None)
 
 
 @torch.no_grad()
@@ -89,17 +88,21 @@ def _obs_stacked(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, levels
     W = W.float().repeat(len(levels), 1)
     W[:, dead] = 0
     per_row = lambda values, dtype: torch.tensor(values, dtype=dtype, device=W.device).repeat_interleave(rows)  # noqa: E731
-    first = levels[0]
-    m, quant, g = first.m, first.quantized, first.group_size or cols
-    sparsity = per_row([0.0 if lv.m else lv.sparsity for lv in levels], torch.float64)
+    nms = [lv.prune.nm if lv.prune is not None else None for lv in levels]
+    m = nms[0][1] if nms[0] else 0
+    sparsity = per_row([0.0 if nm else lv.sparsity for lv, nm in zip(levels, nms, strict=True)], torch.float64)
     prune_u = bool((sparsity > 0).any())
     if m:
         blocksize = max(m, blocksize // m * m)
-        drop_nm = per_row([lv.m - lv.n for lv in levels], torch.long)[:, None]  # [R, 1]
+        drop_nm = per_row([nm[1] - nm[0] for nm in nms], torch.long)[:, None]  # [R, 1]
         slots = torch.arange(m, device=W.device)[None, :]
-    bits = per_row([lv.bits for lv in levels], torch.long)[:, None] if quant else None
+    formats = [lv.weights for lv in levels]
+    quantizer = type(formats[0]).quantizer(formats, rows, W.device) if formats[0] is not None else None
+    if quantizer is not None:
+        quantizer.prepare(W)
+    g = (quantizer.group or cols) if quantizer is not None else cols
     mask = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
-    scale = zero = None
+    params = None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()  # [R, b]
@@ -118,14 +121,14 @@ def _obs_stacked(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, levels
                 score = W1[:, i : i + m] ** 2 / d[None, i : i + m] ** 2  # [R, m]
                 order = torch.argsort(score, dim=1, stable=True)
                 mask[:, col : col + m].scatter_(1, order, slots < drop_nm)
-            if quant and col % g == 0:
+            if quantizer is not None and col % g == 0:
                 current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
                 current = current.masked_fill(mask[:, col : col + current.shape[1]], 0)
-                scale, zero = grid_params(current, bits, first.sym)
+                params = quantizer.params(current)
             w = W1[:, i]
             q = w.masked_fill(mask[:, col], 0)
-            if quant:
-                q = quantize(q[:, None], scale, zero, bits)[:, 0].masked_fill(mask[:, col], 0)
+            if quantizer is not None:
+                q = quantizer.round(q[:, None], params)[:, 0].masked_fill(mask[:, col], 0)
             Q1[:, i] = q
             err = (w - q) / d[i]
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]

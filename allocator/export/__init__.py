@@ -10,7 +10,7 @@ from allocator.export import autoround, gptqmodel, llamacpp, llmcompressor, tabu
 from allocator.io import write_text_atomic
 from allocator.plan import Plan
 
-FORMATS: dict[str, Callable[..., dict[str, str]]] = {
+EXPORTERS: dict[str, Callable[..., dict[str, str]]] = {
     "llmcompressor": llmcompressor.export,
     "gptqmodel": gptqmodel.export,
     "autoround": autoround.export,
@@ -22,9 +22,9 @@ FORMATS: dict[str, Callable[..., dict[str, str]]] = {
 
 def export(plan: Plan, fmt: str, out: str | Path, backend: str | None = None) -> list[Path]:
     """Write the files of ``fmt`` for ``plan`` into ``out`` (nothing is written if the plan is refused)."""
-    if fmt not in FORMATS:
-        raise AllocatorError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    files = FORMATS[fmt](plan, backend)
+    if fmt not in EXPORTERS:
+        raise AllocatorError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORTERS)}")
+    files = EXPORTERS[fmt](plan, backend)
     paths = []
     for name, text in files.items():
         write_text_atomic(Path(out) / name, text)

@@ -1,4 +1,4 @@
-"""What every exporter shares: level-type checks, tie groups, anchored name patterns.
+"""What every exporter shares: checks of the part kinds it takes, tie groups, anchored name patterns.
 
 Plans are keyed by Hugging Face module names (``named_modules()``); each exporter derives its
 target's names from them. Patterns are always escaped and anchored, so ``layers.1.`` can never
@@ -11,7 +11,9 @@ import re
 from collections import defaultdict
 
 from allocator.errors import AllocatorError
-from allocator.levels import Level
+from allocator.formats import FORMATS
+from allocator.levels import Level, Part
+from allocator.levels.ints import IntWeights
 from allocator.model import TIE_KINDS
 from allocator.plan import Plan
 
@@ -19,41 +21,38 @@ from allocator.plan import Plan
 FUSED = {role: f"{kind}_proj" for role, kind in TIE_KINDS.items()}
 
 
-def require_kinds(plan: Plan, allowed: set[str], target: str) -> None:
-    """Refuse a plan using level types ``target`` cannot express, naming them and what it can."""
-    layers = [f"{name}={lv.name}" for name, lv in plan.assignment.items() if lv.kind not in allowed]
+def require_parts(plan: Plan, takes: tuple[type[Part], ...], target: str) -> None:
+    """Refuse a plan with a level holding a part kind ``target`` does not take, naming every such layer."""
+    layers = [f"{n}={lv.name}" for n, lv in plan.assignment.items() if any(not isinstance(p, takes) for p in lv.parts)]
     if layers:
         bad = sorted({entry.rpartition("=")[2] for entry in layers})
+        kinds = ", ".join(cls.kind for cls in takes)
         raise AllocatorError(
-            f"{target} cannot express levels {bad} (it takes {', '.join(sorted(allowed))} levels): "
+            f"{target} cannot express levels {bad} (it takes dense and {kinds} levels): "
             f"re-plan with a grid of those, or export to json/csv; all {len(layers)} layers: {', '.join(layers)}"
         )
 
 
-def require_target(plan: Plan, target: str, fmt: str) -> None:
-    """Refuse a plan made for another deployment target (``--format``), naming every layer it would change."""
-    from allocator.targets import TARGETS
-
-    layers = [f"{name}={lv.name}" for name, lv in plan.assignment.items() if lv.target and lv.target != target]
+def require_format(plan: Plan, format: str, target: str) -> None:
+    """Refuse a plan made for another deployment format (``--format``), naming every layer it would change."""
+    layers = [f"{name}={lv.name}" for name, lv in plan.assignment.items() if lv.format and lv.format != format]
     if layers:
-        made = sorted({lv.target for lv in plan.assignment.values() if lv.target and lv.target != target})
-        writers = ", ".join(f"--to {TARGETS[t].exporter}" for t in made)
+        made = sorted({lv.format for lv in plan.assignment.values() if lv.format and lv.format != format})
+        writers = ", ".join(f"--to {FORMATS[t].exporter}" for t in made)
         raise AllocatorError(
-            f"the plan was made for {', '.join(made)} (--format), not for {fmt}: export it with {writers}, or "
-            f"re-plan with --format {target}; all {len(layers)} layers: {', '.join(layers)}"
+            f"the plan was made for {', '.join(made)} (--format), not for {target}: export it with {writers}, or "
+            f"re-plan with --format {format}; all {len(layers)} layers: {', '.join(layers)}"
         )
 
 
-def unservable(plan: Plan, target: str) -> list[str]:
-    """Layers of a generic plan (no ``--format``) whose level ``target`` cannot store or run, each with why."""
-    from allocator.targets import TARGETS
-
-    chosen = TARGETS[target]
+def unservable(plan: Plan, format: str) -> list[str]:
+    """Layers of a generic plan (no ``--format``) whose level ``format`` cannot store or run, each with why."""
+    chosen = FORMATS[format]
 
     def why(name: str, level: Level) -> str | None:
         return chosen.reason(level) or chosen.unfit(level, *plan.shapes[name])
 
-    return [f"{name}={lv.name} ({w})" for name, lv in plan.assignment.items() if not lv.target and (w := why(name, lv))]
+    return [f"{name}={lv.name} ({w})" for name, lv in plan.assignment.items() if not lv.format and (w := why(name, lv))]
 
 
 def require_tied(plan: Plan, setting, target: str) -> None:
@@ -80,5 +79,6 @@ def anchored(name: str) -> str:
 
 
 def quant_setting(level: Level) -> tuple[int, int, bool]:
-    """(bits, group_size, sym) of a level (16 bits: not quantized)."""
-    return (level.bits, level.group_size, level.sym)
+    """(bits, group_size, sym) of an integer-weight level ((16, 0, True): not quantized)."""
+    w = level.weights
+    return (w.bits, w.group, w.sym) if isinstance(w, IntWeights) else (16, 0, True)

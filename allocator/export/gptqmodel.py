@@ -12,18 +12,19 @@ import json
 from collections import Counter
 
 from allocator.errors import AllocatorError
-from allocator.export.common import anchored, quant_setting, require_kinds, require_target, require_tied
+from allocator.export.common import anchored, quant_setting, require_format, require_parts, require_tied
+from allocator.levels.ints import IntWeights
 from allocator.plan import Plan
 
-KINDS = {"dense", "bits"}
+TAKES = (IntWeights,)
 BITS = {2, 3, 4, 8}  # what GPTQ kernels (and vLLM's GPTQ loaders) run
 
 
 def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     """``quantize_config.json``: pass its fields to ``QuantizeConfig(**…)``."""
-    require_target(plan, "gptqmodel", "GPTQModel")
-    require_kinds(plan, KINDS, "GPTQModel")
-    odd = sorted({lv.name for lv in plan.assignment.values() if lv.quantized and lv.bits not in BITS})
+    require_format(plan, "gptqmodel", "GPTQModel")
+    require_parts(plan, TAKES, "GPTQModel")
+    odd = sorted({lv.name for lv in plan.assignment.values() if lv.quantized and quant_setting(lv)[0] not in BITS})
     if odd:
         raise AllocatorError(f"GPTQModel runs {sorted(BITS)}-bit weights, not {odd}: re-plan with those bit-widths")
     require_tied(plan, quant_setting, "GPTQModel")
@@ -37,7 +38,7 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
         if not level.quantized:
             dynamic.setdefault(f"-:{key}", {})
         elif quant_setting(level) != (bits, group, sym):
-            dynamic.setdefault(f"+:{key}", {"bits": level.bits, "group_size": level.group_size or -1,
-                                            "sym": level.sym})  # fmt: skip
+            b, g, s = quant_setting(level)
+            dynamic.setdefault(f"+:{key}", {"bits": b, "group_size": g or -1, "sym": s})
     config = {"bits": bits, "group_size": group or -1, "sym": sym, "desc_act": False, "dynamic": dynamic}
     return {"quantize_config.json": json.dumps(config, indent=2) + "\n"}

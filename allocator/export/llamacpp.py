@@ -15,12 +15,15 @@ import logging
 import re
 
 from allocator.errors import AllocatorError
-from allocator.export.common import require_kinds, require_target
-from allocator.export.gguf_types import stored_bits, stored_type
+from allocator.export.common import quant_setting, require_format, require_parts
+from allocator.formats import storage_bits
+from allocator.formats.llamacpp import stored_bits, stored_type
 from allocator.levels import Level
+from allocator.levels.gguf import GGUFType
+from allocator.levels.ints import IntWeights
 from allocator.plan import Plan
 
-KINDS = {"dense", "bits", "gguf"}
+TAKES = (IntWeights, GGUFType)
 GGML_TYPES = {16: "f16", 8: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
 log = logging.getLogger(__name__)
 _ARCHS = ("LLAMA", "QWEN2", "QWEN3", "GEMMA3", "GPT2", "QWEN2MOE", "PHI3", "GPTNEOX")  # tried in turn to name a tensor
@@ -41,16 +44,16 @@ def gguf_name(hf_name: str, n_blocks: int) -> str:
 def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     """``tensor-types.txt`` (one ``^blk\\.N\\.x\\.weight$=type`` per line), ``llama-quantize.sh`` and
     ``stored-types.csv`` (per tensor: the type asked for, the type llama.cpp stores for its shape, bits)."""
-    require_target(plan, "llamacpp", "llama.cpp")
-    require_kinds(plan, KINDS, "llama.cpp")
-    odd = sorted({lv.name for lv in plan.assignment.values() if not lv.gguf and lv.bits not in GGML_TYPES})
+    require_format(plan, "llamacpp", "llama.cpp")
+    require_parts(plan, TAKES, "llama.cpp")
+    odd = sorted({lv.name for lv in plan.assignment.values() if quant_setting(lv)[0] not in GGML_TYPES})
     if odd:
         raise AllocatorError(f"llama.cpp has no type for {odd}: use {sorted(GGML_TYPES)}-bit levels")
     blocks = 1 + max(block for block, role in plan.layers.values() if role != "lm_head")
     tensors = _expert_tensors(plan)
     tensors.update({gguf_name(n, blocks): lv for n, lv in plan.assignment.items() if ".experts." not in n})
     lines = [f"^{re.escape(name)}$={_type(lv)}" for name, lv in tensors.items()]
-    quantized = [lv.bits for lv in plan.assignment.values() if lv.quantized]
+    quantized = [lv.weights.value_bits for lv in plan.assignment.values() if lv.weights is not None]
     base = GGML_TYPES[max(set(quantized), key=quantized.count)].upper() if quantized else "Q8_0"
     # GGUF-type levels are stored exactly as planned (a plan made with --levels gguf never asks for a fallback);
     # other quantized levels map to the nearest type by bits and may fall back
@@ -58,7 +61,7 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     for name, level in plan.assignment.items():
         r, c = plan.shapes[name]
         kind = _type(level)
-        written, mine, theirs = stored_type(kind, c), level.storage_bits(r, c), stored_bits(kind, r, c)
+        written, mine, theirs = stored_type(kind, c), storage_bits(level, r, c), stored_bits(kind, r, c)
         planned, stored, fell = planned + mine, stored + theirs, fell + (written != kind)
         rows.append(f"{name},{kind},{written},{mine},{theirs}")
     params = sum(r * c for r, c in plan.shapes.values())
@@ -73,7 +76,8 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
 
 def _type(level: Level) -> str:
     """The GGUF type for a level: its own for a GGUF-type level, else the nearest by bits."""
-    return level.gguf or GGML_TYPES[level.bits]
+    w = level.weights
+    return w.type_name if isinstance(w, GGUFType) else GGML_TYPES[quant_setting(level)[0]]
 
 
 _SCRIPT = """#!/usr/bin/env bash

@@ -15,18 +15,20 @@ from collections import defaultdict
 
 import yaml
 
-from allocator.export.common import anchored, quant_setting, require_kinds, require_target, require_tied, unservable
+from allocator.export.common import anchored, quant_setting, require_format, require_parts, require_tied, unservable
+from allocator.levels.ints import IntWeights
+from allocator.levels.pruning import NM, Sparsity
 from allocator.plan import Plan
 
-KINDS = {"dense", "sparsity", "nm", "bits", "sparse+bits"}
+TAKES = (Sparsity, NM, IntWeights)
 log = logging.getLogger(__name__)
 PRUNERS = {"wanda": "WandaPruningModifier"}  # every other backend: SparseGPT (the OBS pruner)
 
 
 def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     """``recipe.yaml`` with a sparsity stage and/or a quantization stage."""
-    require_target(plan, "vllm", "llm-compressor (vLLM)")
-    require_kinds(plan, KINDS, "llm-compressor")
+    require_format(plan, "vllm", "llm-compressor (vLLM)")
+    require_parts(plan, TAKES, "llm-compressor")
     if bad := unservable(plan, "vllm"):  # llm-compressor makes them, but vLLM will not load or speed them up
         log.warning("vLLM cannot serve %d layers of this plan as planned (re-plan with --format vllm): %s",
                     len(bad), ", ".join(bad))  # fmt: skip
@@ -34,8 +36,9 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     pruner = PRUNERS.get(backend or "", "SparseGPTModifier")
     by_structure: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for name, level in plan.assignment.items():  # plan order is named_modules() order
-        if level.m:
-            by_structure[f"{level.n}:{level.m}"].append((name, 1 - level.n / level.m))
+        nm = level.prune.nm if level.prune is not None else None
+        if nm:
+            by_structure[f"{nm[0]}:{nm[1]}"].append((name, 1 - nm[0] / nm[1]))
         elif level.sparsity > 0:
             by_structure["0:0"].append((name, level.sparsity))
     if by_structure:

@@ -7,9 +7,8 @@ import json
 
 import pandas as pd
 
+from allocator.formats import storage_bits
 from allocator.plan import Plan
-
-KINDS = {"dense", "sparsity", "nm", "bits", "sparse+bits", "drop"}  # every level type
 
 
 def to_json(plan: Plan) -> dict[str, str]:
@@ -18,13 +17,15 @@ def to_json(plan: Plan) -> dict[str, str]:
 
 
 def to_csv(plan: Plan) -> dict[str, str]:
-    """``plan.csv``: layer, shape and every level field, in the model's layer order."""
+    """``plan.csv``: layer, shape, level and its parts by slot, sparsity and stored bits, in the model's layer order."""
     rows = []
     for name, level in plan.assignment.items():
         r, c = plan.shapes[name]
-        rows.append({"layer": name, "rows": r, "cols": c, "level": level.name, "kind": level.kind,
-                     "sparsity": level.sparsity, "n": level.n, "m": level.m, "bits": level.bits,
-                     "group_size": level.group_size, "sym": level.sym, "drop": level.drop})  # fmt: skip
+        parts = {slot: getattr(level, slot) for slot in ("prune", "weights", "acts")}
+        rows.append({"layer": name, "rows": r, "cols": c, "level": level.name, "format": level.format,
+                     **{slot: part.name if part is not None else "" for slot, part in parts.items()},
+                     "drop": level.drop, "sparsity": level.sparsity,
+                     "bits_per_weight": storage_bits(level, r, c) / (r * c)})  # fmt: skip
     buf = io.StringIO()
     pd.DataFrame(rows).to_csv(buf, index=False)
     return {"plan.csv": buf.getvalue()}

@@ -45,17 +45,10 @@ class KernelUnavailable(RuntimeError):
 
 
 def kernel_for(level: Level, sparse24: str = "cusparselt") -> str:
-    """The kernel a level runs on (``dense`` when it has none: unstructured sparsity, odd bit-widths)."""
-    if level.drop:
-        return "drop"
-    if level.m == 4 and level.n == 2 and not level.quantized:
-        return f"2:4-{sparse24}"
-    if level.quantized and not level.m and level.sparsity == 0:
-        if level.bits == 8 and level.group_size == 0:
-            return "int8wo"
-        if level.bits == 4 and level.group_size in INT4_GROUPS:
-            return f"int4wo-g{level.group_size}"
-    return "dense"
+    """The kernel a level runs on, as its parts declare it (``dense`` when it has none: unstructured
+    sparsity, odd bit-widths, a kind without a kernel); 2:4 runs on ``sparse24``'s implementation."""
+    kernel = level.kernel
+    return f"2:4-{sparse24}" if kernel == "2:4" else kernel
 
 
 def build(kernel: str, weight: torch.Tensor) -> Kernel:
