@@ -1,10 +1,9 @@
 """Apply a plan and save a Hugging Face checkpoint that reloads with plain ``transformers``.
 
-The model is compressed exactly as the run that made the plan compressed it (same backend,
-calibration data and seed, read from the run folder's ``config.json``), evaluated the same way,
-and saved with ``save_pretrained`` (safetensors) plus its tokenizer. Pruned weights are stored as
-zeros and quantized weights as their de-quantized values: what every toolkit's "dense with
-zeros" checkpoint holds; packed low-bit formats come from the exporters.
+The model is compressed exactly as the run that made the plan compressed it: a schema-2 plan records its
+backend, settings and data, so the plan file alone suffices; a schema-1 plan reads them from the run folder's
+``config.json``. Pruned weights are stored as zeros and quantized weights as their de-quantized values: what
+every toolkit's "dense with zeros" checkpoint holds.
 """
 
 from __future__ import annotations
@@ -13,17 +12,39 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from allocator.config import RunConfig
+import torch
+from torch import nn
+
+from allocator import backends, data
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory
 from allocator.io import atomic_path, check_output, write_json_atomic
 from allocator.moe import fuse_experts
 from allocator.plan import Plan
 from allocator.session import Session
+from allocator.spec import RunConfig, resolve
+
+_FROM_PLAN = ("calib", "eval", "calib_samples", "kl_samples", "eval_samples", "seq_len", "seed")  # plan.data keys
 
 
-def run_config(plan_path: Path, overrides: dict) -> RunConfig:
-    """The settings of the run that made the plan (its ``config.json``), updated by ``overrides``."""
+def plan_config(plan_path: Path, plan: Plan, overrides: dict) -> RunConfig:
+    """The settings that made ``plan`` (recorded in it, or in the ``config.json`` beside a schema-1 plan),
+    updated by ``overrides`` (flags given to ``apply``/``export``)."""
     names = {f.name for f in fields(RunConfig)}
+    if plan.schema >= 2:
+        settings = {"model": plan.model_id, **{k: plan.data[k] for k in _FROM_PLAN if k in plan.data},
+                    **{k: v for k, v in plan.backend.items() if k in ("batch_size", "dtype", "device")}}  # fmt: skip
+        if "name" in plan.backend:
+            settings["backend"] = plan.backend["name"]
+    else:
+        settings = _config_beside(plan_path)
+    settings = {k: v for k, v in settings.items() if k in names}
+    settings.update({k: v for k, v in overrides.items() if k in names and v is not None})
+    settings.update(output_dir=None, plan=None, resume=False, format="any")
+    return RunConfig(**settings)
+
+
+def _config_beside(plan_path: Path) -> dict:
     saved = plan_path.parent / "config.json"
     try:
         base = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -31,24 +52,23 @@ def run_config(plan_path: Path, overrides: dict) -> RunConfig:
         raise AllocatorError(f"{saved} is corrupt ({exc}): restore it or delete it and pass the run's flags") from None
     if not isinstance(base, dict):
         raise AllocatorError(f"{saved} is not a run's settings (a JSON object): restore it or delete it")
-    settings = {k: v for k, v in base.items() if k in names}
-    settings.update({k: v for k, v in overrides.items() if k in names and v is not None})
-    settings.update(output_dir=None, plan=None, resume=False)
-    return RunConfig(**settings)
+    return base
 
 
 def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | None = None) -> dict:
     """Compress, evaluate and save; returns the metrics (also written beside the checkpoint)."""
     plan_path, out = Path(plan_path), Path(output_dir)
     plan = Plan.load(plan_path)
-    over_budget = plan.check_budget(f"plan {plan_path}", bool((overrides or {}).get("allow_over_budget")))
+    overrides = overrides or {}
+    over_budget = plan.check_budget(f"plan {plan_path}", bool(overrides.get("allow_over_budget")))
     check_output(out, "--output-dir")
     if out.exists() and any(out.iterdir()):
         raise AllocatorError(f"output folder {str(out)!r} is not empty: pass a new --output-dir")
-    config = run_config(plan_path, overrides or {})
-    session = Session(config)
+    config = plan_config(plan_path, plan, overrides)
+    spec = resolve(config)
+    session = Session(spec.config)
     plan.check_against(session.inventory)
-    metrics = session.evaluate(plan.assignment, config.backend)
+    metrics = session.evaluate(plan.assignment, spec.backend.name)
     metrics["plan"] = str(plan_path)
     if over_budget:
         metrics["over_budget"] = over_budget
@@ -59,3 +79,21 @@ def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | 
         plan.save(tmp / "allocator_plan.json")
         write_json_atomic(tmp / "allocator_metrics.json", metrics)
     return metrics
+
+
+def apply_(model: nn.Module, plan: Plan, tokenizer=None, calib: torch.Tensor | None = None) -> None:
+    """Compress ``model`` in place to ``plan`` with the plan's backend (what ``allocator apply`` writes).
+
+    A calibrating backend (Wanda, SparseGPT, GPTQ) needs the plan's calibration windows: pass ``calib``, or the
+    ``tokenizer`` to cut them from the text the plan records.
+    """
+    plan.check_against(Inventory.from_model(model))
+    backend = backends.get_backend(plan.backend.get("name", "magnitude"))
+    if backend.needs_data and calib is None:
+        if tokenizer is None:
+            raise AllocatorError(f"backend {backend.name} calibrates: pass calib windows or the tokenizer")
+        d = plan.data
+        records = data.load_records(d.get("calib", "c4-validation-2k"))
+        calib, _ = data.calibration_split(tokenizer, records, d["seq_len"], d["calib_samples"], d.get("kl_samples", 8),
+                                          d["seed"], data.bos_token_id(tokenizer))  # fmt: skip
+    backends.apply_(model, plan.assignment, backend.name, calib, plan.backend.get("batch_size", 4))

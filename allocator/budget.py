@@ -18,16 +18,16 @@ import numpy as np
 
 from allocator.errors import AllocatorError
 from allocator.formats import storage_bits, unfit
+from allocator.inventory import Inventory, Layer
 from allocator.latency.table import LatencyModel
 from allocator.levels import Level
-from allocator.model import Inventory, Layer
 
 _KINDS = ("sparsity", "bits", "bytes", "latency", "speedup")
 LATENCY_KINDS = ("latency", "speedup")
 _REL_TOL = 1e-12  # float slack when comparing an exact integer cost to a float limit
 
 
-def allowed(limit: float) -> float:
+def ceiling(limit: float) -> float:
     """The largest total that keeps a budget of ``limit`` (float summation noise forgiven)."""
     return limit * (1 + _REL_TOL) + 1e-9
 
@@ -96,7 +96,7 @@ class Budget:
         return latency
 
 
-def summarize(assignment: dict[str, Level], inventory: Inventory) -> dict[str, float]:
+def achieved(assignment: dict[str, Level], inventory: Inventory) -> dict[str, float]:
     """Exact achieved sparsity, average bits and bytes of an assignment (every budget kind)."""
     kept = sum(assignment[lay.name].kept_params(lay.rows, lay.cols) for lay in inventory.layers)
     bits = sum(storage_bits(assignment[lay.name], lay.rows, lay.cols) for lay in inventory.layers)
@@ -114,7 +114,8 @@ class Problem:
     """What a searcher sees: pick one level per unit so that the summed cost stays under ``limit``.
 
     A unit is one layer, or one tie group whose layers share a level. ``cost[u, k]`` is +inf
-    where level k cannot compress unit u. ``error`` (a sensitivity profile) and ``outlier_ratio``
+    where level k cannot compress unit u. ``sensitivity`` (the predicted damage of each unit at each level:
+    a profile column or fitted costs) and ``outlier_ratio``
     (OWL) are optional: uniform needs neither. Complete once built and read-only (its arrays too):
     a profile gives a new problem (:meth:`with_profile`); the real-model fitness is built from a
     problem and handed to the searcher beside it, never stored in it.
@@ -127,27 +128,32 @@ class Problem:
     budget: Budget | None = None
     params: int = 0  # compressible parameters, to state costs in the budget's own units
     extra: tuple[tuple[Budget, np.ndarray, float], ...] = ()  # more budgets held at once
-    error: np.ndarray | None = None  # [U, K] the profile's predicted damage
+    sensitivity: np.ndarray | None = None  # [U, K] predicted damage (``--sensitivity``: a profile column, fitted costs)
     outlier_ratio: np.ndarray | None = None  # [U] OWL's layer outlier ratio
     bytes_cost: np.ndarray | None = None  # [U, K] storage bytes: the second objective of a Pareto front
     latency_cost: np.ndarray | None = None  # [U, K] linear-layer ms from a latency table
     blocks: np.ndarray | None = None  # [U] decoder block of each unit (its first layer's)
-    roles: tuple[str, ...] = ()  # [U] each unit's layer roles, e.g. "self_attn.q_proj+self_attn.k_proj"
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: the normalised fields are set once, here
         put(self, "units", tuple(tuple(u) for u in self.units))
         put(self, "levels", tuple(self.levels))
         put(self, "extra", tuple((b, _frozen(c), lim) for b, c, lim in self.extra))
-        for name in ("cost", "error", "outlier_ratio", "bytes_cost", "latency_cost", "blocks"):
+        for name in ("cost", "sensitivity", "outlier_ratio", "bytes_cost", "latency_cost", "blocks"):
             put(self, name, _frozen(getattr(self, name)))
 
-    def with_profile(self, error: np.ndarray, outlier_ratio: np.ndarray | None = None) -> Problem:
-        """The same problem with a sensitivity profile's error matrix (and OWL's outlier ratios)."""
-        if np.shape(error) != self.cost.shape:
-            raise AllocatorError(f"error matrix {np.shape(error)} does not match the problem {self.cost.shape}")
+    def with_sensitivity(self, matrix: np.ndarray, outlier_ratio: np.ndarray | None = None) -> Problem:
+        """The same problem with a sensitivity matrix (and OWL's outlier ratios)."""
+        if np.shape(matrix) != self.cost.shape:
+            raise AllocatorError(f"sensitivity matrix {np.shape(matrix)} does not match the problem {self.cost.shape}")
         ratio = self.outlier_ratio if outlier_ratio is None else outlier_ratio
-        return replace(self, error=error, outlier_ratio=ratio)
+        return replace(self, sensitivity=matrix, outlier_ratio=ratio)
+
+    def with_outliers(self, outlier_ratio: np.ndarray) -> Problem:
+        """The same problem with OWL's outlier ratio per unit ([U])."""
+        if np.shape(outlier_ratio) != (len(self.units),):
+            raise AllocatorError(f"outlier ratios {np.shape(outlier_ratio)} do not match {len(self.units)} units")
+        return replace(self, outlier_ratio=outlier_ratio)
 
     def objective(self, name: str) -> np.ndarray:
         """The [U, K] cost of a Pareto objective: ``bytes`` or ``latency`` (needs a latency table)."""
@@ -164,11 +170,11 @@ class Problem:
         """Summed primary cost of a choice."""
         return self.summed(self.cost, choice)
 
-    def total_error(self, choice: np.ndarray) -> float:
-        """Summed profile error of a choice (the profile's prediction of its damage)."""
-        if self.error is None:
+    def total_sensitivity(self, choice: np.ndarray) -> float:
+        """Summed sensitivity of a choice (the prediction of its damage)."""
+        if self.sensitivity is None:
             raise AllocatorError("this problem has no sensitivity profile")
-        return self.summed(self.error, choice)
+        return self.summed(self.sensitivity, choice)
 
     def constraints(self) -> list[tuple[Budget | None, np.ndarray, float]]:
         """Every budget as (budget, cost matrix, limit), the primary one first."""
@@ -176,7 +182,7 @@ class Problem:
 
     def feasible(self, choice: np.ndarray) -> bool:
         """True when the choice keeps every budget."""
-        return all(self.summed(c, choice) <= allowed(lim) for _, c, lim in self.constraints())
+        return all(self.summed(c, choice) <= ceiling(lim) for _, c, lim in self.constraints())
 
     def in_budget_units(self, budget: Budget | None, total: float) -> str:
         """A total cost stated as the budget's quantity (``sparsity 0.4987``), for messages."""
@@ -192,7 +198,7 @@ class Problem:
         """An error naming the achievable range when even the cheapest choice breaks a budget."""
         for budget, cost, limit in self.constraints():
             cheapest = float(np.min(cost, axis=1).sum())
-            if cheapest > allowed(limit):
+            if cheapest > ceiling(limit):
                 richest = float(np.where(np.isfinite(cost), cost, -np.inf).max(axis=1).sum())
                 return AllocatorError(
                     f"budget {budget} is out of reach: this grid spans {self.in_budget_units(budget, richest)} "
@@ -247,7 +253,6 @@ def build_problem(
         bytes_cost=cost if budget.kind == "bytes" else matrix(Budget("bytes", 1.0)),
         latency_cost=matrix(Budget("latency", 1.0)) if latency is not None else None,
         blocks=np.array([min(inventory[n].block for n in unit) for unit in units]),
-        roles=tuple("+".join(inventory[n].role for n in unit) for unit in units),
     )  # fmt: skip
 
 

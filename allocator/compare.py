@@ -23,15 +23,14 @@ import pandas as pd
 import torch
 
 from allocator import data
-from allocator.budget import parse_budgets
-from allocator.config import RunConfig, check_config
 from allocator.errors import AllocatorError
 from allocator.evaluate import window_nll
 from allocator.io import check_output, write_json_atomic, write_text_atomic
 from allocator.pipeline import run
 from allocator.report import plot_allocation, save_figure
-from allocator.search import SEARCHERS, make_searcher
+from allocator.search import SEARCHERS
 from allocator.session import Session
+from allocator.spec import RunConfig, resolve
 
 BOOTSTRAP_SEED = 0
 
@@ -53,34 +52,32 @@ def _slug(text: str) -> str:
 def compare(config: RunConfig, methods: list[str], targets: list[str], texts: list[str], out: str | Path,
             samples: int = 1000, command: str = "") -> pd.DataFrame:  # fmt: skip
     """Run every method at every target, evaluate each plan on every text; returns the summary table."""
-    specs = {method: method_options(method, config.options) for method in methods}
     if not methods or not targets or not texts:
         raise AllocatorError("compare needs at least one --methods, --targets and --eval text each")
-    for target in targets:
-        parse_budgets(target)
     out = Path(out)
     check_output(out, "--output-dir")
-    check_config(config)
-    session = Session(replace(config, eval=texts[0]))
+    config = replace(config, eval=texts[0])
+    cells = {}  # every cell resolved (and its searcher built) before the model is loaded
+    for target in targets:
+        for method in methods:
+            name, options = method_options(method, config.options)
+            cell = out / _slug(target) / _slug(method)
+            cells[cell] = resolve(replace(config, method=name, options=options, target=target, output_dir=str(cell)))
+    session = Session(config)
     # the first text's windows are the session's own evaluation windows: tokenized once
     windows = {text: session.eval_seqs if i == 0 else _windows(session, text, config) for i, text in enumerate(texts)}
     dense = _evaluate(session, windows, config.batch_size, samples, restore=True)
     write_json_atomic(out / "dense" / "eval.json", dense)
-    for target in targets:
-        for method in methods:
-            cell = out / _slug(target) / _slug(method)
-            if (cell / "eval.json").is_file():
-                continue  # done before a kill: kept
-            name, options = specs[method]
-            cell_config = replace(config, method=name, options=options, target=target, output_dir=str(cell),
-                                  eval=texts[0])  # fmt: skip
-            run(cell_config, session)  # leaves the model compressed to the plan
-            write_json_atomic(cell / "eval.json", _evaluate(session, windows, config.batch_size, samples))
-    return summarize(out, methods, targets, texts, command)
+    for cell, spec in cells.items():
+        if (cell / "eval.json").is_file():
+            continue  # done before a kill: kept
+        run(spec, session)  # leaves the model compressed to the plan
+        write_json_atomic(cell / "eval.json", _evaluate(session, windows, config.batch_size, samples))
+    return write_summary(out, methods, targets, texts, command)
 
 
 def method_options(spec: str, base: dict) -> tuple[str, dict]:
-    """``NAME[:OPTION=VALUE...]`` -> the method and its options (``base`` overridden), checked by its searcher."""
+    """``NAME[:OPTION=VALUE...]`` -> the method and its options (``base`` overridden; its searcher checks them)."""
     name, *pairs = spec.split(":")
     if name not in SEARCHERS:
         raise AllocatorError(f"unknown method {name!r} in {spec!r}: choose from {', '.join(SEARCHERS)}")
@@ -95,7 +92,6 @@ def method_options(spec: str, base: dict) -> tuple[str, dict]:
             options[key] = value.lower() in ("1", "true", "yes") if kinds[key] is bool else kinds[key](value)
         except ValueError:
             raise AllocatorError(f"{spec!r}: {key} takes a {kinds[key].__name__}, got {value!r}") from None
-    make_searcher(name, options)  # refused now, before the model is loaded
     return name, options
 
 
@@ -116,7 +112,8 @@ def _evaluate(session: Session, windows: dict[str, torch.Tensor], batch_size: in
     return out
 
 
-def summarize(out: Path, methods: list[str], targets: list[str], texts: list[str], command: str = "") -> pd.DataFrame:
+def write_summary(out: Path, methods: list[str], targets: list[str], texts: list[str],
+                  command: str = "") -> pd.DataFrame:  # fmt: skip
     """compare.csv/.md, one plot per text and every plan's allocation heatmap, from the cell folders."""
     dense = json.loads((out / "dense" / "eval.json").read_text())
     rows = []

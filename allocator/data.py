@@ -38,8 +38,14 @@ def default_evaluation() -> str:
     return str(shared_data_dir() / "wikitext-2-raw" / "test.txt")
 
 
+DEFAULT_TEXTS = {"c4-validation-2k": default_calibration, "wikitext-2-test": default_evaluation}
+
+
 def load_records(source: str) -> list[str]:
-    """Read the non-empty text records of a file, folder, Parquet file or ``datasets`` name."""
+    """Read the non-empty text records of a file, folder, Parquet file, ``datasets`` name, or one of the
+    default texts by name (``c4-validation-2k``, ``wikitext-2-test``: what plans record for them)."""
+    if source in DEFAULT_TEXTS:
+        source = DEFAULT_TEXTS[source]()
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
@@ -180,3 +186,11 @@ def calibration_sequences(
         start = int(torch.randint(len(ids) - text_len, (1,), generator=gen))
         samples.append(_window(ids[start : start + text_len], bos))
     return torch.stack(samples)
+
+
+def calibration_split(tokenizer, records: list[str], seq_len: int, calib_samples: int, kl_samples: int, seed: int,
+                      bos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One seeded draw of ``calib_samples + kl_samples`` windows, split: the first calibrate the backend, the last
+    measure KL (so a plan's calibration windows depend on its KL windows' count too, as every run draws them)."""
+    windows = calibration_sequences(tokenizer, records, seq_len, calib_samples + kl_samples, seed, bos)
+    return windows[:calib_samples], windows[calib_samples:]

@@ -19,7 +19,7 @@ from torch import nn
 from allocator.backends.database import LevelDatabase
 from allocator.budget import Problem
 from allocator.evaluate import kl_sum, log_probs
-from allocator.model import Inventory
+from allocator.inventory import Inventory
 
 
 class KLFitness:

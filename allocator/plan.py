@@ -1,7 +1,10 @@
 """The Plan: one level per layer under a budget, the currency every part of allocator exchanges.
 
-Saved as versioned JSON. Loading checks the schema, and ``check_against`` refuses a plan made
-for another model (fingerprint), one naming unknown layers or levels outside its grid.
+Saved as versioned JSON. Schema 2 is self-contained: besides the levels it records the backend and its
+settings, the deployment format and the data that made the plan, so ``allocator apply plan.json`` needs
+nothing beside it (schema-1 plans still load; their settings come from the ``config.json`` beside them).
+Loading checks the schema, and ``check_against`` refuses a plan made for another model (fingerprint), one
+naming unknown layers or levels outside its grid.
 """
 
 from __future__ import annotations
@@ -12,17 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from allocator.budget import LATENCY_KINDS, Budget, allowed, summarize
+from allocator.budget import LATENCY_KINDS, Budget, achieved, ceiling
 from allocator.errors import AllocatorError
 from allocator.formats import check_level, unfit
+from allocator.inventory import Inventory, Layer
 from allocator.io import write_json_atomic
 from allocator.levels import Level, parse_level
-from allocator.model import Inventory, Layer
 
 if TYPE_CHECKING:
     from allocator.latency.table import LatencyModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE = (1, 2)  # schema 1: no backend or data sources (they are in the run folder's config.json)
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Plan:
     shares: dict[str, float] = field(default_factory=dict)  # routed experts' token shares (latency prices them)
     attention: list[str] = field(default_factory=list)  # per block: full or sliding:<window>
     layers: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (decoder block, role)
+    backend: dict = field(default_factory=dict)  # name, batch_size, dtype, device: how to reproduce the weights
+    schema: int = SCHEMA_VERSION
 
     @classmethod
     def create(
@@ -60,6 +66,7 @@ class Plan:
         timings: dict[str, float] | None = None,
         extra_budgets: list[Budget] | None = None,
         data: dict | None = None,
+        backend: dict | None = None,
     ) -> Plan:
         """Build a plan and record what it achieves exactly."""
         plan = cls(
@@ -73,12 +80,13 @@ class Plan:
             seed=seed,
             per=per,
             extra_budgets=list(extra_budgets or []),
-            achieved=summarize(assignment, inventory),
+            achieved=achieved(assignment, inventory),
             timings=dict(timings or {}),
             data=dict(data or {}),
             shares={lay.name: lay.share for lay in inventory.layers if lay.share < 1},
             attention=list(inventory.attention),
             layers={lay.name: (lay.block, lay.role) for lay in inventory.layers},
+            backend=dict(backend or {}),
         )
         plan.check_against(inventory)
         return plan
@@ -92,8 +100,9 @@ class Plan:
     def to_dict(self) -> dict:
         """The JSON form (level names as strings)."""
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema,
             "format": self.format,
+            "backend": self.backend,
             "model": {
                 "id": self.model_id,
                 "fingerprint": self.fingerprint,
@@ -135,11 +144,11 @@ class Plan:
     @classmethod
     def from_dict(cls, data: object, source: str = "plan") -> Plan:
         """Validate the JSON form and build a Plan."""
-        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-            version = data.get("schema_version") if isinstance(data, dict) else None
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version not in READABLE:
             raise AllocatorError(
-                f"{source}: not an allocator plan of schema_version {SCHEMA_VERSION} (found {version!r}): "
-                "re-create it with this version of allocator"
+                f"{source}: not an allocator plan of schema_version {' or '.join(map(str, READABLE))} (found "
+                f"{version!r}): re-create it with this version of allocator"
             )
         try:
             model, budget = data["model"], data["budget"]
@@ -164,6 +173,8 @@ class Plan:
                 attention=[str(a) for a in model.get("attention", [])],
                 layers={k: (int(b), str(r)) for k, (b, r) in model.get("layers", {}).items()}
                 or {name: _block_and_role(name) for name in model["shapes"]},
+                backend=dict(data.get("backend", {})),
+                schema=int(version),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise AllocatorError(f"{source}: malformed plan ({type(exc).__name__}: {exc}): re-create it") from None
@@ -186,9 +197,9 @@ class Plan:
                 continue
             total = sum(budget.cost(self.assignment[lay.name], lay, latency) for lay in layers)
             limit = budget.limit(inventory, latency)
-            if total > allowed(limit):
-                achieved = summarize(self.assignment, inventory).get(budget.kind)
-                shown = f"achieves {budget.kind} {achieved:.6g}" if achieved is not None else f"costs {total:.6g}"
+            if total > ceiling(limit):
+                reached = achieved(self.assignment, inventory).get(budget.kind)
+                shown = f"achieves {budget.kind} {reached:.6g}" if reached is not None else f"costs {total:.6g}"
                 broken.append(f"{budget}: {shown} (total {total:.6g} > limit {limit:.6g})")
         return broken
 

@@ -13,7 +13,6 @@ data, seed, tokens) in the file's schema, and reused when a later run asks for t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,11 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from allocator.backends.all_levels import for_each_level
+from allocator.backends.calibrate import blockwise
 from allocator.errors import AllocatorError
 from allocator.formats import storage_bits
+from allocator.inventory import Inventory, weight_view
 from allocator.io import atomic_path
 from allocator.levels import Level, with_dense
-from allocator.model import Inventory, weight_view
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.fisher import fisher_error, output_fisher
 
@@ -87,14 +87,7 @@ class Profile:
                 receiver.visit(layer, level, W, Q, stats)
 
         def on_block(layers, stats) -> None:
-            # Wanda scores |W_ij| * ||X_j|| of every linear in the block, pooled (OWL's layer-wise LOD)
-            flat = torch.cat(
-                [
-                    (weight_view(model.get_submodule(n)).abs() * stats[n].col_norms).flatten()
-                    for n in (x.name for x in layers)
-                ]
-            )
-            outliers[layers[0].block] = float((flat > OWL_M * flat.mean()).float().mean())
+            outliers[layers[0].block] = block_outlier_ratio(model, layers, stats)
             for receiver in also:
                 receiver.on_block(layers, stats)
 
@@ -203,9 +196,23 @@ class Profile:
         return np.array([per_layer[unit[0]] for unit in units], dtype=float)
 
 
-def artifact_name(model_id: str, backend: str, levels: list[Level], meta: dict) -> str:
-    """``<model>/<backend>-<hash of grid and data>``: one profile or database per distinct question."""
-    rounding = {k: v for lv in levels for p in lv.parts for k, v in p.cache_tag.items()}  # a kind's rounding version
-    key = json.dumps({"grid": sorted(lv.name for lv in levels), **rounding, **meta}, sort_keys=True)
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_id).name or model_id)
-    return f"{slug}/{backend}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+def block_outlier_ratio(model: nn.Module, layers: list, stats: dict) -> float:
+    """OWL's layer-wise outlier ratio of one block: the share of the Wanda scores |W_ij|·||X_j|| of all its
+    linears, pooled, above M times their mean."""
+    flat = torch.cat([(weight_view(model.get_submodule(x.name)).abs() * stats[x.name].col_norms).flatten()
+                      for x in layers])  # fmt: skip
+    return float((flat > OWL_M * flat.mean()).float().mean())
+
+
+@torch.no_grad()
+def outlier_ratios(model: nn.Module, inventory: Inventory, calib: torch.Tensor,
+                   batch_size: int = 8) -> dict[str, float]:  # fmt: skip
+    """Per layer, its block's OWL outlier ratio, from one calibration pass that compresses nothing (what OWL
+    alone needs: no profile, no level database)."""
+    ratios: dict[str, float] = {}
+
+    def on_block(layers, stats) -> None:
+        ratios.update(dict.fromkeys((x.name for x in layers), block_outlier_ratio(model, layers, stats)))
+
+    blockwise(model, inventory, calib, on_block, sequential=False, batch_size=batch_size, desc="outliers")
+    return ratios

@@ -1,8 +1,8 @@
 """A loaded model with its data windows and dense reference, ready to compress and evaluate many plans.
 
 One session serves many plans: the pipeline's single run, ``allocator compare`` and the benchmarks that
-compare methods on the same model and data in one process. Its profiles and level databases are
-kept by :mod:`allocator.artifacts`.
+compare methods on the same model and data in one process. What it measures once and keeps (profiles,
+level databases, dense references) lives in its :class:`~allocator.workspace.Workspace`.
 """
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ import logging
 import time
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from allocator import data
 from allocator.backends import apply_, get_backend
 from allocator.backends.database import LevelDatabase
-from allocator.budget import summarize
-from allocator.config import RunConfig, check_config
-from allocator.errors import AllocatorError
+from allocator.budget import achieved
 from allocator.evaluate import kl_divergence, perplexity
+from allocator.inventory import Inventory
 from allocator.levels import Level
-from allocator.model import DTYPES, Inventory, cache_dir, load_model
-from allocator.reference import dense_reference
+from allocator.model import DTYPES, load_model
+from allocator.profile import Profile, outlier_ratios
+from allocator.spec import RunConfig
+from allocator.workspace import Calibration, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +32,18 @@ log = logging.getLogger(__name__)
 class Session:
     """A loaded model with its data and dense reference, ready to compress and evaluate many plans.
 
-    The dense perplexity and the KL teacher are computed once, when first needed; :meth:`evaluate` restores the
-    original weights before each plan, so plans and backends can be compared in one run.
+    ``config`` must have been checked by :func:`allocator.spec.resolve`. The dense perplexity and the KL teacher
+    are computed once, when first needed; :meth:`evaluate` restores the original weights before each plan.
     """
 
     def __init__(self, config: RunConfig) -> None:
-        check_config(config)
-        if config.dtype not in DTYPES:
-            raise AllocatorError(f"unknown --dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
         calib_records = data.load_records(config.calib or data.default_calibration())
         eval_records = data.load_records(config.eval or data.default_evaluation())
         self.config = config
+        self.workspace = Workspace(config.cache_dir)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.loaded = load_model(config.model, dtype=DTYPES[config.dtype], device=config.device)
+        self.loaded = load_model(config.model, DTYPES[config.dtype], config.device, self.workspace.root / "models")
         self.model = self.loaded.model
         self.inventory = Inventory.from_model(self.model)
         self.timings["load_s"] = time.perf_counter() - t0
@@ -52,11 +52,9 @@ class Session:
         self.eval_seqs = data.evaluation_sequences(
             tokenizer, eval_records, config.seq_len, config.eval_samples, self.bos
         )
-        # One seeded draw, split: the first windows calibrate the backend, the last measure KL.
-        windows = data.calibration_sequences(
-            tokenizer, calib_records, config.seq_len, config.calib_samples + config.kl_samples, config.seed, self.bos
-        )
-        self.calib, self.kl_seqs = windows[: config.calib_samples], windows[config.calib_samples :]
+        self.calib, self.kl_seqs = data.calibration_split(tokenizer, calib_records, config.seq_len,
+                                                          config.calib_samples, config.kl_samples, config.seed,
+                                                          self.bos)  # fmt: skip
         self._original = {
             n: {k: v.detach().clone() for k, v in self.model.get_submodule(n).named_parameters()}
             for n in self.inventory.shapes
@@ -68,8 +66,8 @@ class Session:
         self.restore_()
         t0 = time.perf_counter()
         cfg = self.config
-        ppl, teacher, cached = dense_reference(self.model, self.eval_seqs, self.kl_seqs, cfg.batch_size,
-                                               cache_dir() / "dense" if cfg.dense_cache else None)  # fmt: skip
+        ppl, teacher, cached = self.workspace.dense(self.model, self.eval_seqs, self.kl_seqs, cfg.batch_size,
+                                                    cfg.dense_cache)  # fmt: skip
         self.timings["dense_eval_s"] = time.perf_counter() - t0
         self.dense_cached = cached
         log.info("dense perplexity %.3f%s", ppl, " (cached)" if cached else "")
@@ -83,6 +81,32 @@ class Session:
                 "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
         return {**meta, "bos": True} if self.bos is not None else meta  # no key without BOS: older names hold
 
+    def calibration(self, windows: int | None = None) -> Calibration:
+        """The dense model and the first ``windows`` calibration windows (all by default), for a measurement."""
+        self.restore_()
+        seqs = self.calib if windows is None else self.calib[:windows]
+        return Calibration(self.model, self.inventory, self.loaded.model_id, seqs, self.calib_meta,
+                           self.config.batch_size)  # fmt: skip
+
+    # ---- what searches need, measured once (the workspace keeps them) ---------------------------------
+    def profile(self, levels: list[Level], backend: str, with_database: bool = False) -> Profile:
+        """The sensitivity profile of ``levels`` (``--profile`` if the run named one)."""
+        return self.workspace.profile(self.calibration(), levels, backend, self.config.profile, with_database)
+
+    def database(self, levels: list[Level], backend: str) -> LevelDatabase:
+        """The level database of ``levels``."""
+        return self.workspace.database(self.calibration(), levels, backend)
+
+    def add_kl(self, found: Profile, levels: list[Level], backend: str) -> None:
+        """The profile's ``kl`` column, measured on ``--fit-seqs`` windows if it lacks one."""
+        self.workspace.add_kl(self.calibration(), found, levels, backend, self.config.fit_seqs)
+
+    def outlier_ratios(self, units: list[tuple[str, ...]]) -> np.ndarray:
+        """OWL's outlier ratio for each unit ([U]), from one pass that compresses nothing."""
+        ratios = outlier_ratios(self.model, self.inventory, self.calibration().seqs, self.config.batch_size)
+        return np.array([ratios[unit[0]] for unit in units], dtype=float)
+
+    # ---- plans ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def restore_(self) -> None:
         """Put the dense weights and biases of every compressible layer back."""
@@ -118,7 +142,7 @@ class Session:
             "bos_per_window": self.bos is not None,  # windows start with the tokenizer's BOS (not scored)
             "perplexity": ppl,
             "kl_to_dense": kl,
-            "achieved": summarize(assignment, self.inventory),
+            "achieved": achieved(assignment, self.inventory),
             "eval_tokens": int(self.eval_seqs.numel()),
             "kl_tokens": int(self.kl_seqs.numel()),
             "calibration_tokens": int(calib.numel()) if calib is not None else 0,

@@ -27,9 +27,10 @@ import torch
 
 from allocator import data
 from allocator.backends.database import DatabaseWriter, LevelDatabase
+from allocator.inventory import Inventory
 from allocator.io import write_json_atomic
 from allocator.levels import parse_grid, with_dense
-from allocator.model import Inventory, load_model
+from allocator.model import load_model
 from allocator.profile import Profile
 
 LEVELS = "0:0.9:0.1,2:4,w8,w4g128,w3g128,w2g128"

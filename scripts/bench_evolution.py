@@ -30,9 +30,10 @@ from allocator import data
 from allocator.backends.database import LevelDatabase
 from allocator.budget import Budget, build_problem
 from allocator.fitness import KLFitness
+from allocator.inventory import Inventory
 from allocator.io import write_json_atomic
 from allocator.levels import parse_grid
-from allocator.model import Inventory, load_model
+from allocator.model import load_model
 from allocator.search import SearchContext, allocate, make_searcher
 
 

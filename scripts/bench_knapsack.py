@@ -39,7 +39,7 @@ def instance(seed: int = 0) -> Problem:
     error = sens * (s**2 + 0.5 * s**4) + 1e-4 * rng.random((len(shapes), len(grid)))
     budget = Budget.parse("sparsity=0.5")
     units = [(f"model.layers.{i // 7}.{i % 7}",) for i in range(len(shapes))]
-    return Problem(units, grid, cost, budget.value * params, error=error, budget=budget, params=params)
+    return Problem(units, grid, cost, budget.value * params, sensitivity=error, budget=budget, params=params)
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
             t0 = time.perf_counter()
             choice = allocate(problem, make_searcher(name)).choice
             times.append(time.perf_counter() - t0)
-        error = float(problem.error[rows, choice].sum())
+        error = float(problem.sensitivity[rows, choice].sum())
         result[name] = {"median_s": float(np.median(times)), "max_s": float(max(times)),
                         "error": error, "feasible": problem.feasible(choice)}  # fmt: skip
     limits = list(np.linspace(0.2, 0.8, 20) * problem.params)

@@ -30,19 +30,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from allocator.sensitivity.select import sensitivity_matrix  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from allocator import artifacts, data  # noqa: E402
 from allocator.budget import Budget, build_problem  # noqa: E402
-from allocator.config import RunConfig  # noqa: E402
 from allocator.evaluate import perplexity  # noqa: E402
 from allocator.fitness import KLFitness  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_grid  # noqa: E402
 from allocator.search import SearchContext, allocate, make_searcher  # noqa: E402
-from allocator.sensitivity.fitted import fit, random_plans  # noqa: E402
-from allocator.sensitivity.select import sensitivity_matrix  # noqa: E402
+from allocator.search.fitted import fit, random_plans  # noqa: E402
 from allocator.session import Session  # noqa: E402
+from allocator.spec import RunConfig  # noqa: E402
 
 KINDS = ("error", "fisher", "kl", "fitted")
 
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--timing-only", action="store_true", help="time profile, database, kl, fitted (first budget) "
                     "and one backend pass, then stop (for CPU timings)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--profiles-dir", default=None)
+    ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -111,7 +111,7 @@ def main() -> None:
                            eval_samples=args.eval_samples, kl_samples=8, batch_size=args.batch_size, seed=seed,
                            device=args.device, fit_seqs=args.fit_seqs, fit_plans=args.fit_plans,
                            fit_rounds=args.fit_rounds,
-                           profiles_dir=args.profiles_dir or str(tmp / "profiles"))  # fmt: skip
+                           cache_dir=args.profiles_dir or str(tmp / "profiles"))  # fmt: skip
         session = Session(config)
         c4_seqs = data.evaluation_sequences(session.loaded.tokenizer, data.load_records(held_out), 512,
                                             args.eval_samples, session.bos)  # fmt: skip
@@ -157,16 +157,16 @@ def main() -> None:
                 if method.startswith("knapsack"):
                     error, record = matrices[kind]
                     knapsack = make_searcher("knapsack")
-                    choice = allocate(problem.with_profile(error), knapsack, SearchContext(seed)).choice
+                    choice = allocate(problem.with_sensitivity(error), knapsack, SearchContext(seed)).choice
                 elif method == "optuna-compact":
                     error, record = matrices[kind]
-                    tuned = problem.with_profile(error, outliers)
+                    tuned = problem.with_sensitivity(error, outliers)
                     fitness = KLFitness(session.model, session.inventory, tuned, db, session.calib, args.batch_size)
                     searcher = make_searcher("optuna", space="compact", sampler="tpe", trials=args.optuna_trials,
                                              probe=8)  # fmt: skip
                     choice = allocate(tuned, searcher, SearchContext(seed, fitness)).choice
                 else:
-                    profiled = problem.with_profile(np.zeros(problem.cost.shape), outliers)  # OWL reads the ratios
+                    profiled = problem.with_sensitivity(np.zeros(problem.cost.shape), outliers)  # OWL reads the ratios
                     record, choice = {}, allocate(profiled, make_searcher(method), SearchContext(seed)).choice
                 search_s = time.perf_counter() - t0
                 m = session.evaluate(problem.assignment(choice), args.backend, db)
@@ -215,7 +215,7 @@ def evolve(session, profile, db, grid, args, out: Path) -> None:
             continue
         problem = build_problem(session.inventory, grid, budget)
         error, _ = sensitivity_matrix(session, profile, problem, args.backend, kind)
-        problem = problem.with_profile(error)
+        problem = problem.with_sensitivity(error)
         fitness = KLFitness(session.model, session.inventory, problem, db, session.calib, args.batch_size)
         searcher = make_searcher("evolution", start="knapsack", generations=int(generations), offspring=16,
                                  stages="1@4096", probe=8)  # fmt: skip

@@ -20,8 +20,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the checks and the tiny configs
 
+from allocator.inventory import Inventory  # noqa: E402
 from allocator.io import write_text_atomic  # noqa: E402
-from allocator.model import Inventory  # noqa: E402
 from tests.conftest import ALL_FAMILIES, MOE, WORDS, tiny_model, word_tokenizer  # noqa: E402
 from tests.test_families import CHECKS, run_checks  # noqa: E402
 

@@ -48,7 +48,7 @@ stage)
       --texts .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --kl-samples 8 \
       --targets "sparsity=0.4;sparsity=0.5;sparsity=0.6" --backend wanda --levels 0:0.9:0.05 --batch-size 16 \
       --sensitivity "${SENSITIVITY:-fitted}" --methods uniform,owl,knapsack,evolution,evolution:start=knapsack \
-      --generations "${GENERATIONS:-150}" --offspring 16 --stages 4@2048,1@8192 --profiles-dir /tmp/profiles \
+      --generations "${GENERATIONS:-150}" --offspring 16 --stages 4@2048,1@8192 --cache-dir /tmp/profiles \
       -o /tmp/evolution 2>&1 | sed "/it\/s\]/d"
     bring_back evolution ;;
   optuna)
@@ -59,7 +59,7 @@ stage)
       --targets "${TARGETS:-sparsity=0.4;sparsity=0.5;sparsity=0.6}" --backend wanda --levels 0:0.9:0.05 \
       --sensitivity "${SENSITIVITY:-fitted}" --batch-size 16 \
       --methods uniform,knapsack,evolution,optuna,optuna:space=compact --generations 15 --offspring 9 \
-      --stages 1@4096 --trials 150 --sampler tpe --probe 8 --profiles-dir /tmp/profiles -o /tmp/optuna 2>&1 \
+      --stages 1@4096 --trials 150 --sampler tpe --probe 8 --cache-dir /tmp/profiles -o /tmp/optuna 2>&1 \
       | sed "/it\/s\]/d"
     bring_back optuna ;;
   sensitivity)
@@ -72,7 +72,7 @@ stage)
       python3 scripts/bench_sensitivity.py --model "$MODEL" --c4 .gpu/data/validation-2k.parquet \
         --wikitext .gpu/data/test.txt --device cuda --backend "$backend" --levels "$levels" --budgets "$budgets" \
         --seeds "$seeds" --batch-size 16 ${evo:+--evolution "$evo"} --optuna-trials "${OPTUNA_TRIALS:-0}" \
-        --profiles-dir /tmp/profiles \
+        --cache-dir /tmp/profiles \
         --out "$OUT/sensitivity_$backend" 2>&1 | sed "/it\\/s\\]/d"
     done ;;
   compare)
@@ -85,7 +85,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     python3 -m allocator.cli compare --model "$MODEL" --calib /tmp/texts/c4-calib.parquet \
       --texts /tmp/texts/wikitext2-test.txt,/tmp/texts/c4-heldout.txt --methods "${METHODS:-uniform,owl,knapsack}" \
       --targets "${TARGETS:-sparsity=0.5;sparsity=0.6;sparsity=0.7}" --backend "${BACKEND:-wanda}" \
-      --levels 0:0.9:0.05 --device cuda --batch-size 16 --profiles-dir /tmp/profiles -o /tmp/compare 2>&1 \
+      --levels 0:0.9:0.05 --device cuda --batch-size 16 --cache-dir /tmp/profiles -o /tmp/compare 2>&1 \
       | sed "/it\/s\]/d"
     bring_back compare ;;
   speed)
@@ -103,7 +103,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     # at 4.5 and 5 bits/weight made with --format llamacpp (knapsack, evolution, uniform) and with generic levels
     # (the same knapsack without --format), each written by llama-quantize and scored by llama-perplexity
     COMMON=(--model /tmp/offgrid/hf --calib /tmp/offgrid/c4-calib.parquet --eval .gpu/data/test.txt --device cuda
-            --backend rtn --batch-size 16 --profiles-dir /tmp/profiles)
+            --backend rtn --batch-size 16 --cache-dir /tmp/profiles)
     plan() { python3 -m allocator.cli run "${COMMON[@]}" --target "bits=$1" -o "/tmp/plans/$2-$1" "${@:3}" 2>&1 \
                | sed "/it\/s\]/d" | tail -5; }
     case "$1" in
@@ -136,14 +136,14 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
       --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --batch-size 16 \
       --backend wanda --levels 0:0.9:0.05 --target sparsity=0.3 --method optuna --sampler nsga2 \
-      --objectives fitness,bytes --trials 200 --profiles-dir /tmp/profiles -o "$OUT/pareto" 2>&1 | sed "/it\\/s\\]/d"
+      --objectives fitness,bytes --trials 200 --cache-dir /tmp/profiles -o "$OUT/pareto" 2>&1 | sed "/it\\/s\\]/d"
     tar czf "$OUT/pareto.tgz" -C "$OUT" pareto && rm -rf "$OUT/pareto"  # more files than come back
     # and one NSGA-II study of KL vs predicted decode latency on this GPU's table (int4/int8 kernels)
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
       --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --batch-size 16 \
       --backend rtn --levels dense,w8,w4g64,w3g64 --target speedup=1 --method optuna --sampler nsga2 \
       --objectives fitness,latency --latency-table profiles/latency/nvidia-h100-80gb-hbm3/smollm2-135m.csv \
-      --latency-tokens 1 --trials 150 --profiles-dir /tmp/profiles -o "$OUT/pareto_latency" 2>&1 | sed "/it\\/s\\]/d"
+      --latency-tokens 1 --trials 150 --cache-dir /tmp/profiles -o "$OUT/pareto_latency" 2>&1 | sed "/it\\/s\\]/d"
     tar czf "$OUT/pareto_latency.tgz" -C "$OUT" pareto_latency && rm -rf "$OUT/pareto_latency" ;;
   esac ;;
 esac

@@ -26,6 +26,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from allocator.budget import Budget, build_problem  # noqa: E402
+from allocator.inventory import Inventory  # noqa: E402
 from allocator.latency.architectures import config_for, random_model  # noqa: E402
 from allocator.latency.measure import (  # noqa: E402
     DECODE_TOKENS,
@@ -37,7 +38,6 @@ from allocator.latency.measure import (  # noqa: E402
 )
 from allocator.latency.table import LatencyModel  # noqa: E402
 from allocator.levels import parse_grid  # noqa: E402
-from allocator.model import Inventory  # noqa: E402
 from allocator.search import allocate, make_searcher  # noqa: E402
 
 GRID = parse_grid("dense,s0.5,2:4,w8,w4g64,w4g128")
@@ -64,7 +64,7 @@ def plans_for(inventory: Inventory, table, tokens: int, grid) -> dict[str, dict]
     if speedup > 1.001:
         problem = build_problem(inventory, grid, Budget("speedup", speedup), latency=latency)
         depth = 1 + problem.blocks / inventory.n_blocks
-        problem = problem.with_profile(depth[:, None] * np.array([PROXY_ERROR[lv.name] for lv in grid])[None, :])
+        problem = problem.with_sensitivity(depth[:, None] * np.array([PROXY_ERROR[lv.name] for lv in grid])[None, :])
         plans[f"knapsack-x{speedup:.3f}"] = allocate(problem, make_searcher("knapsack")).assignment
     return plans
 

@@ -26,9 +26,10 @@ import numpy as np
 from allocator.budget import Budget
 from allocator.export import EXPORTERS
 from allocator.export.llamacpp import gguf_name
+from allocator.inventory import Inventory
 from allocator.io import write_json_atomic, write_text_atomic
 from allocator.levels import parse_grid
-from allocator.model import Inventory, default_gguf, load_model
+from allocator.model import default_gguf, load_model
 from allocator.plan import Plan
 
 

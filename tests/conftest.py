@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from allocator.budget import Budget, Problem, build_problem
+from allocator.inventory import Inventory
 from allocator.levels import parse_grid
-from allocator.model import Inventory
 from allocator.search import SEARCHERS, Allocation, SearchContext, allocate, make_searcher
 
 VOCAB = 256
@@ -195,7 +195,7 @@ class ErrorFitness:
         pass
 
     def __call__(self, choice, batch):
-        return self.problem.total_error(choice)
+        return self.problem.total_sensitivity(choice)
 
 
 class ToyFitness:
@@ -217,7 +217,7 @@ class ToyFitness:
             raise KeyboardInterrupt  # the search is killed mid-generation
         rows = np.arange(len(choice))
         wobble = 0.01 * np.sin(batch.sum() + choice.sum())
-        return float(self.problem.error[rows, choice].sum() + wobble)
+        return float(self.problem.sensitivity[rows, choice].sum() + wobble)
 
 
 def toy_problem() -> Problem:
@@ -227,7 +227,7 @@ def toy_problem() -> Problem:
     problem = build_problem(inv, grid, Budget.parse("sparsity=0.5"))
     rng = np.random.default_rng(0)
     s = np.array([lv.sparsity for lv in grid])
-    return problem.with_profile(rng.uniform(0.2, 3.0, size=(len(problem.units), 1)) * s[None, :] ** 2)
+    return problem.with_sensitivity(rng.uniform(0.2, 3.0, size=(len(problem.units), 1)) * s[None, :] ** 2)
 
 
 def search(method: str, problem: Problem, seed: int = 0, fitness=None, workdir=None, resume: bool = False,
@@ -262,21 +262,21 @@ def contract_problem(target: str) -> Problem:
         [lv.sparsity + (16 - (lv.weights.value_bits if lv.quantized else 16)) / 16 for lv in grid]
     )
     error = (level_strength[None, :] ** 2) * rng.uniform(0.5, 2.0, size=(len(problem.units), 1))
-    return problem.with_profile(error, rng.uniform(0.01, 0.05, size=len(problem.units)))
+    return problem.with_sensitivity(error, rng.uniform(0.01, 0.05, size=len(problem.units)))
 
 
 def check_searcher_contract(method: str, target: str, options: dict) -> None:
     """Through ``allocate``: the budget kept, the same seed gives the same plan, the problem left unchanged,
     and a method that minimises the proxy (needs a fitness or a profile) is no worse than uniform on it."""
     problem = contract_problem(target)
-    before = problem.error.copy()
+    before = problem.sensitivity.copy()
     a = search(method, problem, 0, ErrorFitness(problem), **options)
     b = search(method, problem, 0, ErrorFitness(problem), **options)
     assert problem.feasible(a.choice) and np.array_equal(a.choice, b.choice)
-    assert np.array_equal(problem.error, before)
+    assert np.array_equal(problem.sensitivity, before)
     uniform = search("uniform", problem, 0).choice
     if make_searcher(method, **options).needs() & {"fitness"} or method == "knapsack":
-        assert problem.total_error(a.choice) <= problem.total_error(uniform) + 1e-12
+        assert problem.total_sensitivity(a.choice) <= problem.total_sensitivity(uniform) + 1e-12
 
 
 def check_options_declared(method: str) -> None:

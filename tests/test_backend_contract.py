@@ -7,8 +7,8 @@ import torch
 
 from allocator.backends import BACKENDS, apply_, compress_weight
 from allocator.backends.stats import LayerStats
+from allocator.inventory import Inventory, weight_view
 from allocator.levels import parse_level
-from allocator.model import Inventory, weight_view
 from tests.conftest import VOCAB, tiny_model
 
 ROWS, COLS = 32, 256

@@ -7,8 +7,8 @@ from allocator.backends import apply_, get_backend
 from allocator.backends.magnitude import magnitude_prune
 from allocator.backends.masks import prune_mask
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory, weight_view
 from allocator.levels import parse_level
-from allocator.model import Inventory, weight_view
 from tests.conftest import tiny_model
 
 

@@ -79,7 +79,8 @@ def _files(w: W, plan: dict) -> None:
     _plan_variant(w, "missing_keys", {"schema_version": 1, "model": {}})
     other = {**plan, "model": {**plan["model"], "fingerprint": "0" * 16}}
     _plan_variant(w, "other_model", other)
-    _plan_variant(w, "corrupt_config", plan)
+    schema1 = {k: v for k, v in plan.items() if k != "backend"} | {"schema_version": 1}  # settings beside it
+    _plan_variant(w, "corrupt_config", schema1)
     (w["corrupt_config"].parent / "config.json").write_text("{not json")
     for name in ("nomodel_dir", "corrupt_model_dir", "empty_dir", "nonempty_dir", "report_corrupt", "report_empty"):
         w[name] = root / name
@@ -103,8 +104,8 @@ def _plan_variant(w: W, name: str, plan: dict, **changes) -> None:
 
 def _tables(w: W) -> None:
     """A good latency table of the tiny model (measured on CPU), and damaged copies of it."""
+    from allocator.inventory import Inventory
     from allocator.latency.measure import Timer, measure_table
-    from allocator.model import Inventory
 
     model = tiny_model("llama")
     env = {"gpu": "cpu", "driver": "none", "torch": "x"}
@@ -133,7 +134,7 @@ def _tables(w: W) -> None:
 def _run(w: W, out: Path | str, *extra: str) -> list[str]:
     return ["run", "--model", str(w["model"]), "--calib", str(w["calib"]), "--eval", str(w["eval"]),
             "--seq-len", "16", "--calib-samples", "2", "--kl-samples", "2", "--eval-samples", "4",
-            "--profiles-dir", str(w["profiles"]), "-o", str(out), *extra]  # fmt: skip
+            "--cache-dir", str(w["profiles"]), "-o", str(out), *extra]  # fmt: skip
 
 
 def run(*extra: str) -> Callable[[W], list[str]]:
@@ -166,9 +167,9 @@ CASES: dict[str, Case] = {
     "generations -2": Case(run("--method", "evolution", "--generations", "-2"), "--generations must be at least 1"),
     "offspring 0": Case(run("--method", "evolution", "--offspring", "0"), "--offspring must be at least 1"),
     "trials 0": Case(run("--method", "optuna", "--trials", "0"), "--trials must be at least 1"),
-    "fit-seqs 0": Case(run("--fit-seqs", "0"), "--fit-seqs and --fit-plans must be >= 1"),
-    "fit-plans negative": Case(run("--fit-plans", "-1"), "--fit-seqs and --fit-plans must be >= 1"),
-    "fit-rounds negative": Case(run("--fit-rounds", "-1"), "--fit-rounds >= 0"),
+    "fit-seqs 0": Case(run("--fit-seqs", "0"), "--fit-seqs must be at least 1"),
+    "fit-plans negative": Case(run("--method", "knapsack", "--fit-plans", "-1"), "--fit-plans must be at least 1"),
+    "fit-rounds negative": Case(run("--method", "knapsack", "--fit-rounds", "-1"), "--fit-rounds must be at least 0"),
     "lam negative": Case(run("--method", "owl", "--lam", "-0.1"), "--lam must be"),
     "time-limit 0": Case(run("--method", "knapsack", "--time-limit", "0"), "--time-limit must be > 0"),
     "latency-tokens 0": Case(run("--latency-tokens", "0"), "--latency-tokens must be at least 1"),

@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from allocator.budget import Budget, build_problem, summarize
+from allocator.budget import Budget, achieved, build_problem
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory
 from allocator.levels import parse_grid, parse_level
-from allocator.model import Inventory
 from tests.conftest import tiny_model
 
 
@@ -33,12 +33,12 @@ def test_bad_budgets(text):
         Budget.parse(text)
 
 
-def test_summarize_matches_float64_reference():
+def test_achieved_matches_float64_reference():
     inv = Inventory.from_model(tiny_model("llama"))
     rng = np.random.default_rng(0)
     grid = parse_grid("dense,s0.3,s0.7,2:4,w4g32,s0.5+w3")
     assignment = {lay.name: grid[rng.integers(len(grid))] for lay in inv.layers}
-    got = summarize(assignment, inv)
+    got = achieved(assignment, inv)
     kept = np.float64(0)
     bits = np.float64(0)
     for lay in inv.layers:
@@ -80,5 +80,5 @@ def test_brute_force_feasibility_is_exact():
     problem = build_problem(inv, grid, Budget.parse("sparsity=0.25"))
     for choice in itertools.product(range(2), repeat=len(problem.units)):
         choice = np.array(choice)
-        stats = summarize(problem.assignment(choice), inv)
+        stats = achieved(problem.assignment(choice), inv)
         assert problem.feasible(choice) == (stats["sparsity"] >= 0.25 - 1e-12)

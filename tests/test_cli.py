@@ -123,7 +123,7 @@ def test_optuna_pareto_run_writes_a_plan_per_front_point(tiny_model_dir, text_fi
     out = tmp_path / "pareto"
     args = _args(tiny_model_dir, text_files, out, "--target", "sparsity=0.5", "--method", "optuna",
                  "--objectives", "fitness,bytes", "--sampler", "nsga2", "--trials", "12",
-                 "--levels", "0:0.8:0.2", "--backend", "wanda", "--profiles-dir", str(tmp_path / "p"))  # fmt: skip
+                 "--levels", "0:0.8:0.2", "--backend", "wanda", "--cache-dir", str(tmp_path / "p"))  # fmt: skip
     assert main(args) == 0
     front = (out / "pareto.csv").read_text().splitlines()
     assert len(front) >= 2 and (out / "pareto.png").is_file() and (out / "optuna.journal").is_file()
@@ -142,7 +142,7 @@ def test_latency_budget_and_latency_pareto_run(tiny_model_dir, text_files, tmp_p
     args = _args(tiny_model_dir, text_files, out, "--target", "speedup=1", "--method", "optuna",
                  "--objectives", "fitness,latency", "--sampler", "nsga2", "--trials", "8", "--latency-table",
                  str(table), "--latency-tokens", "4", "--levels", "dense,w8,w4g32", "--backend", "rtn",
-                 "--profiles-dir", str(tmp_path / "p"))  # fmt: skip
+                 "--cache-dir", str(tmp_path / "p"))  # fmt: skip
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["latency"]["tokens"] == 4 and metrics["latency"]["speedup"] >= 1 - 1e-9

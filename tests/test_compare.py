@@ -38,7 +38,7 @@ def test_compare_command_runs_every_cell_on_every_text_and_resumes(tiny_model_di
             "--texts", f"{text_files['eval']},{text_files['calib']}", "--methods", "uniform,knapsack",
             "--targets", "sparsity=0.3;sparsity=0.6", "--sensitivity", "fisher", "--seq-len", "16",
             "--calib-samples", "2", "--kl-samples", "2", "--eval-samples", "6", "--no-dense-cache",
-            "--profiles-dir", str(tmp_path / "profiles"), "-o", str(out)]  # fmt: skip
+            "--cache-dir", str(tmp_path / "profiles"), "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     df = pd.read_csv(out / "compare.csv")
     assert len(df) == 2 * 2 * 2 and set(df.method) == {"uniform", "knapsack"}

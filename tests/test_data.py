@@ -114,7 +114,7 @@ def test_a_bos_trained_model_scores_better_when_windows_start_with_bos(tmp_path)
         out = tmp_path / name
         argv = ["run", "--model", str(folder), "--calib", str(text), "--eval", str(text), "--seq-len", "32",
                 "--calib-samples", "2", "--kl-samples", "2", "--eval-samples", "100", "--target", "sparsity=0.1",
-                "--no-dense-cache", "--profiles-dir", str(tmp_path / "profiles"), "-o", str(out)]  # fmt: skip
+                "--no-dense-cache", "--cache-dir", str(tmp_path / "profiles"), "-o", str(out)]  # fmt: skip
         assert main(argv) == 0
         metrics[name] = json.loads((out / "metrics.json").read_text())
     assert metrics["bos"]["bos_per_window"] and not metrics["plain"]["bos_per_window"]

@@ -6,8 +6,8 @@ import torch
 from allocator.backends import apply_
 from allocator.backends.database import LevelDatabase
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory, weight_view
 from allocator.levels import parse_grid, parse_level, with_dense
-from allocator.model import Inventory, weight_view
 from tests.conftest import VOCAB, tiny_model
 
 

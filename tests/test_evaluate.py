@@ -6,8 +6,8 @@ import torch
 
 from allocator.backends import apply_
 from allocator.evaluate import kl_divergence, kl_sum, log_probs, perplexity
+from allocator.inventory import Inventory
 from allocator.levels import parse_level
-from allocator.model import Inventory
 from tests.conftest import VOCAB, tiny_model
 
 

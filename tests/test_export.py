@@ -17,17 +17,17 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from allocator.apply import run_config
+from allocator.apply import plan_config
 from allocator.budget import Budget
 from allocator.cli import main
 from allocator.errors import AllocatorError
 from allocator.evaluate import perplexity
 from allocator.export import EXPORTERS
 from allocator.formats.llamacpp import stored_bits, stored_type
+from allocator.inventory import Inventory
 from allocator.latency.architectures import meta_model
 from allocator.levels import DENSE_BITS, Level, parse_grid, parse_level
 from allocator.levels.ints import IntWeights
-from allocator.model import Inventory
 from allocator.plan import Plan
 from allocator.session import Session
 from tests.test_cli import _args
@@ -224,7 +224,7 @@ def test_a_run_over_the_gguf_grid_keeps_its_budget_as_llama_cpp_stores_it(tiny_m
     """``--levels gguf`` end to end: the plan's bits are the bits llama.cpp writes (no layer falls back)."""
     run = tmp_path / "run"
     args = _args(tiny_model_dir, text_files, run, "--target", "bits=6", "--method", "knapsack", "--backend", "rtn",
-                 "--levels", "gguf", "--sensitivity", "error", "--profiles-dir", str(tmp_path / "p"))  # fmt: skip
+                 "--levels", "gguf", "--sensitivity", "error", "--cache-dir", str(tmp_path / "p"))  # fmt: skip
     assert main(args) == 0
     plan = Plan.load(run / "plan.json")
     assert {lv.format for lv in plan.assignment.values()} <= {"llamacpp", ""} and plan.achieved["bits"] <= 6
@@ -317,14 +317,14 @@ def test_cli_export_writes_files_and_refuses_cleanly(tmp_path, capsys):
 def test_apply_reloads_with_plain_transformers_and_reproduces_perplexity(tiny_model_dir, text_files, tmp_path):
     run = tmp_path / "run"
     args = _args(tiny_model_dir, text_files, run, "--target", "bits=4", "--method", "knapsack", "--backend", "rtn",
-                 "--levels", "dense,w8,w4g32,w2g16a", "--profiles-dir", str(tmp_path / "profiles"))  # fmt: skip
+                 "--levels", "dense,w8,w4g32,w2g16a", "--cache-dir", str(tmp_path / "profiles"))  # fmt: skip
     assert main(args) == 0
     out = tmp_path / "ckpt"
     assert main(["apply", str(run / "plan.json"), "-o", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "allocator_plan.json").is_file()
     recorded = json.loads((run / "metrics.json").read_text())["perplexity"]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no allocator code
-    session = Session(run_config(run / "plan.json", {}))
+    session = Session(plan_config(run / "plan.json", Plan.load(run / "plan.json"), {}))
     assert perplexity(reloaded, session.eval_seqs, 4) == pytest.approx(recorded, rel=1e-4)
     # the weights really are the compressed ones: a dense reload is measurably different
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -22,8 +22,8 @@ from allocator.cli import main
 from allocator.errors import AllocatorError
 from allocator.export import EXPORTERS, export
 from allocator.fitness import KLFitness
+from allocator.inventory import Inventory, is_linear, weight_view
 from allocator.levels import parse_grid, parse_level
-from allocator.model import Inventory, is_linear, weight_view
 from allocator.plan import Plan
 from allocator.search.evolution import mutate
 from allocator.search.repair import level_ladders
@@ -91,7 +91,7 @@ def _backends(family: str, _folder: Path, _work: Path, _texts: dict) -> None:
 def _args(folder: Path, texts: dict, out: Path, *extra: str) -> list[str]:
     return ["run", "--model", str(folder), "--calib", str(texts["calib"]), "--eval", str(texts["eval"]),
             "--seq-len", "16", "--calib-samples", "2", "--kl-samples", "2", "--eval-samples", "2",
-            "--no-dense-cache", "--profiles-dir", str(out.parent / "profiles"), "-o", str(out), *extra]  # fmt: skip
+            "--no-dense-cache", "--cache-dir", str(out.parent / "profiles"), "-o", str(out), *extra]  # fmt: skip
 
 
 def _uniform(family: str, folder: Path, work: Path, texts: dict) -> None:

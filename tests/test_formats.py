@@ -24,9 +24,9 @@ from allocator.export.common import quant_setting
 from allocator.formats import FORMATS as TARGETS
 from allocator.formats import format_grid, storage_bits, unfit
 from allocator.formats.llamacpp import stored_bits
+from allocator.inventory import Inventory
 from allocator.latency.architectures import meta_model
 from allocator.levels import Level, parse_grid, parse_level
-from allocator.model import Inventory
 from allocator.plan import Plan
 from tests.test_cli import _args
 from tests.test_export import read_gptqmodel, read_llamacpp_types, read_llmcompressor
@@ -183,7 +183,7 @@ def test_generic_plans_still_export_and_vllm_warns_what_it_cannot_serve(caplog):
 def test_a_run_with_format_vllm_plans_exports_and_refuses_elsewhere(tiny_model_dir, text_files, tmp_path):
     run = tmp_path / "run"
     args = _args(tiny_model_dir, text_files, run, "--target", "bits=6", "--method", "knapsack", "--backend", "rtn",
-                 "--format", "vllm", "--sensitivity", "error", "--profiles-dir", str(tmp_path / "p"))  # fmt: skip
+                 "--format", "vllm", "--sensitivity", "error", "--cache-dir", str(tmp_path / "p"))  # fmt: skip
     assert main(args) == 0
     plan = Plan.load(run / "plan.json")
     assert {lv.format for lv in plan.assignment.values() if lv.quantized} == {"vllm"} and plan.achieved["bits"] <= 6
@@ -223,7 +223,7 @@ def test_compare_with_format_llamacpp_plans_every_method_in_gguf_types(tiny_mode
             "--texts", str(text_files["eval"]), "--methods", "uniform,knapsack", "--targets", "bits=5",
             "--format", "llamacpp", "--backend", "rtn", "--sensitivity", "error", "--seq-len", "16",
             "--calib-samples", "2", "--kl-samples", "2", "--eval-samples", "4", "--no-dense-cache",
-            "--profiles-dir", str(tmp_path / "profiles"), "-o", str(out)]  # fmt: skip
+            "--cache-dir", str(tmp_path / "profiles"), "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     plans = [Plan.load(p) for p in sorted(out.rglob("plan.json"))]
     assert len(plans) == 2 and all(p.format == "llamacpp" and p.achieved["bits"] <= 5 for p in plans)

@@ -12,11 +12,11 @@ import pytest
 from allocator.budget import Budget, Problem, build_problem
 from allocator.cli import main
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory
 from allocator.latency.kernels import kernel_for
 from allocator.latency.measure import Timer, check_plans, measure_table
 from allocator.latency.table import COLUMNS, MIN_MS, LatencyModel, LatencyTable
 from allocator.levels import Level, parse_grid, parse_level
-from allocator.model import Inventory
 from allocator.plan import Plan
 from tests.conftest import ToyFitness, search, tiny_model
 
@@ -118,7 +118,7 @@ def _latency_problem(inv: Inventory, budget: str, extra: list[Budget] | None = N
     rng = np.random.default_rng(1)
     quality = np.array([0.0, 0.2, 0.5, 0.6, 0.05, 0.3])
     error = rng.uniform(0.5, 2.0, size=(len(problem.units), 1)) * quality[None, :]
-    problem = problem.with_profile(error, rng.uniform(0, 1, size=len(problem.units)))
+    problem = problem.with_sensitivity(error, rng.uniform(0, 1, size=len(problem.units)))
     return problem, table, latency
 
 
@@ -161,12 +161,12 @@ def test_knapsack_matches_brute_force_under_a_latency_budget():
     rest = problem.cost.min(axis=1)
     limit = problem.limit - sum(rest[u] for u in range(len(problem.units)) if u not in keep)
     sub = Problem([problem.units[u] for u in keep], problem.levels, problem.cost[keep], limit,
-                  budget=Budget("latency", 1.0), error=problem.error[keep])  # fmt: skip
+                  budget=Budget("latency", 1.0), sensitivity=problem.sensitivity[keep])  # fmt: skip
     rows = np.arange(3)
     fits = [c for c in itertools.product(range(len(problem.levels)), repeat=3) if sub.cost[rows, c].sum() <= limit]
-    best = min(fits, key=lambda c: sub.error[rows, c].sum())
+    best = min(fits, key=lambda c: sub.sensitivity[rows, c].sum())
     got = search("knapsack", sub, 0).choice
-    assert sub.error[np.arange(3), got].sum() == pytest.approx(sub.error[np.arange(3), list(best)].sum())
+    assert sub.sensitivity[np.arange(3), got].sum() == pytest.approx(sub.sensitivity[np.arange(3), list(best)].sum())
 
 
 def test_measure_on_cpu_writes_a_complete_table_and_checks_plans(inv, tmp_path):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory
 from allocator.levels import DEFAULT_GRID, Level, parse_grid, parse_level
-from allocator.model import Inventory
 from tests.conftest import search
 
 NAMES = ["dense", "s0.5", "s0.1", "2:4", "4:8", "w4g128", "w3", "w2g64a", "s0.5+w4g128", "2:4+w8", "drop"]
@@ -90,7 +90,7 @@ def test_gguf_types_are_levels_priced_as_llama_cpp_stores_them():
 
 def test_a_gguf_grid_gives_uniform_a_type_every_layer_can_take():
     from allocator.budget import Budget, build_problem
-    from allocator.model import Layer
+    from allocator.inventory import Layer
 
     layers = (Layer("a.0.q", 0, "q", 576, 576), Layer("a.0.down", 0, "down", 576, 1536))
     inv = Inventory(layers, (("a.0.q",), ("a.0.down",)), "a", 1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from allocator.errors import AllocatorError
-from allocator.model import Inventory, load_model, weight_view
+from allocator.inventory import Inventory, weight_view
+from allocator.model import load_model
 from tests.conftest import tiny_model
 
 EXPECTED_ROLES = {

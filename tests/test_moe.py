@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from allocator.model import Inventory, weight_view
+from allocator.inventory import Inventory, weight_view
 from allocator.moe import fuse_experts, unfuse_experts
 from tests.conftest import MOE, VOCAB, search, tiny_model
 

@@ -56,9 +56,9 @@ def test_it_is_held_to_the_searcher_contract(greedy, target):
 
 
 def test_it_gets_flags_and_config(greedy):
-    from allocator.cli import _config
+    from allocator.cli.verbs import config_of
 
-    config = _config(build_parser().parse_args(["run", "--method", "greedy", "--passes", "3"]))
+    config = config_of(build_parser().parse_args(["run", "--method", "greedy", "--passes", "3"]))
     assert config.method == "greedy" and config.options["passes"] == 3
     assert make_searcher("greedy", config.options).passes == 3
     assert main(["run", "--method", "greedy", "--passes", "0"]) == 2  # its own check, before any model work
@@ -67,10 +67,13 @@ def test_it_gets_flags_and_config(greedy):
 def test_compare_checks_each_method_with_its_own_options():
     """Global flags that one method refuses are fine where its spec overrides them (cmaes needs the compact space)."""
     from allocator.compare import method_options
+    from allocator.spec import RunConfig, resolve
 
-    assert method_options("optuna:space=compact", {"sampler": "cmaes", "space": "levels"})[1]["space"] == "compact"
+    name, options = method_options("optuna:space=compact", {"sampler": "cmaes", "space": "levels"})
+    assert options["space"] == "compact" == resolve(RunConfig(method=name, options=options)).searcher.space
+    _, refused = method_options("optuna", {"sampler": "cmaes", "space": "levels"})
     with pytest.raises(AllocatorError, match="CMA-ES samples continuous spaces only"):
-        method_options("optuna", {"sampler": "cmaes", "space": "levels"})
+        resolve(RunConfig(method="optuna", options=refused))
 
 
 def test_it_runs_in_compare_with_its_options(greedy, tiny_model_dir, text_files, tmp_path):
@@ -78,7 +81,7 @@ def test_it_runs_in_compare_with_its_options(greedy, tiny_model_dir, text_files,
     argv = ["compare", "--model", str(tiny_model_dir), "--calib", str(text_files["calib"]),
             "--texts", str(text_files["eval"]), "--methods", "uniform,greedy:passes=2", "--targets", "sparsity=0.45",
             "--levels", "0:0.9:0.1", "--seq-len", "16", "--calib-samples", "2", "--kl-samples", "2",
-            "--eval-samples", "4", "--no-dense-cache", "--profiles-dir", str(tmp_path / "profiles"),
+            "--eval-samples", "4", "--no-dense-cache", "--cache-dir", str(tmp_path / "profiles"),
             "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
     df = pd.read_csv(out / "compare.csv")

@@ -7,8 +7,8 @@ import pytest
 
 from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory
 from allocator.levels import parse_grid, parse_level
-from allocator.model import Inventory
 from allocator.plan import Plan
 from tests.conftest import search, tiny_model
 
@@ -29,7 +29,7 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.assignment == plan.assignment
     assert loaded.budget == plan.budget and loaded.grid == plan.grid
     assert loaded.achieved["sparsity"] == pytest.approx(0.5)
-    assert json.loads((tmp_path / "plan.json").read_text())["schema_version"] == 1
+    assert json.loads((tmp_path / "plan.json").read_text())["schema_version"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temporary file left
 
 

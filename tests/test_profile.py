@@ -10,8 +10,8 @@ import torch
 from allocator.backends import BACKENDS, compress_weight
 from allocator.cli import main
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory, weight_view
 from allocator.levels import parse_grid
-from allocator.model import Inventory, weight_view
 from allocator.plan import Plan
 from allocator.profile import Profile
 from tests.conftest import VOCAB, tiny_model
@@ -82,7 +82,7 @@ def test_profile_round_trip_and_refusals(measured, tmp_path):
 def _args(tiny_model_dir, text_files, tmp_path, *extra):
     return ["run", "--model", str(tiny_model_dir), "--calib", str(text_files["calib"]),
             "--eval", str(text_files["eval"]), "--seq-len", "16", "--calib-samples", "4", "--kl-samples", "2",
-            "--eval-samples", "4", "--profiles-dir", str(tmp_path / "profiles"), "--backend", "wanda",
+            "--eval-samples", "4", "--cache-dir", str(tmp_path / "profiles"), "--backend", "wanda",
             "--levels", "0:0.9:0.1", *extra]  # fmt: skip
 
 
@@ -141,12 +141,13 @@ def test_evolution_run_end_to_end_and_resume(tiny_model_dir, text_files, tmp_pat
     assert names == [
         "config.json",
         "evolution_state.json",
+        "fitted_state.json",
         "history.csv",
         "history.png",
         "metrics.json",
         "plan.json",
         "sensitivity.json",
-    ]  # the knapsack start's fitted sensitivity
+    ]  # the knapsack start's fitted sensitivity: its record and its search's checkpoint
     history = (out / "history.csv").read_text().splitlines()
     assert history[0].startswith("generation,fitness") and len(history) == 4
     plan = Plan.load(out / "plan.json")
@@ -210,7 +211,7 @@ def test_profile_command_with_kl(tiny_model_dir, text_files, tmp_path, monkeypat
     monkeypatch.setenv("ALLOCATOR_CACHE", str(tmp_path / "cache"))
     argv = ["profile", "--model", str(tiny_model_dir), "--calib", str(text_files["calib"]), "--seq-len", "16",
             "--calib-samples", "4", "--levels", "dense,s0.5,2:4", "--backend", "sparsegpt", "--kl-pool", "2",
-            "--profiles-dir", str(tmp_path / "profiles")]  # fmt: skip
+            "--cache-dir", str(tmp_path / "profiles")]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "relative output error per level" in printed and "KL" in printed

@@ -12,7 +12,8 @@ import torch
 from allocator import data
 from allocator.cli import main
 from allocator.evaluate import perplexity
-from allocator.model import Inventory, load_model
+from allocator.inventory import Inventory
+from allocator.model import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +88,8 @@ def test_obs_backends_beat_data_free_ones_on_real_activations(smollm):
 
     from allocator.backends import BACKENDS, compress_weight
     from allocator.backends.stats import LayerStats
+    from allocator.inventory import weight_view
     from allocator.levels import parse_level
-    from allocator.model import weight_view
 
     loaded, _ = smollm
     records = data.load_records(data.default_calibration())

@@ -64,7 +64,7 @@ def test_same_seed_same_plan_and_better_than_start():
     assert problem.feasible(plans[0])
     uniform = search("uniform", problem).choice
     rows = np.arange(len(uniform))
-    assert problem.error[rows, plans[0]].sum() < problem.error[rows, uniform].sum()
+    assert problem.sensitivity[rows, plans[0]].sum() < problem.sensitivity[rows, uniform].sum()
     history = evo.history
     assert [h["generation"] for h in history] == list(range(1, 16))
     assert all(a["fitness"] >= b["fitness"] - 0.02 for a, b in zip(history, history[1:], strict=False))
@@ -120,7 +120,7 @@ def test_counters_continue_on_resume(tmp_path):
 
 
 def test_knapsack_start_needs_a_profile():
-    problem = replace(toy_problem(), error=None)
+    problem = replace(toy_problem(), sensitivity=None)
     with pytest.raises(AllocatorError, match="evolution needs a sensitivity profile"):
         search("evolution", problem, 0, ToyFitness(problem), start="knapsack", generations=1)
 

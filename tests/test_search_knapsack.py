@@ -28,7 +28,8 @@ def _instance(seed: int, units: int = 5, levels: int = 4, budgets: int = 1) -> P
         c2 = rng.integers(1, 100, size=(units, levels)).astype(float)
         extra.append((Budget("bytes", 1.0), c2, float(rng.uniform(c2.min(axis=1).sum(), c2.max(axis=1).sum()))))
     units_ = [(f"layer{u}",) for u in range(units)]
-    return Problem(units_, grid, cost.astype(float), limit, error=error, budget=Budget("bytes", limit), extra=extra)
+    budget = Budget("bytes", limit)
+    return Problem(units_, grid, cost.astype(float), limit, sensitivity=error, budget=budget, extra=extra)
 
 
 def _brute_force(problem: Problem) -> float:
@@ -36,7 +37,7 @@ def _brute_force(problem: Problem) -> float:
     for combo in itertools.product(range(len(problem.levels)), repeat=len(problem.units)):
         choice = np.array(combo)
         if problem.feasible(choice):
-            best = min(best, problem.error[np.arange(len(choice)), choice].sum())
+            best = min(best, problem.sensitivity[np.arange(len(choice)), choice].sum())
     return best
 
 
@@ -50,14 +51,14 @@ def test_knapsack_equals_brute_force(seed):
         return
     choice = search("knapsack", problem, 0).choice
     assert problem.feasible(choice)
-    assert problem.error[np.arange(5), choice].sum() == pytest.approx(best, abs=1e-9)
+    assert problem.sensitivity[np.arange(5), choice].sum() == pytest.approx(best, abs=1e-9)
 
 
 def test_knapsack_takes_an_exact_fit():
     problem = _instance(0)
     problem = replace(problem, limit=float(problem.cost[:, 2].sum()))  # uniform level 2 fits exactly
     choice = search("knapsack", problem, 0).choice
-    assert problem.error[np.arange(5), choice].sum() <= problem.error[:, 2].sum() + 1e-12
+    assert problem.sensitivity[np.arange(5), choice].sum() <= problem.sensitivity[:, 2].sum() + 1e-12
 
 
 def test_infeasible_budget_names_the_achievable_range():
@@ -68,7 +69,7 @@ def test_infeasible_budget_names_the_achievable_range():
 
 
 def test_knapsack_needs_errors():
-    problem = replace(_instance(2), error=None)
+    problem = replace(_instance(2), sensitivity=None)
     with pytest.raises(AllocatorError, match="knapsack needs a sensitivity profile"):
         search("knapsack", problem, 0)
     with pytest.raises(AllocatorError, match="knapsack needs a sensitivity profile"):
@@ -107,7 +108,7 @@ def test_owl_follows_outlier_ratios_and_keeps_budget():
 def test_owl_refuses_bit_budgets():
     problem = _instance(3)
     with pytest.raises(AllocatorError, match="OWL allocates sparsity"):
-        search("owl", problem.with_profile(problem.error, np.ones(len(problem.units))), 0)
+        search("owl", problem.with_sensitivity(problem.sensitivity, np.ones(len(problem.units))), 0)
 
 
 def test_real_valued_limit_met_exactly_is_feasible():
@@ -116,5 +117,5 @@ def test_real_valued_limit_met_exactly_is_feasible():
     ms = rng.uniform(0.01, 0.3, size=(6, 1)) * np.array([[1.0, 1.3, 1.7]])  # dense fastest, in milliseconds
     error = np.tile([0.0, 1.0, 2.0], (6, 1))
     problem = Problem([(f"l{u}",) for u in range(6)], parse_grid("dense,w8,w4g32"), ms, float(ms[:, 0].sum()),
-                      error=error, budget=Budget("latency", 1.0))  # fmt: skip
+                      sensitivity=error, budget=Budget("latency", 1.0))  # fmt: skip
     assert np.array_equal(search("knapsack", problem, 0).choice, np.zeros(6, dtype=int))

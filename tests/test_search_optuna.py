@@ -92,7 +92,7 @@ def test_project_fill_is_never_worse_than_down_only():
     for _ in range(20):
         proposal = rng.integers(0, len(problem.levels), size=len(problem.units))
         down, filled = project(problem, proposal, fill=False), project(problem, proposal)
-        assert problem.error[rows, filled].sum() <= problem.error[rows, down].sum() + 1e-12
+        assert problem.sensitivity[rows, filled].sum() <= problem.sensitivity[rows, down].sum() + 1e-12
 
 
 def test_a_study_for_another_search_is_refused(tmp_path):
@@ -228,7 +228,7 @@ def test_brute_force_small_problem_found_by_levels_space():
     sizes = np.array([[100.0], [300.0], [200.0]])
     cost = sizes * (1 - np.array([lv.sparsity for lv in grid]))[None, :]
     error = np.array([[0.0, 1.0, 3.0, 9.0], [0.0, 0.5, 2.0, 4.0], [0.0, 2.0, 5.0, 7.0]])
-    problem = Problem([("a.0.x",), ("a.1.x",), ("a.2.x",)], grid, cost, 330.0, error=error,
+    problem = Problem([("a.0.x",), ("a.1.x",), ("a.2.x",)], grid, cost, 330.0, sensitivity=error,
                       budget=Budget("bytes", 330.0))  # fmt: skip
     best_brute = min((error[np.arange(3), c].sum(), c) for c in itertools.product(range(4), repeat=3)
                      if problem.feasible(np.array(c)))  # fmt: skip
@@ -247,4 +247,4 @@ def test_bad_settings_are_refused():
     with pytest.raises(AllocatorError, match="optuna needs a fitness on the real model"):
         search("optuna", problem, 0, space="compact")
     with pytest.raises(AllocatorError, match="optuna needs a sensitivity profile"):
-        search("optuna", replace(problem, error=None), 0, ToyFitness(problem), space="compact")
+        search("optuna", replace(problem, sensitivity=None), 0, ToyFitness(problem), space="compact")

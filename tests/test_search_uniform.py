@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from allocator.budget import Budget, build_problem, summarize
+from allocator.budget import Budget, achieved, build_problem
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory
 from allocator.levels import parse_grid
-from allocator.model import Inventory
 from allocator.search import make_searcher
 from tests.conftest import search, tiny_model
 
@@ -20,7 +20,7 @@ def test_uniform_picks_least_compressed_level_within_budget(target, expect):
     problem = build_problem(inv, parse_grid("0:0.9:0.1"), Budget.parse(target))
     choice = search("uniform", problem, 0).choice
     assert {problem.levels[k].name for k in choice} == {expect}
-    assert summarize(problem.assignment(choice), inv)["sparsity"] >= Budget.parse(target).value - 1e-12
+    assert achieved(problem.assignment(choice), inv)["sparsity"] >= Budget.parse(target).value - 1e-12
 
 
 def test_uniform_over_bits_budget():

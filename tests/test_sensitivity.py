@@ -11,11 +11,12 @@ from scipy.stats import spearmanr
 
 from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory
 from allocator.levels import parse_grid
-from allocator.model import Inventory
+from allocator.search.additive import fit
+from allocator.search.fitted import random_plans, refine
 from allocator.search.knapsack import Knapsack
 from allocator.sensitivity.fisher import fisher_error, output_fisher
-from allocator.sensitivity.fitted import fit, random_plans, refine
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -110,15 +111,15 @@ def test_fit_recovers_known_additive_costs_and_predicts_held_out_plans():
 def test_refine_reaches_the_true_optimum_of_a_known_additive_model():
     problem, prior, w = _synthetic(seed=1)
     truth = prior * w[:, None]
-    optimum = Knapsack().search(problem.with_profile(truth)).choice
+    optimum = Knapsack().search(problem.with_sensitivity(truth)).choice
 
     def solve(costs):
-        return Knapsack().search(problem.with_profile(costs)).choice
+        return Knapsack().search(problem.with_sensitivity(costs)).choice
 
     start = np.full(len(w), 2)
-    model, record = refine(problem, prior, lambda c: float(truth[np.arange(len(w)), c].sum()), solve, start,
-                           plans=30, rounds=2, seed=0)  # fmt: skip
-    final = solve(model.costs(prior))
+    model, final, record = refine(problem, prior, lambda c: float(truth[np.arange(len(w)), c].sum()), solve, start,
+                                  plans=30, rounds=2, seed=0)  # fmt: skip
+    assert np.array_equal(final, solve(model.costs(prior)))  # the plan is the knapsack of the fit returned
     assert truth[np.arange(len(w)), final].sum() == pytest.approx(truth[np.arange(len(w)), optimum].sum(), rel=1e-9)
     history = record["history"]  # the prior's own solution, the first fit's, then one per round
     assert [h["round"] for h in history] == [-1, 0, 1, 2] and history[-1]["plans"] >= 31
@@ -148,7 +149,7 @@ def test_knapsack_run_with_each_sensitivity(kind, tiny_model_dir, text_files, tm
     out = tmp_path / kind
     argv = ["run", "--model", str(tiny_model_dir), "--calib", str(text_files["calib"]), "--eval",
             str(text_files["eval"]), "--seq-len", "16", "--calib-samples", "8", "--kl-samples", "2",
-            "--eval-samples", "4", "--profiles-dir", str(tmp_path / "profiles"), "--backend", "wanda",
+            "--eval-samples", "4", "--cache-dir", str(tmp_path / "profiles"), "--backend", "wanda",
             "--levels", "0:0.8:0.2", "--target", "sparsity=0.4", "--method", "knapsack", "--sensitivity", kind,
             "--fit-seqs", "4", "--fit-plans", "12", "--fit-rounds", "1", "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
@@ -167,7 +168,7 @@ def test_refine_keeps_the_prior_when_every_fit_misleads():
     problem, prior, w = _synthetic(seed=2)
 
     def solve(costs):
-        return Knapsack().search(problem.with_profile(costs)).choice
+        return Knapsack().search(problem.with_sensitivity(costs)).choice
 
     plain = solve(prior)
     rows = np.arange(len(w))
@@ -175,6 +176,6 @@ def test_refine_keeps_the_prior_when_every_fit_misleads():
     def measure(c):  # anti-correlated with the prior everywhere except at the prior's own solution
         return 0.0 if np.array_equal(c, plain) else 100.0 - float(prior[rows, c].sum())
 
-    model, record = refine(problem, prior, measure, solve, np.full(len(w), 2), plans=30, rounds=2, seed=0)
+    model, choice, record = refine(problem, prior, measure, solve, np.full(len(w), 2), plans=30, rounds=2, seed=0)
     assert record["chosen_round"] == -1 and np.array_equal(model.weights, np.ones(len(w)))
-    assert np.array_equal(solve(model.costs(prior)), plain)
+    assert np.array_equal(solve(model.costs(prior)), plain) and np.array_equal(choice, plain)

@@ -19,8 +19,8 @@ from allocator.backends.obs import obs_compress, obs_compress_levels
 from allocator.backends.stats import LayerStats
 from allocator.backends.wanda import wanda_prune
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory, weight_view
 from allocator.levels import Level
-from allocator.model import Inventory, weight_view
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from allocator.backends.calibrate import blockwise
 from allocator.backends.stats import LayerStats
 from allocator.errors import AllocatorError
 from allocator.formats import unfit
+from allocator.inventory import Inventory, Layer, weight_view
 from allocator.levels import Level
-from allocator.model import Inventory, Layer, weight_view
 
 # visit(layer, level, W, Q, stats): W the dense weight, Q its compressed copy (both [rows, cols]).
 Visitor = Callable[[Layer, Level, torch.Tensor, torch.Tensor, LayerStats], None]

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from allocator.backends.stats import LayerStats
-from allocator.model import Inventory, Layer
+from allocator.inventory import Inventory, Layer
 
 
 class _Captured(Exception):

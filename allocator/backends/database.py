@@ -26,9 +26,9 @@ from torch import nn
 from allocator.backends.all_levels import for_each_level
 from allocator.backends.codec import Parts, decode, encode_layer
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory, weight_view
 from allocator.io import atomic_path, write_json_atomic
 from allocator.levels import Level, parse_level, with_dense
-from allocator.model import Inventory, weight_view
 
 DB_VERSION = 2  # 1: a full copy per (layer, level)
 

@@ -12,9 +12,9 @@ from collections import defaultdict
 
 from allocator.errors import AllocatorError
 from allocator.formats import FORMATS
+from allocator.inventory import TIE_KINDS
 from allocator.levels import Level, Part
 from allocator.levels.ints import IntWeights
-from allocator.model import TIE_KINDS
 from allocator.plan import Plan
 
 # serving engines (vLLM) fuse these shards into one kernel: they must share one setting

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from allocator.inventory import Inventory
 from allocator.latency.kernels import (
     ALL_KERNELS,
     NO_KERNEL_NOTE,
@@ -31,7 +32,6 @@ from allocator.latency.kernels import (
 )
 from allocator.latency.table import COLUMNS, MIN_MS, LatencyTable, table_tokens
 from allocator.levels import Level
-from allocator.model import Inventory
 
 log = logging.getLogger(__name__)
 

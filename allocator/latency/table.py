@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory, Layer
 from allocator.io import write_json_atomic, write_text_atomic
 from allocator.latency.kernels import kernel_for
 from allocator.levels import Level
-from allocator.model import Inventory, Layer
 
 COLUMNS = ["kind", "rows", "cols", "kernel", "tokens", "ms", "runs", "serving", "gpu", "driver", "torch"]
 MIN_MS = 1e-6  # floor of a time in the table: a noisy negative overhead must not break the log-log interpolation

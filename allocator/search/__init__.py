@@ -14,12 +14,13 @@ from allocator.errors import AllocatorError
 from allocator.levels import Level
 from allocator.search.base import NEEDS, SearchContext, Searcher, SearchResult
 from allocator.search.evolution import Evolution
+from allocator.search.fitted import Fitted
 from allocator.search.knapsack import Knapsack
 from allocator.search.optuna import OptunaSearch
 from allocator.search.owl import OWL
 from allocator.search.uniform import Uniform
 
-SEARCHERS: dict[str, type[Searcher]] = {"uniform": Uniform, "owl": OWL, "knapsack": Knapsack,
+SEARCHERS: dict[str, type[Searcher]] = {"uniform": Uniform, "owl": OWL, "knapsack": Knapsack, "fitted": Fitted,
                                         "evolution": Evolution, "optuna": OptunaSearch}  # fmt: skip
 
 
@@ -67,6 +68,8 @@ class Allocation:
     front: list[dict] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
     search_s: float = 0.0
+    costs: np.ndarray | None = None
+    record: dict = field(default_factory=dict)
 
 
 def allocate(problem: Problem, searcher: Searcher, ctx: SearchContext | None = None) -> Allocation:
@@ -76,7 +79,7 @@ def allocate(problem: Problem, searcher: Searcher, ctx: SearchContext | None = N
     latency table), and after when the answer picks a level a unit cannot take or breaks a budget.
     """
     ctx = ctx or SearchContext()
-    have = {"profile": problem.error is not None, "outliers": problem.outlier_ratio is not None,
+    have = {"profile": problem.sensitivity is not None, "outliers": problem.outlier_ratio is not None,
             "fitness": ctx.fitness is not None, "latency": problem.latency_cost is not None}  # fmt: skip
     missing = [need for need in NEEDS if need in searcher.needs() and not have[need]]
     if missing:
@@ -95,7 +98,7 @@ def allocate(problem: Problem, searcher: Searcher, ctx: SearchContext | None = N
         over = [f"{b}: {problem.in_budget_units(b, problem.summed(c, choice))}" for b, c, lim in problem.constraints()]
         raise AllocatorError(f"{searcher.name} returned a plan over its budget ({'; '.join(over)}): report this")
     return Allocation(searcher.name, choice, problem.assignment(choice), result.history, result.front,
-                      result.stats, seconds)  # fmt: skip
+                      result.stats, seconds, result.costs, result.record)  # fmt: skip
 
 
 __all__ = ["SEARCHERS", "Allocation", "SearchContext", "SearchResult", "Searcher", "allocate", "make_searcher",

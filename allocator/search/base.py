@@ -57,6 +57,8 @@ class SearchResult:
     history: list[dict] = field(default_factory=list)  # one record per generation or trial
     front: list[dict] = field(default_factory=list)  # a multi-objective study's Pareto plans
     stats: dict[str, float] = field(default_factory=dict)  # e.g. the knapsack's optimality gap
+    costs: np.ndarray | None = None  # [U, K] a cost model the search learnt (the fitted search's fitted costs)
+    record: dict = field(default_factory=dict)  # JSON-able details the run folder keeps (every measured plan)
 
 
 class Searcher:
@@ -74,6 +76,14 @@ class Searcher:
 
     def check(self) -> None:
         """Checks that touch the outside world (a study's storage), run once before any model work."""
+
+    def sensitivity(self, asked: str) -> str:
+        """The profile column (``--sensitivity``) the problem's error matrix must hold for this searcher."""
+        return asked
+
+    def fitness_pool(self, fit_seqs: int) -> int | None:
+        """Calibration windows its fitness scores on (None: all of them; the fitted search: ``--fit-seqs``)."""
+        return None
 
     def search(self, problem: Problem, ctx: SearchContext) -> SearchResult:
         """One level per unit of ``problem`` within its budgets; the same context gives the same answer."""

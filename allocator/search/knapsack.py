@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from allocator.budget import Problem, allowed
+from allocator.budget import Problem, ceiling
 from allocator.errors import AllocatorError
 from allocator.search.base import SearchContext, Searcher, SearchResult, option
 
@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def _require_error(problem: Problem) -> np.ndarray:
-    if problem.error is None:
+    if problem.sensitivity is None:
         raise AllocatorError("knapsack needs a sensitivity profile (per-layer errors): run with a profile")
-    return problem.error
+    return problem.sensitivity
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _budget_row(cost: np.ndarray, limit: float, inside: bool) -> LinearConstrain
             return LinearConstraint(cost[None, :], -np.inf, math.floor(limit * grain * (1 + 1e-12) + 1e-6) / grain)
     if limit <= 0:  # below the fixed overhead: nothing fits, and reach_error has said so
         return LinearConstraint(cost[None, :], -np.inf, limit)
-    return LinearConstraint(cost[None, :] / limit, -np.inf, 1 - 1e-6 if inside else allowed(limit) / limit)
+    return LinearConstraint(cost[None, :] / limit, -np.inf, 1 - 1e-6 if inside else ceiling(limit) / limit)
 
 
 @dataclass

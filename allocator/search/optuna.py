@@ -27,9 +27,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm.auto import tqdm
 
-from allocator.budget import Problem, allowed
+from allocator.budget import Problem, ceiling
 from allocator.errors import AllocatorError
 from allocator.search.base import SearchContext, Searcher, SearchResult, at_least, one_of, option
+from allocator.search.knapsack import Knapsack, frontier
+from allocator.search.owl import OWL
 from allocator.search.repair import project
 from allocator.search.study import (
     OVER_QUOTA,
@@ -43,8 +45,11 @@ from allocator.search.study import (
     recover_stale,
     repeat_of,
     setup_lock,
+    study_result,
+    study_trials_done,
     trial_seeded,
 )
+from allocator.search.uniform import Uniform
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +133,7 @@ class OptunaSearch(Searcher):
         objectives = self.objectives.split(",")
         multi = len(objectives) > 1
         second = problem.objective(objectives[1]) if multi else None
-        if problem.error is None:
+        if problem.sensitivity is None:
             raise AllocatorError("optuna repairs proposals by a sensitivity profile: run with a profile")
         if (error := problem.reach_error()) is not None:
             raise error
@@ -198,7 +203,9 @@ class OptunaSearch(Searcher):
                 repeats = repeats + 1 if REPEAT in trial.user_attrs else 0
         if repeats:
             log.info("optuna: %d proposals in a row repeated evaluated plans; stopping", repeats)
-        return self._result(study, problem, multi, storage)
+        if not study_trials_done(study):
+            raise AllocatorError(f"study {self.study_name!r} in {storage} has no finished trial")
+        return study_result(study, problem, self.objectives if multi else "")
 
     # ---- pieces ----------------------------------------------------------------------------------
     def _scorer(self, problem: Problem, ctx: SearchContext):
@@ -225,12 +232,11 @@ class OptunaSearch(Searcher):
                 choices = [names[k] for k in np.flatnonzero(np.isfinite(problem.cost[u]))]
                 picks.append(names.index(trial.suggest_categorical(unit[0], choices)))
             return np.array(picks)
-        from allocator.search.knapsack import Knapsack, frontier
 
         mult = {r: trial.suggest_float(f"role.{r}", -2.0, 2.0) for r in dict.fromkeys(roles)}
         slope = trial.suggest_float("depth_slope", -2.0, 2.0)
         weight = np.exp(np.array([mult[r] for r in roles]) + slope * (depth - 0.5))
-        shaped = replace(problem, error=problem.error * weight[:, None])
+        shaped = replace(problem, sensitivity=problem.sensitivity * weight[:, None])
         if problem.extra:  # several budgets: the exact MILP
             return Knapsack().search(shaped).choice
         # one budget: the knapsack's DP (deterministic, a fraction of a second; the MILP on re-weighted
@@ -244,9 +250,9 @@ class OptunaSearch(Searcher):
         for (budget, _, limit), total in zip(problem.constraints(), achieved, strict=True):
             # the same tolerance as Problem.feasible: a plan exactly at the limit is feasible for the study too
             if hasattr(trial, "set_constraint"):  # Optuna >= 5; on 4.x the margin is kept as an attribute
-                trial.set_constraint(str(budget), total - allowed(limit))
+                trial.set_constraint(str(budget), total - ceiling(limit))
             else:
-                trial.set_user_attr(f"constraint {budget}", total - allowed(limit))
+                trial.set_user_attr(f"constraint {budget}", total - ceiling(limit))
         trial.set_user_attr("budget", str(problem.budget))
         trial.set_user_attr("achieved", problem.in_budget_units(problem.budget, achieved[0]))
         trial.set_user_attr("bytes", problem.summed(bytes_cost, choice))
@@ -255,12 +261,10 @@ class OptunaSearch(Searcher):
 
     def _seed(self, study, problem: Problem, seed: int, score, bytes_cost) -> None:
         """Queue the baseline plans (first trials, so the study starts at least as good as they are)."""
-        from allocator.search import allocate, make_searcher
-
         plans = {}
         for name in [s for s in self.seeds.split(",") if s]:
             try:
-                plans[name] = allocate(problem, make_searcher(name), SearchContext(seed)).choice
+                plans[name] = _baseline(name, problem, seed)
             except AllocatorError as exc:
                 log.info("seed %s skipped: %s", name, exc)
         for name, plan in plans.items():
@@ -281,36 +285,14 @@ class OptunaSearch(Searcher):
         roles, _ = unit_features(problem)
         return [f"role.{r}" for r in dict.fromkeys(roles)] + ["depth_slope"]
 
-    def _result(self, study, problem: Problem, multi: bool, storage: str | None) -> SearchResult:
-        import optuna
 
-        names = [lv.name for lv in problem.levels]
-        complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                    if PLAN in t.user_attrs and REPEAT not in t.user_attrs]  # fmt: skip
-        if not complete:
-            raise AllocatorError(f"study {self.study_name!r} in {storage} has no finished trial")
-        history = [{"trial": t.number, "fitness": t.user_attrs["fitness"], "bytes": t.user_attrs["bytes"],
-                         "seed": t.user_attrs.get("seed", ""), "seconds": t.user_attrs.get("seconds", 0.0)}
-                        for t in sorted(complete, key=lambda t: t.number)]  # fmt: skip
-        pareto: list[dict] = []
-        if multi:
-            front = {t.number for t in study.best_trials}
-            seen: set[tuple[str, ...]] = set()  # NSGA-II proposes some plans again: one entry per plan
-            bytes_cost = problem.bytes_cost if problem.bytes_cost is not None else problem.cost
-            for t in complete:
-                plan = tuple(t.user_attrs["plan"])
-                if t.number in front and plan not in seen:
-                    seen.add(plan)
-                    choice = _indices(names, plan)
-                    pareto.append({"trial": t.number, "fitness": t.values[0], "choice": choice,
-                                   "bytes": problem.summed(bytes_cost, choice),
-                                   "objective": self.objectives})  # fmt: skip
-        candidates = [(t.user_attrs["fitness"], t.number, t.user_attrs["plan"]) for t in complete]
-        candidates += [(b["fitness"], -1, b["plan"]) for b in study.user_attrs.get("baselines", {}).values()]
-        best = min(candidates, key=lambda c: (c[0], c[1]))
-        return SearchResult(_indices(names, best[2]), history=history, front=pareto)
-
-
-def _indices(names: list[str], plan) -> np.ndarray:
-    """Level names (as trials store plans) back to level indices."""
-    return np.array([names.index(n) for n in plan])
+def _baseline(name: str, problem: Problem, seed: int) -> np.ndarray:
+    """A baseline method's plan (uniform, OWL, knapsack), refused where it lacks what it needs or breaks a budget."""
+    searcher = {"uniform": Uniform, "owl": OWL, "knapsack": Knapsack}[name]()
+    have = {"profile": problem.sensitivity is not None, "outliers": problem.outlier_ratio is not None}
+    if not all(have.get(need, False) for need in searcher.needs()):
+        raise AllocatorError(f"{name} needs {sorted(searcher.needs())}")
+    choice = np.asarray(searcher.search(problem, SearchContext(seed)).choice, dtype=int)
+    if not problem.feasible(choice):
+        raise AllocatorError(f"{name}'s plan breaks a budget")
+    return choice

@@ -27,7 +27,7 @@ def project(problem: Problem, choice: np.ndarray, fill: bool = True) -> np.ndarr
     """
     choice = choice.copy()
     cost = problem.cost
-    err = problem.error if problem.error is not None else np.zeros_like(cost)
+    err = problem.sensitivity if problem.sensitivity is not None else np.zeros_like(cost)
     ladders = level_ladders(problem)
     rank = np.array([int(np.flatnonzero(ladders[u] == choice[u])[0]) for u in range(len(choice))])
 
@@ -53,7 +53,7 @@ def project(problem: Problem, choice: np.ndarray, fill: bool = True) -> np.ndarr
             trial[u] = ladders[u][rank[u] - 1]
             if problem.feasible(trial):
                 options.append((gain / max(-extra, 1e-12), u))  # gain <= 0: error removed per cost added
-        if not options or problem.error is None:
+        if not options or problem.sensitivity is None:
             break
         _, u = min(options)
         rank[u] -= 1

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from allocator.budget import Problem
 from allocator.errors import AllocatorError
+from allocator.search.base import SearchResult
 
 HEARTBEAT = "heartbeat"  # trial user attribute: the time of the worker's last sign of life
 PLAN = "plan"  # trial user attribute: the plan's level names, set before it is evaluated (a claim)
@@ -222,3 +224,47 @@ def repeat_of(study, number: int, plan: list[str]):
             continue
         return t
     return None
+
+
+def _complete(study) -> list:
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if PLAN in t.user_attrs and REPEAT not in t.user_attrs]  # fmt: skip
+
+
+def study_trials_done(study) -> bool:
+    """Whether the study holds a finished (non-repeated) trial."""
+    return bool(_complete(study))
+
+
+def study_result(study, problem: Problem, objectives: str = "") -> SearchResult:
+    """The study's best plan (baselines kept beside it included), its history, and, for a multi-objective study
+    (``objectives``), its Pareto plans."""
+    names = [lv.name for lv in problem.levels]
+    complete = _complete(study)
+    history = [{"trial": t.number, "fitness": t.user_attrs["fitness"], "bytes": t.user_attrs["bytes"],
+                "seed": t.user_attrs.get("seed", ""), "seconds": t.user_attrs.get("seconds", 0.0)}
+               for t in sorted(complete, key=lambda t: t.number)]  # fmt: skip
+    pareto: list[dict] = []
+    if objectives:
+        front = {t.number for t in study.best_trials}
+        seen: set[tuple[str, ...]] = set()  # NSGA-II proposes some plans again: one entry per plan
+        bytes_cost = problem.bytes_cost if problem.bytes_cost is not None else problem.cost
+        for t in complete:
+            plan = tuple(t.user_attrs["plan"])
+            if t.number in front and plan not in seen:
+                seen.add(plan)
+                choice = _indices(names, plan)
+                pareto.append({"trial": t.number, "fitness": t.values[0], "choice": choice,
+                               "bytes": problem.summed(bytes_cost, choice),
+                               "objective": objectives})  # fmt: skip
+    candidates = [(t.user_attrs["fitness"], t.number, t.user_attrs["plan"]) for t in complete]
+    candidates += [(b["fitness"], -1, b["plan"]) for b in study.user_attrs.get("baselines", {}).values()]
+    best = min(candidates, key=lambda c: (c[0], c[1]))
+    return SearchResult(_indices(names, best[2]), history=history, front=pareto)
+
+
+def _indices(names: list[str], plan) -> np.ndarray:
+    """Level names (as trials store plans) back to level indices."""
+    return np.array([names.index(n) for n in plan])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from allocator.model import Inventory
+from allocator.inventory import Inventory
 
 
 def output_fisher(

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from allocator.errors import AllocatorError
+from allocator.inventory import Inventory
 from allocator.io import check_output
 from allocator.latency.architectures import PRESETS, config_for, meta_model, random_model
 from allocator.latency.kernels import ALL_KERNELS
@@ -20,7 +21,7 @@ from allocator.latency.measure import (
     measure_table,
 )
 from allocator.latency.table import LatencyTable, slug
-from allocator.model import DTYPES, Inventory
+from allocator.model import DTYPES
 from allocator.plan import Plan
 
 

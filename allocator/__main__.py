@@ -1,0 +1,7 @@
+"""``python -m allocator``: the console script."""
+
+import sys
+
+from allocator.cli import main
+
+sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m allocator.cli``: the console script."""
+
+import sys
+
+from allocator.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""The one owner of cached measurements: sensitivity profiles, level databases and dense references.
+
+Everything lives under one root (``--cache-dir``, else ``$ALLOCATOR_CACHE`` or ``~/.cache/allocator``), named by one
+rule: ``<root>/<kind>/<model>/<backend>-<hash of grid, data and rounding>``, so a run on the same model and data
+reuses what an earlier run measured, and another model, grid, backend or text is a miss, never a stale hit. Every
+entry is written beside its final name and moved into place when complete; the temporaries a killed process left
+anywhere under the root are removed when a workspace is opened (one cleanup rule). Converted models live here
+too (``models/``, :func:`allocator.model.load_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from allocator.backends.database import DatabaseWriter, LevelDatabase
+from allocator.budget import Budget, build_problem
+from allocator.errors import AllocatorError
+from allocator.fitness import KLFitness
+from allocator.inventory import Inventory
+from allocator.io import remove_orphans
+from allocator.levels import Level, with_dense
+from allocator.model import cache_dir
+from allocator.profile import Profile
+from allocator.reference import dense_reference
+
+log = logging.getLogger(__name__)
+KINDS = ("profiles", "db", "dense", "models")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a measurement runs on: the model (dense weights), its layers, the calibration windows and what they are."""
+
+    model: nn.Module
+    inventory: Inventory
+    model_id: str
+    seqs: torch.Tensor  # [n, seq_len] token ids
+    meta: dict  # the windows' source, count, length, seed, BOS: part of every name
+    batch_size: int
+
+
+def artifact_name(model_id: str, backend: str, levels: list[Level], meta: dict) -> str:
+    """``<model>/<backend>-<hash of grid, data and rounding>``: one profile or database per distinct question."""
+    rounding = {k: v for lv in levels for p in lv.parts for k, v in p.cache_tag.items()}  # a kind's rounding version
+    key = json.dumps({"grid": sorted(lv.name for lv in levels), **rounding, **meta}, sort_keys=True)
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_id).name or model_id)
+    return f"{slug}/{backend}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+class Workspace:
+    """A cache root and the measurements kept in it."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root else cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            raise AllocatorError(f"cache folder {str(self.root)!r} is a file: pass a folder as --cache-dir")
+        for tmp in self.root.glob("**/.*.tmp-*") if self.root.is_dir() else ():
+            remove_orphans(tmp.parent / tmp.name.split(".tmp-")[0].removeprefix("."))
+
+    def path(self, kind: str, cal: Calibration, backend: str, levels: list[Level], suffix: str = "") -> Path:
+        """Where the ``kind`` measurement of ``levels`` and ``backend`` on ``cal``'s windows lives."""
+        return self.root / kind / (artifact_name(cal.model_id, backend, levels, cal.meta) + suffix)
+
+    # ---- profiles ------------------------------------------------------------------------------------
+    def profile(self, cal: Calibration, levels: list[Level], backend: str, path: str | None = None,
+                with_database: bool = False) -> Profile:  # fmt: skip
+        """The profile of ``levels``: loaded if saved, else measured and saved. ``path``: one the user named
+        (refused if unusable, never re-measured). ``with_database``: the same pass builds the level database."""
+        target = Path(path) if path else self.path("profiles", cal, backend, levels, ".parquet")
+        if target.is_file() or path:
+            try:
+                found = Profile.load(target)
+            except AllocatorError as exc:
+                if path:
+                    raise
+                log.warning("rebuilding cached profile %s: %s", target, exc)
+                found = None
+            if found is not None:
+                found.check(cal.inventory, levels, backend)
+                log.info("reusing profile %s", target)
+                return found
+        t0 = time.perf_counter()
+        db_path = self.path("db", cal, backend, with_dense(levels))
+        with contextlib.ExitStack() as stack:
+            also = []
+            if with_database and self._open_database(db_path, cal, levels) is None:
+                writer = DatabaseWriter(cal.inventory, with_dense(levels), backend, db_path, cal.seqs)
+                also.append(stack.enter_context(writer))
+            measured = Profile.measure(cal.model, cal.inventory, levels, backend, cal.seqs, cal.meta,
+                                       cal.batch_size, also)  # fmt: skip
+        measured.meta["measure_s"] = time.perf_counter() - t0
+        measured.save(target)
+        log.info("saved profile %s (%.1f s)", target, measured.meta["measure_s"])
+        return measured
+
+    def save_profile(self, cal: Calibration, found: Profile, levels: list[Level], backend: str) -> None:
+        """Store ``found`` (e.g. with a new column) under its name."""
+        found.save(self.path("profiles", cal, backend, levels, ".parquet"))
+
+    # ---- level databases -----------------------------------------------------------------------------
+    def database(self, cal: Calibration, levels: list[Level], backend: str) -> LevelDatabase:
+        """The level database for ``levels`` (built once, cached)."""
+        path = self.path("db", cal, backend, with_dense(levels))
+        if (db := self._open_database(path, cal, levels)) is not None:
+            return db
+        db = LevelDatabase.build(cal.model, cal.inventory, levels, backend, path, cal.seqs, cal.batch_size)
+        log.info("built level database %s (%.2f GB)", path, db.manifest["bytes"] / 1e9)
+        return db
+
+    def _open_database(self, path: Path, cal: Calibration, levels: list[Level]) -> LevelDatabase | None:
+        """The cached database at ``path`` if it holds every level, else None (a stale one is rebuilt)."""
+        if (path / "manifest.json").is_file():
+            try:
+                db = LevelDatabase.open(path, cal.inventory)
+            except AllocatorError as exc:  # an older format or a corrupt manifest: build it again
+                log.warning("rebuilding level database %s: %s", path, exc)
+                return None
+            if {lv.name for lv in levels} <= set(db.manifest["levels"]):
+                return db
+        return None
+
+    def add_kl(self, cal: Calibration, found: Profile, levels: list[Level], backend: str, pool: int,
+               again: bool = False) -> None:  # fmt: skip
+        """Measure the profile's ``kl`` column (one layer compressed at a time) on ``pool`` windows, and save it
+        (kept when the profile has one, unless ``again``)."""
+        if "kl" in found.table and not again:
+            return
+        grid = with_dense(levels)
+        problem = build_problem(cal.inventory, grid, Budget("sparsity", 0.0))
+        db = self.database(cal, grid, backend)
+        seqs = cal.seqs[:pool]
+        t0 = time.perf_counter()
+        found.add_kl(KLFitness(cal.model, cal.inventory, problem, db, seqs, cal.batch_size), problem,
+                     np.arange(len(seqs)))  # fmt: skip
+        found.meta["kl_s"] = time.perf_counter() - t0
+        self.save_profile(cal, found, levels, backend)
+
+    # ---- dense references ----------------------------------------------------------------------------
+    def dense(self, model: nn.Module, eval_seqs: torch.Tensor, kl_seqs: torch.Tensor, batch_size: int,
+              cached: bool = True) -> tuple[float, torch.Tensor, bool]:  # fmt: skip
+        """Dense perplexity and KL teacher of ``model`` (holding its dense weights); cached unless not ``cached``."""
+        return dense_reference(model, eval_seqs, kl_seqs, batch_size, self.root / "dense" if cached else None)
