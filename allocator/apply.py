@@ -1,9 +1,9 @@
-"""Apply a plan and save a Hugging Face checkpoint that reloads with plain ``transformers``.
+"""Apply a plan: compress the model exactly as the run that made the plan did, and write the compressed model.
 
-The model is compressed exactly as the run that made the plan compressed it: a schema-2 plan records its
-backend, settings and data, so the plan file alone suffices; a schema-1 plan reads them from the run folder's
-``config.json``. Pruned weights are stored as zeros and quantized weights as their de-quantized values: what
-every toolkit's "dense with zeros" checkpoint holds.
+A schema-2 plan records its backend, settings and data, so the plan file alone suffices; a schema-1 plan reads
+them from the run folder's ``config.json``. The weights come from the level database when the workspace holds
+one for the plan's grid (a decode: no calibration pass), else from the backend, calibrated as the database is:
+the same weights either way. The checkpoint is the engine's own format (:mod:`allocator.checkpoints.writers`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import torch
 from torch import nn
 
 from allocator import backends, data
+from allocator.checkpoints import writers
 from allocator.errors import AllocatorError
 from allocator.inventory import Inventory
 from allocator.io import atomic_path, check_output, write_json_atomic
-from allocator.moe import fuse_experts
 from allocator.plan import Plan
 from allocator.session import Session
 from allocator.spec import RunConfig, resolve
 
 _FROM_PLAN = ("calib", "eval", "calib_samples", "kl_samples", "eval_samples", "seq_len", "seed")  # plan.data keys
+_BACKEND_SETTINGS = ("batch_size", "dtype", "device", "sequential")  # plan.backend keys besides its name
 
 
 def plan_config(plan_path: Path, plan: Plan, overrides: dict) -> RunConfig:
@@ -33,7 +34,7 @@ def plan_config(plan_path: Path, plan: Plan, overrides: dict) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
     if plan.schema >= 2:
         settings = {"model": plan.model_id, **{k: plan.data[k] for k in _FROM_PLAN if k in plan.data},
-                    **{k: v for k, v in plan.backend.items() if k in ("batch_size", "dtype", "device")}}  # fmt: skip
+                    **{k: v for k, v in plan.backend.items() if k in _BACKEND_SETTINGS}}  # fmt: skip
         if "name" in plan.backend:
             settings["backend"] = plan.backend["name"]
     else:
@@ -55,8 +56,10 @@ def _config_beside(plan_path: Path) -> dict:
     return base
 
 
-def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | None = None) -> dict:
-    """Compress, evaluate and save; returns the metrics (also written beside the checkpoint)."""
+def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | None = None,
+               checkpoint: str | None = None) -> dict:  # fmt: skip
+    """Compress, evaluate and write the ``checkpoint`` format (default: the plan's engine's); returns the metrics
+    (also written beside the checkpoint, with the size report)."""
     plan_path, out = Path(plan_path), Path(output_dir)
     plan = Plan.load(plan_path)
     overrides = overrides or {}
@@ -64,18 +67,18 @@ def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | 
     check_output(out, "--output-dir")
     if out.exists() and any(out.iterdir()):
         raise AllocatorError(f"output folder {str(out)!r} is not empty: pass a new --output-dir")
-    config = plan_config(plan_path, plan, overrides)
-    spec = resolve(config)
+    checkpoint = checkpoint or writers.default_writer(plan)
+    if checkpoint not in writers.WRITERS:
+        raise AllocatorError(f"unknown checkpoint format {checkpoint!r}: choose one of {', '.join(writers.WRITERS)}")
+    spec = resolve(plan_config(plan_path, plan, overrides))
     session = Session(spec.config)
     plan.check_against(session.inventory)
-    metrics = session.evaluate(plan.assignment, spec.backend.name)
-    metrics["plan"] = str(plan_path)
+    grids = session.compress_(plan.assignment, spec.backend.name, session.find_database(plan.grid, spec.backend.name))
+    metrics = {**session.measure(plan.assignment, spec.backend.name), "plan": str(plan_path), "checkpoint": checkpoint}
     if over_budget:
         metrics["over_budget"] = over_budget
     with atomic_path(out, folder=True) as tmp:  # out is new or empty (checked above)
-        fuse_experts(session.model)  # a mixture-of-experts checkpoint in the layout transformers loads
-        session.model.save_pretrained(tmp, safe_serialization=True)
-        session.loaded.tokenizer.save_pretrained(tmp)
+        metrics["size"] = writers.write(checkpoint, tmp, session, plan, grids)
         plan.save(tmp / "allocator_plan.json")
         write_json_atomic(tmp / "allocator_metrics.json", metrics)
     return metrics

@@ -27,6 +27,7 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix)
         os.close(fd)
         tmp = Path(name)
+    os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())  # mkstemp's 0600: the result is shared like any file
     try:
         yield tmp
         if folder and path.is_dir():
@@ -37,6 +38,12 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_orphans(path: Path) -> None:

@@ -38,6 +38,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     model_id: str
+    gguf: Path | None = None  # the GGUF file it was converted from (what a GGUF checkpoint is written from)
 
 
 def default_gguf() -> Path:
@@ -64,13 +65,16 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     """
     spec = spec or DEFAULT_MODEL
     cache = cache or cache_dir()
+    source = None
     if spec == DEFAULT_MODEL:
-        folder, model_id = _cached_gguf(default_gguf(), cache), DEFAULT_MODEL
+        source = default_gguf()
+        folder, model_id = _cached_gguf(source, cache), DEFAULT_MODEL
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():
             raise AllocatorError(f"model file {spec!r} does not exist: pass an existing .gguf file")
-        folder, model_id = _cached_gguf(path.resolve(), cache), spec
+        source = path.resolve()
+        folder, model_id = _cached_gguf(source, cache), spec
     else:
         path = Path(spec).expanduser()
         looks_local = spec.startswith((".", "/", "~")) or path.exists()
@@ -80,7 +84,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
                 "pass a folder written by save_pretrained, a .gguf file or a hub id"
             )
         folder, model_id = (str(path) if looks_local else spec), spec
-    return LoadedModel(*_from_pretrained(str(folder), model_id, dtype, device), model_id=model_id)
+    return LoadedModel(*_from_pretrained(str(folder), model_id, dtype, device), model_id=model_id, gguf=source)
 
 
 def _from_pretrained(folder: str, model_id: str, dtype: torch.dtype, device: str) -> tuple[nn.Module, object]:

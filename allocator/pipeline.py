@@ -61,7 +61,9 @@ def run(spec: RunSpec | RunConfig, session: Session | None = None) -> RunResult:
         ctx = SearchContext(config.seed, fitness, out, config.resume)
         allocation = allocate(problem, spec.searcher, ctx)
         assignment, method = allocation.assignment, config.method
-    metrics = {"budget": str(spec.budget), "method": method, **session.evaluate(assignment, spec.backend.name)}
+    grid = list(spec.saved.grid if spec.saved is not None else spec.grid)
+    stored = session.find_database(grid, spec.backend.name)  # the weights the search measured, decoded
+    metrics = {"budget": str(spec.budget), "method": method, **session.evaluate(assignment, spec.backend.name, stored)}
     if over_budget:  # accepted only with --allow-over-budget: say so where the figures are
         metrics["over_budget"] = over_budget
     if record is not None:
@@ -141,7 +143,8 @@ def plan_of(spec: RunSpec, session: Session, assignment: dict, method: str, timi
     cfg = spec.config
     data = {**session.calib_meta, "bos_per_window": session.bos is not None, "eval": cfg.eval or "wikitext-2-test",
             "kl_samples": cfg.kl_samples, "eval_samples": cfg.eval_samples}  # fmt: skip
-    backend = {"name": spec.backend.name, "batch_size": cfg.batch_size, "dtype": cfg.dtype, "device": cfg.device}
+    backend = {"name": spec.backend.name, "batch_size": cfg.batch_size, "dtype": cfg.dtype, "device": cfg.device,
+               "sequential": cfg.sequential}  # fmt: skip
     return Plan.create(assignment, session.inventory, session.loaded.model_id, spec.budget, list(spec.grid), method,
                        cfg.seed, cfg.per, timings, list(spec.budgets[1:]), data, backend)  # fmt: skip
 

@@ -36,7 +36,7 @@ from allocator.levels import Level, with_dense
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.fisher import fisher_error, output_fisher
 
-PROFILE_VERSION = 2  # 2: the fisher column
+PROFILE_VERSION = 3  # 2: the fisher column; 3: column norms from their own sums, activation noise
 FISHER_SEQS = 32  # calibration windows the Fisher pass uses (its estimate settles well before 128)
 OWL_M = 5.0  # OWL's outlier threshold: scores above M x the block mean (paper default)
 
@@ -72,19 +72,22 @@ class Profile:
         outliers: dict[int, float] = {}
         base_energy: dict[str, float] = {}  # tr(W H Wᵀ) per layer, shared by its levels
 
-        def visit(layer, level, W, Q, stats) -> None:
+        def visit(layer, level, W, Q, stats, params) -> None:
             # float32 products (float64 would triple the profile's time on CPU), float64 sums
             D, H = (W - Q).float(), stats.H
             base = base_energy.get(layer.name)
             if base is None:
                 base = base_energy[layer.name] = float(((W.float() @ H) * W.float()).double().sum())
-            error = float(((D @ H) * D).double().sum()) / max(base, 1e-30)
+            f = fisher[layer.name]
+            extra = activation_error(level, W, Q, stats)  # [rows]: what the level's input quantization adds
+            error = (float(((D @ H) * D).double().sum()) + 2 * float(extra.double().sum())) / max(base, 1e-30)
+            fisher_kl = fisher_error(D, H, f) + 0.5 * float((f.to(extra.device) * extra).double().sum())
             rows.append({"layer": layer.name, "block": layer.block, "role": layer.role, "level": level.name,
                          "params": layer.params, "kept_params": level.kept_params(layer.rows, layer.cols),
                          "bits": storage_bits(level, layer.rows, layer.cols), "error": error,
-                         "fisher": fisher_error(D, H, fisher[layer.name])})  # fmt: skip
+                         "fisher": fisher_kl})  # fmt: skip
             for receiver in also:
-                receiver.visit(layer, level, W, Q, stats)
+                receiver.visit(layer, level, W, Q, stats, params)
 
         def on_block(layers, stats) -> None:
             outliers[layers[0].block] = block_outlier_ratio(model, layers, stats)
@@ -196,6 +199,18 @@ class Profile:
         return np.array([per_layer[unit[0]] for unit in units], dtype=float)
 
 
+def activation_error(level: Level, W: torch.Tensor, Q: torch.Tensor, stats) -> torch.Tensor:
+    """Per output row, the mean squared output error a level's activation quantization adds to its weight error,
+    ``E[(w·x − q·a(x))²] − E[((w − q)·x)²]``, on the first input rows calibration kept ([rows]; zeros without)."""
+    if level.acts is None:
+        return torch.zeros(W.shape[0], device=W.device)
+    X = stats.sample  # [n, cols] float32
+    Xq = level.acts.fake_quant(X.to(W.dtype), stats.absmax).float()
+    with_acts = X @ W.float().t() - Xq @ Q.float().t()  # [n, rows]
+    weights_only = X @ (W - Q).float().t()
+    return (with_acts.square() - weights_only.square()).mean(0)
+
+
 def block_outlier_ratio(model: nn.Module, layers: list, stats: dict) -> float:
     """OWL's layer-wise outlier ratio of one block: the share of the Wanda scores |W_ij|·||X_j|| of all its
     linears, pooled, above M times their mean."""
@@ -205,14 +220,19 @@ def block_outlier_ratio(model: nn.Module, layers: list, stats: dict) -> float:
 
 
 @torch.no_grad()
-def outlier_ratios(model: nn.Module, inventory: Inventory, calib: torch.Tensor,
-                   batch_size: int = 8) -> dict[str, float]:  # fmt: skip
-    """Per layer, its block's OWL outlier ratio, from one calibration pass that compresses nothing (what OWL
-    alone needs: no profile, no level database)."""
-    ratios: dict[str, float] = {}
+def input_stats(model: nn.Module, inventory: Inventory, calib: torch.Tensor, batch_size: int = 8) -> dict:
+    """Per layer, its dense-input column norms and largest |x| from one pass that compresses nothing and builds
+    no Hessian: what OWL's outlier ratios, Wanda and calibrated activation scales read."""
+    out = {}
+    blockwise(model, inventory, calib, lambda _layers, stats: out.update(stats), sequential=False,
+              batch_size=batch_size, desc="input statistics", hessian=False)  # fmt: skip
+    return out
 
-    def on_block(layers, stats) -> None:
-        ratios.update(dict.fromkeys((x.name for x in layers), block_outlier_ratio(model, layers, stats)))
 
-    blockwise(model, inventory, calib, on_block, sequential=False, batch_size=batch_size, desc="outliers")
-    return ratios
+def outlier_ratios(model: nn.Module, inventory: Inventory, stats: dict) -> dict[str, float]:
+    """Per layer, its block's OWL outlier ratio from the layers' input statistics."""
+    by_block: dict[int, list] = {}
+    for layer in inventory.layers:
+        by_block.setdefault(layer.block, []).append(layer)
+    return {x.name: ratio for layers in by_block.values()
+            for ratio in [block_outlier_ratio(model, layers, stats)] for x in layers}  # fmt: skip

@@ -16,13 +16,15 @@ import torch
 
 from allocator import data
 from allocator.backends import apply_, get_backend
+from allocator.backends.activations import clear_activations_, needs_state, set_activations_
 from allocator.backends.database import LevelDatabase
 from allocator.budget import achieved
 from allocator.evaluate import kl_divergence, perplexity
 from allocator.inventory import Inventory
 from allocator.levels import Level
+from allocator.levels.quantizer import Params
 from allocator.model import DTYPES, load_model
-from allocator.profile import Profile, outlier_ratios
+from allocator.profile import Profile, input_stats, outlier_ratios
 from allocator.spec import RunConfig
 from allocator.workspace import Calibration, Workspace
 
@@ -43,7 +45,7 @@ class Session:
         self.workspace = Workspace(config.cache_dir)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.loaded = load_model(config.model, DTYPES[config.dtype], config.device, self.workspace.root / "models")
+        self.loaded = load_model(config.model, DTYPES[config.dtype], config.device, self.workspace.root)
         self.model = self.loaded.model
         self.inventory = Inventory.from_model(self.model)
         self.timings["load_s"] = time.perf_counter() - t0
@@ -101,36 +103,71 @@ class Session:
         """The profile's ``kl`` column, measured on ``--fit-seqs`` windows if it lacks one."""
         self.workspace.add_kl(self.calibration(), found, levels, backend, self.config.fit_seqs)
 
+    @cached_property
+    def input_stats(self) -> dict:
+        """The layers' dense-input column norms and largest |x| on the calibration windows (one pass, kept)."""
+        return input_stats(self.model, self.inventory, self.calibration().seqs, self.config.batch_size)
+
     def outlier_ratios(self, units: list[tuple[str, ...]]) -> np.ndarray:
-        """OWL's outlier ratio for each unit ([U]), from one pass that compresses nothing."""
-        ratios = outlier_ratios(self.model, self.inventory, self.calibration().seqs, self.config.batch_size)
+        """OWL's outlier ratio for each unit ([U]), from the input statistics (no profile, no database)."""
+        ratios = outlier_ratios(self.model, self.inventory, self.input_stats)
         return np.array([ratios[unit[0]] for unit in units], dtype=float)
 
     # ---- plans ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def restore_(self) -> None:
-        """Put the dense weights and biases of every compressible layer back."""
+        """Put the dense weights and biases of every compressible layer back (and no activation quantization)."""
+        clear_activations_(self.model)
         for name, params in self._original.items():
             module = self.model.get_submodule(name)
             for key, value in params.items():
                 getattr(module, key).copy_(value)
 
-    def evaluate(self, assignment: dict[str, Level], backend: str, database: LevelDatabase | None = None) -> dict:
-        """Compress the dense model to ``assignment`` with ``backend`` and measure it.
+    def find_database(self, levels: list[Level], backend: str) -> LevelDatabase | None:
+        """The level database of ``levels`` if the workspace holds one (never built here); None with
+        ``--sequential``, whose layers see other inputs than a database's."""
+        if self.config.sequential:
+            return None
+        return self.workspace.find_database(self.calibration(), levels, backend)
 
-        With a ``database`` the levels are copied from it (calibrated on dense inputs, as EvoPress
-        does) instead of re-running the backend block by block on the partly compressed model.
+    def compress_(self, assignment: dict[str, Level], backend: str,
+                  database: LevelDatabase | None = None) -> dict[str, Params]:  # fmt: skip
+        """Compress the dense model in place to ``assignment``; returns each quantized layer's grid parameters.
+
+        From ``database`` when given (a decode per layer, no calibration pass), else by running ``backend``,
+        each layer calibrated on the dense model's activations as the database holds it (or, with
+        ``--sequential``, on the compressed blocks' outputs): the same weights either way. The dense reference
+        is measured first if it is not yet (it needs the dense weights).
         """
-        dense_ppl, teacher = self.dense
+        _ = self.dense
         self.restore_()
         chosen = get_backend(backend)
         t0 = time.perf_counter()
-        calib = self.calib if chosen.needs_data else None
+        record: dict[str, Params] = {}
         if database is not None:
             database.load_into_(self.model, assignment)
+            record = {n: g[1] for n, lv in assignment.items() if lv.quantized and (g := database.grid(n, lv))}
         else:
-            apply_(self.model, assignment, backend, calib, self.config.batch_size)
-        compress_s = time.perf_counter() - t0
+            calib = self.calib if chosen.needs_data else None
+            calibrated = needs_state(list(assignment.values()))
+            known = self.input_stats if calibrated else self.__dict__.get("input_stats")  # OWL's pass, kept
+            apply_(self.model, assignment, backend, calib, self.config.batch_size, self.config.sequential, record,
+                   known)  # fmt: skip
+            state = {n: s.absmax for n, s in known.items()} if calibrated else {}
+            set_activations_(self.model, assignment, state)
+        self.timings["compress_s"] = time.perf_counter() - t0
+        return record
+
+    def evaluate(self, assignment: dict[str, Level], backend: str, database: LevelDatabase | None = None) -> dict:
+        """Compress the dense model to ``assignment`` with ``backend`` (from ``database`` if given) and measure it."""
+        self.compress_(assignment, backend, database)
+        return self.measure(assignment, backend)
+
+    def measure(self, assignment: dict[str, Level], backend: str) -> dict:
+        """Perplexity and KL to dense of the model as it is now (compressed to ``assignment``)."""
+        dense_ppl, teacher = self.dense
+        chosen = get_backend(backend)
+        calib = self.calib if chosen.needs_data else None
         t0 = time.perf_counter()
         ppl = perplexity(self.model, self.eval_seqs, self.config.batch_size, desc="compressed perplexity")
         kl = kl_divergence(self.model, self.kl_seqs, teacher, self.config.batch_size)
@@ -146,5 +183,5 @@ class Session:
             "eval_tokens": int(self.eval_seqs.numel()),
             "kl_tokens": int(self.kl_seqs.numel()),
             "calibration_tokens": int(calib.numel()) if calib is not None else 0,
-            "timings": {**self.timings, "compress_s": compress_s, "eval_s": time.perf_counter() - t0},
+            "timings": {**self.timings, "eval_s": time.perf_counter() - t0},
         }

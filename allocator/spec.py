@@ -45,6 +45,7 @@ class RunConfig:
     eval_samples: int | None = 32  # None: the whole evaluation text
     dense_cache: bool = True  # reuse the dense perplexity and KL teacher of an earlier run (same weights, data)
     batch_size: int = 4
+    sequential: bool = False  # calibrate each block on the compressed blocks' outputs (not on dense activations)
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"

@@ -117,6 +117,10 @@ class Workspace:
         log.info("built level database %s (%.2f GB)", path, db.manifest["bytes"] / 1e9)
         return db
 
+    def find_database(self, cal: Calibration, levels: list[Level], backend: str) -> LevelDatabase | None:
+        """The cached database holding ``levels`` for ``backend`` on ``cal``'s windows, or None (nothing built)."""
+        return self._open_database(self.path("db", cal, backend, with_dense(levels)), cal, levels)
+
     def _open_database(self, path: Path, cal: Calibration, levels: list[Level]) -> LevelDatabase | None:
         """The cached database at ``path`` if it holds every level, else None (a stale one is rebuilt)."""
         if (path / "manifest.json").is_file():

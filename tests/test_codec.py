@@ -8,7 +8,7 @@ import torch
 from allocator.backends import BACKENDS, compress_levels
 from allocator.backends.codec import decode, encode_layer, pack, unpack
 from allocator.backends.stats import LayerStats
-from allocator.levels import parse_grid, with_dense
+from allocator.levels import parse_grid, parse_level, with_dense
 
 # every level type: unstructured, N:M, bits (grouped, per row, asymmetric, a short last group), sparse+bits, drop
 GRID = with_dense(parse_grid("0:0.9:0.1,2:4,w8,w4g64,w3g48,w2g64,w4a,s0.5+w4g64,drop"))
@@ -29,17 +29,18 @@ def test_every_level_type_decodes_exactly(backend, dtype):
     W = torch.randn(16, 512, generator=g).to(dtype)
     stats = LayerStats(512)
     stats.add_batch(torch.randn(600, 512, generator=g))
-    compressed = dict(zip(GRID, compress_levels(W, GRID, BACKENDS[backend], stats), strict=True))
-    parts, entries = encode_layer(W, compressed)
+    results = dict(zip(GRID, compress_levels(W, GRID, BACKENDS[backend], stats), strict=True))
+    compressed = {level: Q for level, (Q, _) in results.items()}
+    parts, entries = encode_layer(W, compressed, {level: params for level, (_, params) in results.items()})
     for level, Q in compressed.items():
-        got = decode(entries[level.name], level.name, parts, tuple(W.shape))
+        got = decode(entries[level.name], level, parts, tuple(W.shape))
         assert got.dtype == Q.dtype and torch.equal(got, Q), (backend, level.name, entries[level.name])
     encodings = {name: e["enc"] for name, e in entries.items()}
     unstructured = [lv.name for lv in GRID if lv.prune is not None and lv.prune.nm is None and not lv.quantized]
     # nested pruning needs no per-level copy; moved kept values (OBS) need mask + values
     expected = "order" if backend in ("magnitude", "rtn", "wanda") else "masked"
     assert {encodings[name] for name in unstructured} == {expected}
-    assert {encodings[lv.name] for lv in GRID if lv.quantized} == {"codebook"}
+    assert {encodings[lv.name] for lv in GRID if lv.quantized} == {"grid"}  # codes and scales, as checkpoints
     assert encodings["dense"] == "dense" and encodings["drop"] == "zeros"
     stored = sum(t.numel() * t.element_size() for t in parts.values())
     full = len(GRID) * W.numel() * W.element_size()
@@ -55,7 +56,7 @@ def test_chain_skips_a_level_that_is_not_nested():
     assert entries[low.name]["enc"] == "order" and entries[high.name]["enc"] == "order"
     assert entries[mid.name]["enc"] == "masked"
     for level, Q in compressed.items():
-        assert torch.equal(decode(entries[level.name], level.name, parts, (2, 8)), Q)
+        assert torch.equal(decode(entries[level.name], level, parts, (2, 8)), Q)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -83,4 +84,4 @@ def test_moved_bf16_values_are_stored_as_steps_with_exceptions():
     parts, entries = encode_layer(dense, {level: Q})
     assert entries["s0.5"] == {"enc": "masked", "values": "steps", "width": 4, "kept": 256}
     assert parts["s0.5|exceptions"].tolist() == [100.0]
-    assert torch.equal(decode(entries["s0.5"], "s0.5", parts, (8, 64)), Q)
+    assert torch.equal(decode(entries["s0.5"], parse_level("s0.5"), parts, (8, 64)), Q)

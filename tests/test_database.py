@@ -87,9 +87,9 @@ def test_database_files_decode_to_the_pass_outputs(backend, tmp_path):
     seen = {}
     with DatabaseWriter(inv, grid, backend, tmp_path / "db", calib) as writer:
 
-        def visit(layer, level, W, Q, stats):
+        def visit(layer, level, W, Q, stats, params):
             seen[layer.name, level.name] = Q.clone()
-            writer.visit(layer, level, W, Q, stats)
+            writer.visit(layer, level, W, Q, stats, params)
 
         for_each_level(model, inv, grid, backend, calib, visit, writer.on_block, batch_size=2)
     db = LevelDatabase.open(tmp_path / "db", inv).resident("cpu")

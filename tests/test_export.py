@@ -320,7 +320,7 @@ def test_apply_reloads_with_plain_transformers_and_reproduces_perplexity(tiny_mo
                  "--levels", "dense,w8,w4g32,w2g16a", "--cache-dir", str(tmp_path / "profiles"))  # fmt: skip
     assert main(args) == 0
     out = tmp_path / "ckpt"
-    assert main(["apply", str(run / "plan.json"), "-o", str(out)]) == 0
+    assert main(["apply", str(run / "plan.json"), "-o", str(out), "--checkpoint", "hf"]) == 0
     assert (out / "model.safetensors").is_file() and (out / "allocator_plan.json").is_file()
     recorded = json.loads((run / "metrics.json").read_text())["perplexity"]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no allocator code

@@ -26,7 +26,7 @@ LAYERS = [
     ),
     ("allocator.latency",),  # tables, kernels, measurement on the GPU
     ("allocator.budget",),  # budgets and the numeric Problem
-    ("allocator.plan", "allocator.report", "allocator.export"),  # the plan and what is written from it
+    ("allocator.plan", "allocator.report", "allocator.export", "allocator.checkpoints"),  # the plan; what is written
     ("allocator.backends",),  # compressing weights; the level database
     ("allocator.sensitivity", "allocator.profile", "allocator.fitness"),  # measured sensitivities, KL fitness
     ("allocator.search",),  # searchers see numbers

@@ -63,13 +63,14 @@ class _TernaryQuantizer:
     def __init__(self, group: int) -> None:
         self.group = group
 
-    def prepare(self, W: torch.Tensor) -> None:
+    def prepare(self, W: torch.Tensor, peers: torch.Tensor | None = None) -> None:
         return None
 
-    def params(self, block: torch.Tensor) -> torch.Tensor:
-        return block.abs().mean(dim=1, keepdim=True).clamp(min=1e-12)  # [R, 1]
+    def params(self, block: torch.Tensor) -> tuple[torch.Tensor]:
+        return (block.abs().mean(dim=1, keepdim=True).clamp(min=1e-12),)  # [R, 1]
 
-    def round(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def round(self, x: torch.Tensor, params: tuple[torch.Tensor]) -> torch.Tensor:
+        (scale,) = params
         return scale * torch.clamp(torch.round(x / scale), -1, 1)
 
 
@@ -109,7 +110,7 @@ def test_every_backend_applies_it_and_the_database_stores_it_exactly(ternary, ba
         for c in (0, 64):
             assert Q[r, c : c + 64].abs().unique().numel() <= 2  # 0 and the group's scale: -s, 0, +s
     parts, entries = encode_layer(W, {level: Q})
-    assert torch.equal(decode(entries["tern64"], "tern64", parts, tuple(W.shape)), Q)
+    assert torch.equal(decode(entries["tern64"], level, parts, tuple(W.shape)), Q)
 
 
 def test_it_costs_dense_on_a_latency_table(ternary):

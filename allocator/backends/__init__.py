@@ -1,7 +1,9 @@
 """Backends apply levels to a model's weights: pruning (magnitude, Wanda, SparseGPT) and quantization (RTN, GPTQ).
 
 Each backend compresses one ``[rows, cols]`` weight to any level of the grid: the pruning part of a
-level with its pruning rule, the bit-width part by round-to-nearest or by the OBS solver.
+level with its pruning rule, the weight format by round-to-nearest or by the OBS solver. Each returns the
+compressed weight and the grid parameters its weight format used (scales, zero points: [rows, groups]
+tensors, empty without a format), which the level database and the checkpoint writers store beside the codes.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from tqdm.auto import tqdm
 
 from allocator.backends.calibrate import blockwise
 from allocator.backends.magnitude import magnitude_prune
-from allocator.backends.obs import obs_compress, obs_compress_levels
+from allocator.backends.obs import obs_compress_levels
 from allocator.backends.stats import LayerStats
 from allocator.backends.wanda import wanda_prune
 from allocator.errors import AllocatorError
 from allocator.inventory import Inventory, weight_view
 from allocator.levels import Level
+from allocator.levels.quantizer import Params
+
+Compressed = tuple[torch.Tensor, Params]  # a compressed weight and its grid parameters
 
 
 @dataclass(frozen=True)
@@ -32,31 +37,37 @@ class Backend:
 
     name: str
     needs_data: bool
-    compress: Callable[[torch.Tensor, Level, LayerStats | None], torch.Tensor]
+    compress: Callable[..., Compressed]  # (W, level, stats, peers) -> the compressed weight and its grid
     about: str
-    compress_many: Callable[[torch.Tensor, list[Level], LayerStats | None], list[torch.Tensor]] | None = None
+    compress_many: Callable[..., list[Compressed]] | None = None  # (W, levels, stats, peers): sharing work
+    hessian: bool = False  # reads the input Gram matrix H (OBS), not only the column norms
 
 
 def _prune_then_rtn(prune: Callable[[torch.Tensor, Level, LayerStats | None], torch.Tensor]):
-    def compress(W: torch.Tensor, level: Level, stats: LayerStats | None) -> torch.Tensor:
+    def compress(W: torch.Tensor, level: Level, stats: LayerStats | None, peers=None) -> Compressed:
         out = prune(W, level, stats) if level.prune is not None else W
-        if level.weights is not None:
-            out = level.weights.rtn(out).masked_fill(out == 0, 0)  # pruned weights stay exactly zero
-        return out
+        if level.weights is None:
+            return out, ()
+        Q, params = level.weights.rtn_recorded(out, peers)
+        return Q.masked_fill(out == 0, 0), params  # pruned weights stay exactly zero
 
     return compress
 
 
 _magnitude = _prune_then_rtn(lambda W, level, _stats: magnitude_prune(W, level))
-_obs = lambda W, level, stats: obs_compress(W, stats.H, level)  # noqa: E731
-_obs_many = lambda W, levels, stats: obs_compress_levels(W, stats.H, levels)  # noqa: E731
+_obs = lambda W, level, stats, peers=None: obs_compress_levels(W, stats.H, [level], peers=peers)[0]  # noqa: E731
+_obs_many = lambda W, levels, stats, peers=None: obs_compress_levels(W, stats.H, levels, peers=peers)  # noqa: E731
 
 BACKENDS: dict[str, Backend] = {
     "magnitude": Backend("magnitude", False, _magnitude, "prune smallest |W| per layer; bits by RTN"),
     "rtn": Backend("rtn", False, _magnitude, "round-to-nearest bits; sparsity by magnitude"),
     "wanda": Backend("wanda", True, _prune_then_rtn(wanda_prune), "prune by |W|·||X|| per row; bits by RTN"),
-    "sparsegpt": Backend("sparsegpt", True, _obs, "OBS pruning (and quantization) with the input Hessian", _obs_many),
-    "gptq": Backend("gptq", True, _obs, "OBS quantization (and pruning) with the input Hessian", _obs_many),
+    "sparsegpt": Backend(
+        "sparsegpt", True, _obs, "OBS pruning (and quantization) with the input Hessian", _obs_many, hessian=True
+    ),
+    "gptq": Backend(
+        "gptq", True, _obs, "OBS quantization (and pruning) with the input Hessian", _obs_many, hessian=True
+    ),  # fmt: skip
 }
 
 
@@ -67,29 +78,37 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+def compress_recorded(W: torch.Tensor, level: Level, backend: Backend, stats: LayerStats | None,
+                      peers: torch.Tensor | None = None) -> Compressed:  # fmt: skip
+    """The compressed copy of one weight ([rows, cols]) at ``level`` and its grid parameters; ``W`` is kept.
+    ``peers``: the largest |w| of the layer's tie group, for formats whose per-tensor scale the group shares."""
+    if level.drop:
+        return torch.zeros_like(W), ()
+    if level.is_dense:
+        return W.clone(), ()
+    Q, params = backend.compress(W, level, stats, peers)
+    return Q.to(W.dtype), params
+
+
 def compress_weight(W: torch.Tensor, level: Level, backend: Backend, stats: LayerStats | None) -> torch.Tensor:
     """The compressed copy of one weight ([rows, cols]) at ``level``; the input is not modified."""
-    if level.drop:
-        return torch.zeros_like(W)
-    if level.is_dense:
-        return W.clone()
-    return backend.compress(W, level, stats).to(W.dtype)
+    return compress_recorded(W, level, backend, stats)[0]
 
 
-def compress_levels(
-    W: torch.Tensor, levels: list[Level], backend: Backend, stats: LayerStats | None
-) -> list[torch.Tensor]:
-    """:func:`compress_weight` at each of ``levels``, through the backend's shared-work path when it has one."""
+def compress_levels(W: torch.Tensor, levels: list[Level], backend: Backend, stats: LayerStats | None,
+                    peers: torch.Tensor | None = None) -> list[Compressed]:  # fmt: skip
+    """:func:`compress_recorded` at each of ``levels``, through the backend's shared-work path when it has one."""
     if backend.compress_many is None:
-        return [compress_weight(W, level, backend, stats) for level in levels]
-    out: list[torch.Tensor | None] = [None] * len(levels)
+        return [compress_recorded(W, level, backend, stats, peers) for level in levels]
+    out: list[Compressed | None] = [None] * len(levels)
     hard = [i for i, lv in enumerate(levels) if not lv.drop and not lv.is_dense]
     for i, lv in enumerate(levels):
         if i not in hard:
-            out[i] = compress_weight(W, lv, backend, stats)
+            out[i] = compress_recorded(W, lv, backend, stats)
     if hard:
-        for i, Q in zip(hard, backend.compress_many(W, [levels[i] for i in hard], stats), strict=True):
-            out[i] = Q.to(W.dtype)
+        many = backend.compress_many(W, [levels[i] for i in hard], stats, peers)
+        for i, (Q, params) in zip(hard, many, strict=True):
+            out[i] = (Q.to(W.dtype), params)
     return out  # type: ignore[return-value]
 
 
@@ -100,26 +119,37 @@ def apply_(
     backend: str = "magnitude",
     calib: torch.Tensor | None = None,
     batch_size: int = 8,
+    sequential: bool = False,
+    record: dict[str, Params] | None = None,
+    stats: dict[str, LayerStats] | None = None,
 ) -> None:
-    """Compress every assigned layer of ``model`` in place.
+    """Compress every assigned layer of ``model`` in place; ``record`` receives each layer's grid parameters.
 
-    Data-driven backends need ``calib`` token sequences; they run block by block so each block is
-    calibrated on the outputs of the already compressed blocks before it. A dropped layer has weight
-    and bias zeroed, so its block's residual passes its input on.
+    Data-driven backends need ``calib`` token sequences and run block by block, each layer calibrated on the
+    dense model's activations, as the level database and every search see it (so a plan applied here is the
+    plan they measured), or with ``sequential`` on the outputs of the already compressed blocks before it (the
+    SparseGPT/GPTQ papers' way). ``stats``: the layers' dense-input statistics if already gathered (a backend
+    that needs no Hessian then runs no calibration pass at all). A dropped layer has weight and bias zeroed, so
+    its block's residual passes its input on.
     """
     chosen = get_backend(backend)
     inventory = Inventory.from_model(model, include_lm_head=any(n.endswith("lm_head") for n in assignment))
 
+    peers = tie_absmax(model, inventory, list(assignment.values()))
+
     def write(name: str, stats: LayerStats | None) -> None:
         module = model.get_submodule(name)
         W = weight_view(module)
-        W.copy_(compress_weight(W, assignment[name], chosen, stats))
+        Q, params = compress_recorded(W, assignment[name], chosen, stats, peers.get(name))
+        W.copy_(Q)
+        if record is not None and params:
+            record[name] = params
         if assignment[name].drop and module.bias is not None:
             module.bias.zero_()
 
-    if not chosen.needs_data:
+    if not chosen.needs_data or (stats is not None and not sequential and not chosen.hessian):
         for name in tqdm(assignment, desc=f"compress ({backend})", leave=False):
-            write(name, None)
+            write(name, stats[name] if chosen.needs_data else None)
         return
     if calib is None:
         raise AllocatorError(f"backend {backend!r} needs calibration sequences: pass calib (token ids)")
@@ -132,4 +162,18 @@ def apply_(
             if layer.name in assignment:
                 write(layer.name, stats[layer.name])
 
-    blockwise(model, inventory, calib, on_block, sequential=True, batch_size=batch_size, desc=f"compress ({backend})")
+    blockwise(model, inventory, calib, on_block, sequential=sequential, batch_size=batch_size,
+              desc=f"compress ({backend})", hessian=chosen.hessian)  # fmt: skip
+
+
+@torch.no_grad()
+def tie_absmax(model: nn.Module, inventory: Inventory, levels: list[Level]) -> dict[str, torch.Tensor]:
+    """Per layer, the largest |w| over its tie group's dense weights (q/k/v, gate/up: what vLLM fuses), where a
+    level's format shares a per-tensor scale across the group (NVFP4's global scale); empty where none does."""
+    if not any(lv.weights is not None and lv.weights.tied_scale for lv in levels):
+        return {}
+    out = {}
+    for group in inventory.groups:
+        peak = torch.stack([weight_view(model.get_submodule(n)).abs().max().float() for n in group]).max()
+        out.update(dict.fromkeys(group, peak))
+    return out

@@ -11,16 +11,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from allocator.backends import compress_levels, get_backend
+from allocator.backends import compress_levels, get_backend, tie_absmax
 from allocator.backends.calibrate import blockwise
 from allocator.backends.stats import LayerStats
 from allocator.errors import AllocatorError
 from allocator.formats import unfit
 from allocator.inventory import Inventory, Layer, weight_view
 from allocator.levels import Level
+from allocator.levels.quantizer import Params
 
-# visit(layer, level, W, Q, stats): W the dense weight, Q its compressed copy (both [rows, cols]).
-Visitor = Callable[[Layer, Level, torch.Tensor, torch.Tensor, LayerStats], None]
+ACT_SAMPLE = 1024  # input rows per layer on which a level's activation quantization error is measured
+# visit(layer, level, W, Q, stats, params): W the dense weight, Q its compressed copy (both [rows, cols]), params
+# the grid parameters of Q's weight format ([rows, groups] tensors; empty without one)
+Visitor = Callable[[Layer, Level, torch.Tensor, torch.Tensor, LayerStats, Params], None]
 
 
 @torch.no_grad()
@@ -41,13 +44,17 @@ def for_each_level(
     if outside:
         raise AllocatorError(f"per-level passes cover decoder blocks only; drop {outside} from the inventory")
 
+    peers = tie_absmax(model, inventory, levels)
+
     def block_done(layers: list[Layer], stats: dict[str, LayerStats]) -> None:
         for layer in layers:
             W = weight_view(model.get_submodule(layer.name))
             fits = [level for level in levels if unfit(level, layer.rows, layer.cols) is None]
-            for level, Q in zip(fits, compress_levels(W, fits, chosen, stats[layer.name]), strict=True):
-                visit(layer, level, W, Q, stats[layer.name])
+            compressed = compress_levels(W, fits, chosen, stats[layer.name], peers.get(layer.name))
+            for level, (Q, params) in zip(fits, compressed, strict=True):
+                visit(layer, level, W, Q, stats[layer.name], params)
         if on_block is not None:
             on_block(layers, stats)
 
-    blockwise(model, inventory, calib, block_done, sequential=False, batch_size=batch_size, desc=desc)
+    keep = ACT_SAMPLE if any(lv.acts is not None for lv in levels) else 0  # rows to measure activation noise on
+    blockwise(model, inventory, calib, block_done, sequential=False, batch_size=batch_size, desc=desc, keep=keep)

@@ -59,11 +59,14 @@ def blockwise(
     sequential: bool,
     batch_size: int = 8,
     desc: str = "calibrate",
+    hessian: bool = True,
+    keep: int = 0,
 ) -> None:
     """Call ``on_block(layers, stats)`` for every decoder block, with its layers' input statistics.
 
     ``on_block`` compresses (or records) the block's layers; in ``sequential`` mode it must write the
-    compressed weights into the model before returning.
+    compressed weights into the model before returning. Without ``hessian`` the statistics hold column norms
+    and the largest |x| only (no [cols, cols] matmul per batch); ``keep``: input rows each layer keeps.
     """
     blocks = model.get_submodule(inventory.blocks)
     batches = _block_inputs(model, blocks[0], seqs, batch_size)
@@ -73,7 +76,7 @@ def blockwise(
     for b in tqdm(range(inventory.n_blocks), desc=desc, leave=False):
         block, layers = blocks[b], by_block.get(b, [])
         device = next(block.parameters()).device
-        stats = {layer.name: LayerStats(layer.cols, device) for layer in layers}
+        stats = {layer.name: LayerStats(layer.cols, device, hessian, keep) for layer in layers}
         handles = [
             model.get_submodule(layer.name).register_forward_hook(
                 lambda _m, inp, _out, s=stats[layer.name]: s.add_batch(inp[0])

@@ -6,8 +6,11 @@ redundant, and each redundancy has an exact encoding whose decode is a few eleme
 - ``order``: nested pruning (magnitude, Wanda: a sparser level removes a superset and keeps dense
   values). One ``uint8`` per weight, the first level of the chain that removes it; a level is a
   threshold on it. No per-level copy.
-- ``codebook``: quantized levels. Each (row, group) holds at most 2^bits distinct values, so a code of
-  ``bits`` bits (packed to 1/2/4/8) indexes a per-group table of those values.
+- ``grid``: quantized levels as a checkpoint stores them: each weight's integer code (packed to 1/2/4/8 bits)
+  and the weight format's grid parameters per (row, group) (scale, zero point), decoded by the format's own
+  dequantization. The codes and scales a checkpoint writer needs come from here.
+- ``codebook``: other quantized levels (GGUF types, a format without codes). Each (row, group) holds at most
+  2^bits distinct values, so a code of ``bits`` bits indexes a per-group table of those values.
 - ``masked``: any other sparse level: a packed keep-mask, and the kept values where they moved
   (SparseGPT) rather than being the dense ones (magnitude's N:M). Exact for any tensor: the fallback.
   In 16-bit floats a moved value is stored as its step in ulps from the dense value (4 or 8 bits).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from allocator.levels import Level
+from allocator.levels.quantizer import Params
 
 Parts = dict[str, torch.Tensor]  # the tensors of one (layer, level): part name -> tensor
 Entry = dict  # the manifest entry of one (layer, level): {"enc": ..., params}
@@ -47,10 +51,12 @@ def _width(bits: int) -> int:
 
 
 # ---- encoders --------------------------------------------------------------------------------------
-def encode_layer(dense: torch.Tensor, compressed: dict[Level, torch.Tensor]) -> tuple[Parts, dict[str, Entry]]:
+def encode_layer(dense: torch.Tensor, compressed: dict[Level, torch.Tensor],
+                 params: dict[Level, Params] | None = None) -> tuple[Parts, dict[str, Entry]]:  # fmt: skip
     """Encode a layer's levels: its tensors (``"dense"`` once, then ``"<level>|<part>"``) and manifest entries.
 
-    ``dense`` and every compressed weight are ``[rows, cols]`` in the stored dtype.
+    ``dense`` and every compressed weight are ``[rows, cols]`` in the stored dtype; ``params`` holds the grid
+    parameters the backend used for a quantized level (then stored as codes and parameters where exact).
     """
     parts: Parts = {"dense": dense.contiguous()}
     entries: dict[str, Entry] = {}
@@ -67,7 +73,8 @@ def encode_layer(dense: torch.Tensor, compressed: dict[Level, torch.Tensor]) -> 
         if level.drop and not Q.any():
             entries[level.name] = {"enc": "zeros"}
             continue
-        level_parts, entry = _codebook(Q, level) if level.quantized else _masked(Q, dense)
+        grid = _grid(Q, level, (params or {}).get(level, ())) if level.quantized else None
+        level_parts, entry = grid or (_codebook(Q, level) if level.quantized else _masked(Q, dense))
         parts.update({f"{level.name}|{k}": v for k, v in level_parts.items()})
         entries[level.name] = entry
     return parts, entries
@@ -159,12 +166,28 @@ def _codebook(Q: torch.Tensor, level: Level) -> tuple[Parts, Entry]:
     return parts, {"enc": "codebook", "width": width, "group": group}
 
 
+def _grid(Q: torch.Tensor, level: Level, params: Params) -> tuple[Parts, Entry] | None:
+    """Codes and grid parameters, if the weight format has codes and they decode to ``Q`` exactly."""
+    codes = level.weights.codes(Q, params) if params else None
+    if codes is None or not torch.equal(level.weights.dequantize(codes, params, Q.dtype), Q):
+        return None
+    width = _width(max(1, int(codes.max()).bit_length()))
+    parts = {"codes": pack(codes, width), **{f"p{i}": p.contiguous() for i, p in enumerate(params)}}
+    return parts, {"enc": "grid", "width": width, "params": len(params)}
+
+
 def _bytes(parts: Parts) -> int:
     return sum(t.numel() * t.element_size() for t in parts.values())
 
 
 # ---- decoder ---------------------------------------------------------------------------------------
-def decode(entry: Entry, level: str, parts: Parts, shape: tuple[int, int]) -> torch.Tensor:
+def grid_of(entry: Entry, level: Level, parts: Parts, shape: tuple[int, int]) -> tuple[torch.Tensor, Params]:
+    """The codes ([rows, cols], uint8) and grid parameters of a ``grid`` entry."""
+    codes = unpack(parts[f"{level}|codes"], entry["width"], shape[0] * shape[1]).view(shape)
+    return codes, tuple(parts[f"{level}|p{i}"] for i in range(entry["params"]))
+
+
+def decode(entry: Entry, level: Level, parts: Parts, shape: tuple[int, int]) -> torch.Tensor:
     """The ``[rows, cols]`` weight of ``level`` from its entry and the layer's parts (on their device)."""
     dense = parts["dense"]
     enc = entry["enc"]
@@ -189,6 +212,8 @@ def decode(entry: Entry, level: str, parts: Parts, shape: tuple[int, int]) -> to
             if exceptions.numel():
                 values[torch.nonzero_static(codes == 0, size=exceptions.numel()).squeeze(1)] = exceptions
         return torch.zeros_like(flat).index_put_((where,), values).view(shape)
+    if enc == "grid":
+        return level.weights.dequantize(*grid_of(entry, level, parts, shape), dense.dtype)
     if enc == "codebook":
         table = parts[f"{level}|table"]
         rows, groups, _ = table.shape

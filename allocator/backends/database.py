@@ -23,14 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from allocator.backends.activations import needs_state, set_activations_
 from allocator.backends.all_levels import for_each_level
-from allocator.backends.codec import Parts, decode, encode_layer
+from allocator.backends.codec import Parts, decode, encode_layer, grid_of
 from allocator.errors import AllocatorError
 from allocator.inventory import Inventory, weight_view
 from allocator.io import atomic_path, write_json_atomic
 from allocator.levels import Level, parse_level, with_dense
 
-DB_VERSION = 2  # 1: a full copy per (layer, level)
+DB_VERSION = 3  # 1: a full copy per (layer, level); 2: codebooks for quantized levels, no input scales
 
 
 @dataclass
@@ -138,10 +139,10 @@ class LevelDatabase:
             return self._decoded[key]
         parts = self._layer_parts(layer)
         if not self.cache_bytes:
-            return decode(info["levels"][level.name], level.name, parts, tuple(info["shape"]))
+            return decode(info["levels"][level.name], level, parts, tuple(info["shape"]))
         # decode on the device (from host parts if they live there) and keep the result (LRU)
         parts = {k: v.to(self._device, non_blocking=True) for k, v in parts.items()}
-        W = decode(info["levels"][level.name], level.name, parts, tuple(info["shape"]))
+        W = decode(info["levels"][level.name], level, parts, tuple(info["shape"]))
         self._decoded[key] = W
         while (
             len(self._decoded) > 1
@@ -150,11 +151,26 @@ class LevelDatabase:
             self._decoded.popitem(last=False)
         return W
 
+    def grid(self, layer: str, level: Level) -> tuple[torch.Tensor, tuple] | None:
+        """The stored codes and grid parameters of ``layer`` at ``level`` (None if it is not stored so)."""
+        info = self.manifest["layers"][layer]
+        entry = info["levels"].get(level.name, {})
+        if entry.get("enc") != "grid":
+            return None
+        return grid_of(entry, level, self._layer_parts(layer), tuple(info["shape"]))
+
+    @property
+    def input_absmax(self) -> dict[str, torch.Tensor]:
+        """Per layer, the largest |x| its dense input reached on the calibration windows (calibrated activations)."""
+        return {n: torch.tensor(info["input_absmax"]) for n, info in self.manifest["layers"].items()}
+
     @torch.no_grad()
     def load_into_(self, model: nn.Module, assignment: dict[str, Level]) -> None:
-        """Set each assigned layer of ``model`` to its level (a decode into its weight buffer)."""
+        """Set each assigned layer of ``model`` to its level: a decode into its weight buffer, and its input
+        quantization where the level quantizes activations."""
         for name, level in assignment.items():
             weight_view(model.get_submodule(name)).copy_(self.weight(name, level))
+        set_activations_(model, assignment, self.input_absmax if needs_state(list(assignment.values())) else {})
 
 
 class DatabaseWriter:
@@ -172,6 +188,7 @@ class DatabaseWriter:
                          "levels": [lv.name for lv in levels], "calibration_tokens": int(calib.numel()),
                          "layers": {}, "full_copy_bytes": 0}  # fmt: skip
         self.compressed: dict[str, dict[Level, torch.Tensor]] = {}  # this block's layers, level -> weight
+        self.params: dict[str, dict[Level, tuple]] = {}  # and their grid parameters
         self.dense: dict[str, torch.Tensor] = {}
         self.result: LevelDatabase | None = None
 
@@ -181,22 +198,25 @@ class DatabaseWriter:
         self.start = time.perf_counter()
         return self
 
-    def visit(self, layer, level, W, Q, _stats) -> None:
+    def visit(self, layer, level, W, Q, _stats, params) -> None:
         dtype = self.dtype or W.dtype
         self.dense.setdefault(layer.name, W.to(dtype, copy=True))
         self.compressed.setdefault(layer.name, {})[level] = Q.to(dtype)
+        if params and dtype == Q.dtype:  # codes and scales, stored as a checkpoint stores them
+            self.params.setdefault(layer.name, {})[level] = params
 
-    def on_block(self, layers, _stats) -> None:
+    def on_block(self, layers, stats) -> None:
         """Encode the block's layers (on the device they were compressed on) and write its file."""
         tensors = {}
         for layer in layers:
             if layer.name not in self.compressed:
                 continue
             levels = self.compressed.pop(layer.name)
-            parts, entries = encode_layer(self.dense.pop(layer.name), levels)
+            parts, entries = encode_layer(self.dense.pop(layer.name), levels, self.params.pop(layer.name, {}))
             tensors.update({f"{layer.name}|{k}": v.contiguous().cpu() for k, v in parts.items()})
             self.manifest["layers"][layer.name] = {"block": layer.block, "shape": [layer.rows, layer.cols],
-                                                   "levels": entries}  # fmt: skip
+                                                   "levels": entries,
+                                                   "input_absmax": float(stats[layer.name].absmax)}  # fmt: skip
             self.manifest["full_copy_bytes"] += sum(Q.numel() * Q.element_size() for Q in levels.values())
         if tensors:
             save_file(tensors, self.tmp / f"block_{layers[0].block:04d}.safetensors")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from allocator.levels import Level
+from allocator.levels.quantizer import Params, Recorder
 
 MAX_STACK = 2**26  # elements of one stacked problem on a CPU (256 MB in float32); more levels run in turns
 
@@ -52,16 +53,18 @@ def obs_compress(
     W: torch.Tensor, H: torch.Tensor, level: Level, blocksize: int = 128, percdamp: float = 0.01
 ) -> torch.Tensor:
     """Prune and/or quantize ``W`` ([rows, cols]) to ``level`` minimising ||W X - Ŵ X||² under H."""
-    return obs_compress_levels(W, H, [level], blocksize, percdamp)[0]
+    return obs_compress_levels(W, H, [level], blocksize, percdamp)[0][0]
 
 
 @torch.no_grad()
 def obs_compress_levels(
-    W: torch.Tensor, H: torch.Tensor, levels: list[Level], blocksize: int = 128, percdamp: float = 0.01
-) -> list[torch.Tensor]:
-    """:func:`obs_compress` of ``W`` at each of ``levels``, sharing the inverse and stacking the levels."""
+    W: torch.Tensor, H: torch.Tensor, levels: list[Level], blocksize: int = 128, percdamp: float = 0.01,
+    peers: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, Params]]:  # fmt: skip
+    """:func:`obs_compress` of ``W`` at each of ``levels`` (with each one's grid parameters, [rows, groups]),
+    sharing the inverse and stacking the levels (``peers``: see :meth:`allocator.levels.Quantizer.prepare`)."""
     Hinv, dead = hinv_factor(H.to(W.device), percdamp)  # [cols, cols], upper
-    out: list[torch.Tensor | None] = [None] * len(levels)
+    out: list[tuple[torch.Tensor, Params] | None] = [None] * len(levels)
     groups: dict[tuple, list[int]] = {}
     for i, level in enumerate(levels):
         groups.setdefault(_group_key(level), []).append(i)
@@ -69,9 +72,10 @@ def obs_compress_levels(
     for members in groups.values():
         for t in range(0, len(members), per_turn):
             turn = members[t : t + per_turn]
-            stacked = _obs_stacked(W, Hinv, dead, [levels[i] for i in turn], blocksize)
-            for i, Q in zip(turn, stacked.split(W.shape[0]), strict=True):
-                out[i] = Q
+            stacked, params = _obs_stacked(W, Hinv, dead, [levels[i] for i in turn], blocksize, peers)
+            per_level = [tuple(p.split(W.shape[0])[k] for p in params) for k in range(len(turn))]
+            for i, Q, p in zip(turn, stacked.split(W.shape[0]), per_level, strict=True):
+                out[i] = (Q, p)
     return out  # type: ignore[return-value]
 
 
@@ -82,9 +86,12 @@ def _stack_limit(device: torch.device) -> int:
     return max(MAX_STACK, torch.cuda.mem_get_info(device)[0] // 25)
 
 
-def _obs_stacked(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, levels: list[Level], blocksize: int):
-    """The column loop on ``len(levels)`` copies of ``W`` stacked along rows; levels share ``_group_key``."""
+def _obs_stacked(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, levels: list[Level], blocksize: int,
+                 peers: torch.Tensor | None = None):  # fmt: skip
+    """The column loop on ``len(levels)`` copies of ``W`` stacked along rows; levels share ``_group_key``.
+    Grid parameters are rounded to ``W``'s dtype before use, so the stored scale is the one the values used."""
     rows, cols = W.shape
+    store = W.dtype
     W = W.float().repeat(len(levels), 1)
     W[:, dead] = 0
     per_row = lambda values, dtype: torch.tensor(values, dtype=dtype, device=W.device).repeat_interleave(rows)  # noqa: E731
@@ -97,9 +104,11 @@ def _obs_stacked(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, levels
         drop_nm = per_row([nm[1] - nm[0] for nm in nms], torch.long)[:, None]  # [R, 1]
         slots = torch.arange(m, device=W.device)[None, :]
     formats = [lv.weights for lv in levels]
-    quantizer = type(formats[0]).quantizer(formats, rows, W.device) if formats[0] is not None else None
+    quantizer = None
+    if formats[0] is not None:
+        quantizer = Recorder(type(formats[0]).quantizer(formats, rows, W.device), store)
     if quantizer is not None:
-        quantizer.prepare(W)
+        quantizer.prepare(W, peers)
     g = (quantizer.group or cols) if quantizer is not None else cols
     mask = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
     params = None
@@ -135,4 +144,4 @@ def _obs_stacked(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, levels
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
+    return W, (quantizer.stacked() if quantizer is not None else ())

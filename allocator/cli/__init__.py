@@ -49,6 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="where measurements are cached (default: $ALLOCATOR_CACHE or ~/.cache/allocator)")  # fmt: skip
     p.add_argument("--no-dense-cache", dest="dense_cache", action="store_false",
                    help="measure the dense reference again instead of reusing an earlier run's")  # fmt: skip
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each block on the compressed blocks' outputs (the papers' way) instead of the "
+                   "dense activations the level database and the searches see")  # fmt: skip
 
 
 def _search_flags(p: argparse.ArgumentParser) -> None:
@@ -104,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument(flag, default=None, help="override the plan's setting")
     for flag in ("--calib-samples", "--eval-samples", "--batch-size"):
         a.add_argument(flag, type=int, default=None, help="override the plan's setting")
+    a.add_argument(
+        "--sequential",
+        action="store_const",
+        const=True,
+        default=None,
+        help="calibrate each block on the compressed blocks' outputs (override the plan's setting)",
+    )
+    a.add_argument("--checkpoint", choices=["compressed-tensors", "gguf", "hf"], default=None,
+                   help="what to write (default: gguf for a llama.cpp plan, compressed-tensors for a quantized plan, "
+                   "else hf: de-quantized weights with zeros)")  # fmt: skip
     e = sub.add_parser("export", help="write a plan in another toolkit's format")
     e.add_argument("plan", help="plan.json")
     e.add_argument("--to", required=True, choices=list(EXPORTERS), help="the toolkit's format")

@@ -48,10 +48,13 @@ def run(args: argparse.Namespace) -> int:
 
 def apply(args: argparse.Namespace) -> int:
     """``allocator apply``."""
-    m = apply_plan(args.plan, args.output_dir, vars(args))
+    m = apply_plan(args.plan, args.output_dir, vars(args), args.checkpoint)
+    size = m["size"]
     print(f"compressed {m['model']} by {args.plan} with {m['backend']}: perplexity {m['perplexity']:.3f} "
           f"(dense {m['dense_perplexity']:.3f})")  # fmt: skip
-    print(f"wrote {args.output_dir} (reload with AutoModelForCausalLM.from_pretrained)")
+    print(f"wrote a {m['checkpoint']} checkpoint to {args.output_dir}: compressed layers {size['written_bytes']:.0f} "
+          f"bytes ({size['written_over_planned']:.3f}x the plan's {size['planned_bytes']:.0f}; per layer in "
+          "allocator_metrics.json)")  # fmt: skip
     return 0
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 import torch
 
 from allocator.errors import AllocatorError
+from allocator.levels.quantizer import Params, Quantizer, Recorder
 
 DENSE_BITS = 16  # unquantized weights are stored in bf16/fp16
 SLOTS = ("prune", "weights", "acts", "drop")  # a level holds at most one part per slot, named in this order
@@ -77,27 +78,12 @@ class Pruning(Part):
         raise NotImplementedError
 
 
-class Quantizer(Protocol):
-    """Rounds a weight onto a format's grid, group by group of input columns (what RTN and GPTQ drive).
-
-    Made for a stack of weights (several levels' copies of one weight along rows, ``rows`` each); ``prepare``
-    sees the whole stacked weight once (per-tensor scales), ``params`` one group of columns of every row.
-    """
-
-    group: int  # input columns sharing one set of grid parameters (0: the whole row)
-
-    def prepare(self, W: torch.Tensor) -> None: ...
-
-    def params(self, block: torch.Tensor) -> object: ...
-
-    def round(self, x: torch.Tensor, params: object) -> torch.Tensor: ...
-
-
 class WeightFormat(Part):
     """Stores weights in fewer bits: bits per value, scales, and the quantizer RTN and GPTQ use."""
 
     slot = "weights"
     value_bits: int  # bits per stored (kept) value
+    tied_scale: ClassVar[bool] = False  # its per-tensor scale is shared across a tie group (NVFP4's global scale)
 
     def overhead_bits(self, rows: int, cols: int) -> int:
         """Scales, zero points and global scales stored beside the values."""
@@ -120,11 +106,23 @@ class WeightFormat(Part):
         """A quantizer for ``len(stack)`` copies of a ``rows``-row weight, copy i in format ``stack[i]``."""
         raise NotImplementedError
 
-    def rtn(self, W: torch.Tensor) -> torch.Tensor:
-        """Round-to-nearest of ``W`` ([rows, cols]) onto this format's grid, group by group."""
+    def codes(self, Q: torch.Tensor, params: Params) -> torch.Tensor | None:
+        """The stored integer codes (uint8, [rows, cols]) of a weight ``Q`` this format produced with ``params``
+        ([rows, groups] tensors); None where the format's values are not codes on a grid of those parameters."""
+        return None
+
+    def dequantize(self, codes: torch.Tensor, params: Params, dtype: torch.dtype) -> torch.Tensor:
+        """The weight that ``codes`` and ``params`` stand for, computed as the serving engine's loader computes it."""
+        raise NotImplementedError
+
+    def rtn(self, W: torch.Tensor, record: Recorder | None = None,
+            peers: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Round-to-nearest of ``W`` ([rows, cols]) onto this format's grid, group by group (``record``: a
+        :class:`Recorder` around this format's quantizer, to keep the parameters; ``peers``: see
+        :meth:`Quantizer.prepare`)."""
         rows, cols = W.shape
-        quantizer = self.quantizer([self], rows, W.device)
-        quantizer.prepare(W)
+        quantizer = record or self.quantizer([self], rows, W.device)
+        quantizer.prepare(W, peers)
         g = quantizer.group or cols
         out = torch.empty_like(W)
         for c in range(0, cols, g):
@@ -132,14 +130,25 @@ class WeightFormat(Part):
             out[:, c : c + g] = quantizer.round(block, quantizer.params(block))
         return out
 
+    def rtn_recorded(self, W: torch.Tensor, peers: torch.Tensor | None = None) -> tuple[torch.Tensor, Params]:
+        """:meth:`rtn` and the grid parameters it used ([rows, groups] tensors; empty for a format without)."""
+        record = Recorder(self.quantizer([self], W.shape[0], W.device))
+        out = self.rtn(W, record, peers)
+        return out, record.stacked() if record.groups else ()
+
 
 class ActFormat(Part):
-    """Quantizes a layer's input activations at run time (dynamic per token or per group): no storage."""
+    """Quantizes a layer's input activations at run time (dynamic per token or per group): no storage.
+
+    A format with a static part (NVFP4's per-tensor input scale) is ``calibrated``: it is given the largest |x|
+    the layer's input reached on the calibration windows (``state``), as llm-compressor's observer records it.
+    """
 
     slot = "acts"
+    calibrated: ClassVar[bool] = False
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ([..., cols]) rounded as the serving kernel rounds it, in ``x``'s dtype."""
+    def fake_quant(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ([..., cols]) rounded as the serving engine's loader rounds it, in ``x``'s dtype."""
         raise NotImplementedError
 
 

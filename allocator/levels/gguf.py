@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from allocator.errors import AllocatorError
-from allocator.levels.base import Quantizer, WeightFormat
+from allocator.levels.base import WeightFormat
 from allocator.levels.ints import IntWeights
+from allocator.levels.quantizer import Quantizer
 
 # nearest bits / group / symmetry (ggml-quants.c: q8_0/q5_0/q4_0 symmetric blocks of 32, q5_1/q4_1 with a
 # minimum; q6_K/q3_K symmetric sub-blocks of 16; q5_K/q4_K/q2_K sub-blocks of 32/32/16 with a minimum each)
@@ -109,8 +110,9 @@ class GGUFType(WeightFormat):
     def quantizer(cls, stack: Sequence[GGUFType], rows: int, device: torch.device) -> Quantizer:
         return IntWeights.quantizer([f.nearest for f in stack], rows, device)
 
-    def rtn(self, W: torch.Tensor) -> torch.Tensor:
-        """What llama-quantize writes for ``W`` (bit-exact), its shape fallback included."""
+    def rtn(self, W: torch.Tensor, record=None, peers=None) -> torch.Tensor:
+        """What llama-quantize writes for ``W`` (bit-exact), its shape fallback included (no grid to record:
+        the GGUF writer re-derives the blocks, which is exact, :func:`allocator.levels.ggml.ggml_quantize`)."""
         from allocator.levels.ggml import ggml_roundtrip
 
         stored = stored_type(self.type_name, W.shape[1])

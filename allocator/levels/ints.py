@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from allocator.errors import AllocatorError
+from allocator.levels.acts import Int8Acts
 from allocator.levels.base import WeightFormat
+from allocator.levels.quantizer import Params, by_column, exact_codes
 
 SCALE_BITS = 16  # one fp16 scale per quantization group and row
 _BITS = re.compile(r"^w(?P<b>\d+)(?:g(?P<g>\d+))?(?P<a>a?)$")
@@ -84,8 +86,9 @@ class IntWeights(WeightFormat):
         return (IntWeights, self.group, self.sym)  # bit-widths may differ row-block by row-block
 
     def kernel(self, level) -> str | None:
-        if level.acts is not None:
-            return None
+        if level.acts is not None:  # W8A8: int8 weights per channel, int8 activations per token
+            w8a8 = self.bits == 8 and self.group == 0 and self.sym and isinstance(level.acts, Int8Acts)
+            return "int8-w8a8" if w8a8 else None
         if self.bits == 8 and self.group == 0:
             return "int8wo"
         return f"int4wo-g{self.group}" if self.bits == 4 and self.group in (32, 64, 128) else None
@@ -93,6 +96,16 @@ class IntWeights(WeightFormat):
     @classmethod
     def quantizer(cls, stack: Sequence[IntWeights], rows: int, device: torch.device) -> _IntQuantizer:
         return _IntQuantizer(stack, rows, device)
+
+    def codes(self, Q: torch.Tensor, params: Params) -> torch.Tensor:
+        """Unsigned codes q in [0, 2^b) with Q = scale · (q − zero) (compressed-tensors' offset-binary code)."""
+        scale, zero = by_column(params, self.group, Q.shape[1])
+        guess = Q.float() / scale.float() + zero.float()
+        return exact_codes(guess, Q, lambda c: self.dequantize(c, params, Q.dtype), 2**self.bits - 1)
+
+    def dequantize(self, codes: torch.Tensor, params: Params, dtype: torch.dtype) -> torch.Tensor:
+        scale, zero = by_column(params, self.group, codes.shape[1])
+        return (scale * (codes.to(scale.dtype) - zero)).to(dtype)
 
 
 class _IntQuantizer:
@@ -105,7 +118,7 @@ class _IntQuantizer:
         if len(set(bits)) > 1:
             self.bits = torch.tensor(bits, device=device).repeat_interleave(rows)[:, None]  # [R, 1]
 
-    def prepare(self, W: torch.Tensor) -> None:
+    def prepare(self, W: torch.Tensor, peers: torch.Tensor | None = None) -> None:
         return None
 
     def params(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,12 +8,16 @@ kind that recognises it, so a new kind is a file and one line in :data:`KINDS`.
 from __future__ import annotations
 
 from allocator.errors import AllocatorError
+from allocator.levels.acts import FP8Acts, Int8Acts, NVFP4Acts
 from allocator.levels.base import Level, Part, compose
+from allocator.levels.floats import FP8, MXFP8
+from allocator.levels.fp4 import MXFP4, NVFP4
 from allocator.levels.gguf import GGUF_GRID, GGUFType
 from allocator.levels.ints import IntWeights
 from allocator.levels.pruning import NM, Drop, Sparsity
 
-KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Sparsity, NM, IntWeights, GGUFType, Drop)}
+KINDS: dict[str, type[Part]] = {cls.kind: cls for cls in (Sparsity, NM, IntWeights, FP8, NVFP4, MXFP4, MXFP8,
+                                                           GGUFType, Int8Acts, FP8Acts, NVFP4Acts, Drop)}  # fmt: skip
 DENSE = Level()
 DEFAULT_GRID = "0:0.9:0.1"
 MAX_RANGE_LEVELS = 200  # a range step so small that the grid cannot be profiled is a typo
@@ -24,7 +28,8 @@ def _part(text: str, whole: str) -> Part:
     if len(found) != 1:
         raise AllocatorError(
             f"unknown level {whole!r}: use s<fraction> (s0.5), N:M (2:4), w<bits>[g<group>][a] (w4g128, w3a), "
-            "a GGUF type (q4_K), parts joined by + (s0.5+w4g128), or drop"
+            "fp8 / fp8t, nvfp4, mxfp4, mxfp8, a GGUF type (q4_K), activations a8 / afp8 / anvfp4 after a weight "
+            "format (w8+a8, fp8+afp8), parts joined by + (s0.5+w4g128), or drop"
         )
     return found[0]
 

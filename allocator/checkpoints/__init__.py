@@ -1,0 +1,1 @@
+"""Checkpoint files written from a plan's weights (GGUF: the types llama.cpp loads)."""

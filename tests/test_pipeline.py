@@ -1,0 +1,78 @@
+"""A run measures only what its method declares, and a plan carries everything needed to reproduce it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+import allocator.pipeline
+import allocator.profile
+import allocator.workspace
+from allocator.backends.database import LevelDatabase
+from allocator.cli import main
+from allocator.plan import Plan
+from allocator.profile import Profile
+from tests.test_cli import _args
+
+
+def _forbid(monkeypatch, *what: str) -> None:
+    def refuse(*_a, **_k):
+        raise AssertionError("measured something this method does not need")
+
+    targets = {"profile": (Profile, "measure"), "database": (LevelDatabase, "build"),
+               "fitness": (allocator.pipeline, "KLFitness"), "kl": (allocator.workspace, "KLFitness")}  # fmt: skip
+    for name in what:
+        monkeypatch.setattr(*targets[name], refuse)
+
+
+@pytest.mark.parametrize("method", ["uniform", "owl"])
+def test_uniform_and_owl_build_no_database_and_measure_no_plan(method, tiny_model_dir, text_files, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    _forbid(monkeypatch, "profile", "database", "fitness", "kl")
+    passes = []
+    real = allocator.profile.blockwise
+    monkeypatch.setattr(allocator.profile, "blockwise", lambda *a, **k: passes.append(1) or real(*a, **k))
+    cache = tmp_path / "cache"
+    argv = _args(tiny_model_dir, text_files, tmp_path / "run", "--method", method, "--backend", "wanda",
+                 "--levels", "0:0.9:0.05", "--target", "sparsity=0.6", "--cache-dir", str(cache))  # fmt: skip
+    assert main(argv) == 0
+    assert not (cache / "db").exists() and not (cache / "profiles").exists()
+    assert len(passes) == (method == "owl")  # OWL: one calibration pass for its outlier ratios, nothing else
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "metrics.json", "plan.json"]
+
+
+def test_knapsack_with_the_fisher_sensitivity_measures_a_profile_but_no_plan(tiny_model_dir, text_files, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    _forbid(monkeypatch, "database", "fitness", "kl")
+    argv = _args(tiny_model_dir, text_files, tmp_path / "run", "--method", "knapsack", "--sensitivity", "fisher",
+                 "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert main(argv) == 0
+    assert len(list((tmp_path / "cache" / "profiles").rglob("*.parquet"))) == 1
+
+
+def test_a_plan_copied_alone_applies_and_exports_bit_for_bit_as_in_its_run_folder(tiny_model_dir, text_files,
+                                                                                    tmp_path):  # fmt: skip
+    run = tmp_path / "run"
+    argv = _args(tiny_model_dir, text_files, run, "--method", "knapsack", "--sensitivity", "fisher", "--backend",
+                 "wanda", "--levels", "0:0.8:0.2", "--target", "sparsity=0.5", "--seed", "3",
+                 "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert main(argv) == 0
+    alone = tmp_path / "elsewhere" / "plan.json"
+    alone.parent.mkdir()
+    shutil.copy(run / "plan.json", alone)
+    assert main(["apply", str(run / "plan.json"), "-o", str(tmp_path / "ckpt_run")]) == 0
+    assert main(["apply", str(alone), "-o", str(tmp_path / "ckpt_alone")]) == 0
+    a = load_file(tmp_path / "ckpt_run" / "model.safetensors")
+    b = load_file(tmp_path / "ckpt_alone" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    plan = Plan.load(alone)
+    assert plan.backend["name"] == "wanda" and plan.data["seed"] == 3
+    # Wanda's masks, not magnitude's: the default backend would have given another checkpoint
+    assert main(["apply", str(alone), "-o", str(tmp_path / "ckpt_magnitude"), "--backend", "magnitude"]) == 0
+    c = load_file(tmp_path / "ckpt_magnitude" / "model.safetensors")
+    assert any(not a[k].equal(c[k]) for k in a)
+    for fmt in ("llmcompressor", "json", "csv"):
+        assert main(["export", str(alone), "--to", fmt]) == 0
+    assert "WandaPruningModifier" in (alone.parent / "exports" / "llmcompressor" / "recipe.yaml").read_text()
