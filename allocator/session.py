@@ -57,6 +57,7 @@ class Session:
         self.calib, self.kl_seqs = data.calibration_split(tokenizer, calib_records, config.seq_len,
                                                           config.calib_samples, config.kl_samples, config.seed,
                                                           self.bos)  # fmt: skip
+        self.activation_state: dict[str, torch.Tensor] = {}  # calibrated input scales of the compressed model
         self._original = {
             n: {k: v.detach().clone() for k, v in self.model.get_submodule(n).named_parameters()}
             for n in self.inventory.shapes
@@ -144,17 +145,18 @@ class Session:
         chosen = get_backend(backend)
         t0 = time.perf_counter()
         record: dict[str, Params] = {}
+        calibrated = needs_state(list(assignment.values()))
         if database is not None:
             database.load_into_(self.model, assignment)
             record = {n: g[1] for n, lv in assignment.items() if lv.quantized and (g := database.grid(n, lv))}
+            self.activation_state = database.input_absmax if calibrated else {}
         else:
             calib = self.calib if chosen.needs_data else None
-            calibrated = needs_state(list(assignment.values()))
             known = self.input_stats if calibrated else self.__dict__.get("input_stats")  # OWL's pass, kept
             apply_(self.model, assignment, backend, calib, self.config.batch_size, self.config.sequential, record,
                    known)  # fmt: skip
-            state = {n: s.absmax for n, s in known.items()} if calibrated else {}
-            set_activations_(self.model, assignment, state)
+            self.activation_state = {n: s.absmax for n, s in known.items()} if calibrated else {}
+            set_activations_(self.model, assignment, self.activation_state)
         self.timings["compress_s"] = time.perf_counter() - t0
         return record
 

@@ -38,6 +38,7 @@ class RunConfig:
     eval: str | None = None  # None: the WikiText-2 raw test split
     levels: str | None = None  # None: the --format's default grid (sparsity 0..0.9 for any)
     format: str = "any"  # the deployment format plans are made for (allocator.formats): its levels, its bytes
+    gpu: str = "any"  # the GPU the format's engine serves on: only levels it has kernels for there (vllm)
     per: str = "layer"
     seq_len: int = 512
     calib_samples: int = 128
@@ -114,12 +115,12 @@ def resolve(config: RunConfig) -> RunSpec:
     check_device(config.device)
     if config.sensitivity not in SENSITIVITIES:
         raise AllocatorError(f"unknown --sensitivity {config.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
-    fmt = get_format(config.format)
+    fmt = get_format(config.format, config.gpu)
     fmt.check_backend(config.backend)
     backend = get_backend(config.backend)
     saved = Plan.load(config.plan) if config.plan else None
     budgets = tuple(parse_budgets(config.target)) if saved is None else (saved.budget, *saved.extra_budgets)
-    grid = tuple(format_grid(config.levels, config.format)) if saved is None else tuple(saved.grid)
+    grid = tuple(format_grid(config.levels, config.format, config.gpu)) if saved is None else tuple(saved.grid)
     searcher = None if saved is not None else make_searcher(config.method, config.options)
     latency = None
     if config.latency_table:

@@ -17,7 +17,7 @@ from allocator.plan import Plan
 from allocator.session import Session
 from tests.test_cli import _args
 
-ct_pack = pytest.importorskip("compressed_tensors.compressors.quantized_compressors.pack_quantized.helpers")
+ct_pack = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
@@ -25,7 +25,7 @@ ct_pack = pytest.importorskip("compressed_tensors.compressors.quantized_compress
 def test_int_packing_equals_compressed_tensors(bits, cols):
     gen = torch.Generator().manual_seed(bits * cols)
     codes = torch.randint(0, 2**bits, (5, cols), generator=gen, dtype=torch.uint8)
-    theirs = ct_pack.pack_to_int32(codes.to(torch.int32) - 2 ** (bits - 1), bits)  # they take signed codes
+    theirs = ct_pack.pack_to_int32((codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8), bits)  # signed codes
     assert torch.equal(pack_int32(codes, bits), theirs)
 
 
@@ -118,3 +118,32 @@ def test_what_compressed_tensors_cannot_hold_is_refused_naming_every_layer(tiny_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "not loaded from one" in err and not (tmp_path / "y").exists()
     assert plan.format == "any"
+
+
+@pytest.mark.parametrize("level", ["fp8+afp8", "fp8t+afp8", "w8+a8", "w4g32+afp8", "nvfp4", "nvfp4+anvfp4",
+                                   "mxfp4", "mxfp8"])  # fmt: skip
+def test_every_float_and_activation_scheme_loads_with_its_activations(level, tiny_model_dir, text_files, tmp_path):
+    """Each scheme as its own config group: transformers + compressed-tensors decompress the very weights and
+    quantize the inputs as allocator simulated them, so the loaded model's perplexity is the plan's."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    served = level != "w4g32+afp8"  # vLLM's W4A8 kernel takes groups of 128, wider than this model's rows
+    argv = _args(tiny_model_dir, text_files, run, "--method", "uniform", "--backend", "rtn", "--levels",
+                 f"dense,{level}", "--target", "bits=9", "--dtype", "bfloat16", "--cache-dir", str(tmp_path / "c"),
+                 *(["--format", "vllm", "--gpu", "b200"] if served else []))  # fmt: skip
+    assert main(argv) == 0
+    plan = Plan.load(run / "plan.json")
+    assert {lv.name for lv in plan.assignment.values()} == {f"{level}@vllm" if served else level}
+    out = tmp_path / "ckpt"
+    assert main(["apply", str(run / "plan.json"), "-o", str(out)]) == 0
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert (group["input_activations"] is not None) == ("+a" in level)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    session = _reference(run, plan)
+    recorded = json.loads((run / "metrics.json").read_text())["perplexity"]
+    assert perplexity(model, session.eval_seqs, 4) == pytest.approx(recorded, rel=1e-4)
+    _weights_equal(model, session, plan)
+    size = json.loads((out / "allocator_metrics.json").read_text())["size"]
+    if served:  # priced as compressed-tensors stores it (W4A8 unpacked, one int8 per value)
+        assert size["written_bytes"] == pytest.approx(size["planned_bytes"], rel=0.02)

@@ -36,9 +36,12 @@ SMOL = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=3,
 INV = Inventory.from_model(meta_model(SMOL))
 
 
-def target_plan(target: str, seed: int) -> Plan:
-    """A random plan over ``target``'s default grid: each tie group one level that fits all its layers."""
-    grid = format_grid(None, target)
+VLLM_INTS = "dense,w8,w8g128,w4g128,w4g64,w4g32,w4g128a,w4g32a"  # what an llm-compressor recipe expresses
+
+
+def target_plan(target: str, seed: int, levels: str | None = None) -> Plan:
+    """A random plan over ``target``'s default grid (or ``levels``): each tie group a level fitting all its layers."""
+    grid = format_grid(levels, target)
     rng = np.random.default_rng(seed)
     assignment = {}
     for group in INV.groups:
@@ -75,7 +78,7 @@ def test_every_target_grid_is_tagged_and_accepted():
 
 
 @pytest.mark.parametrize(("target", "level", "message"), [
-    ("vllm", "w3g64", "vllm runs 4/8-bit"), ("vllm", "w8a", "asymmetric .* only at \\(4,\\) bits"),
+    ("vllm", "w3g64", "WNA16 kernels run 4-bit"), ("vllm", "w8a", "and 8-bit symmetric weights, not w8a"),
     ("vllm", "s0.5", "not s0.5"), ("vllm", "2:4", "not 2:4"), ("vllm", "w4g100", "groups of"),
     ("autoround", "w8g128a", "only at \\(2, 3, 4\\) bits"), ("gptqmodel", "w5g32", "2/3/4/8-bit"),
     ("llamacpp", "w4g32", "GGUF types"), ("vllm", "q4_K", "made for llamacpp"), ("gptqmodel", "gguf", "made for"),
@@ -132,7 +135,7 @@ def test_vllm_plan_round_trip_settings_and_stored_bits(seed, monkeypatch):
     import tests.test_export as export_tests
 
     monkeypatch.setattr(export_tests, "INV", INV)  # the reader matches this plan's layer names
-    plan = target_plan("vllm", seed)
+    plan = target_plan("vllm", seed, VLLM_INTS)
     levels, _ = read_llmcompressor(EXPORTERS["llmcompressor"](plan)["recipe.yaml"])
     for name, level in plan.assignment.items():
         got, (rows, cols) = levels[name], plan.shapes[name]

@@ -54,7 +54,8 @@ def write(kind: str, folder: Path, session, plan: Plan, grids: dict) -> dict:
         if experts:
             raise AllocatorError(f"compressed-tensors checkpoints of routed experts are not written yet "
                                  f"({len(experts)} expert layers): apply with --checkpoint hf")  # fmt: skip
-        return compressed_tensors.write(folder, model, tokenizer, plan, _codes(model, plan, grids))
+        return compressed_tensors.write(folder, model, tokenizer, plan, _codes(model, plan, grids),
+                                        session.activation_state)  # fmt: skip
     written = {name: model.get_submodule(name).weight.nbytes for name in plan.assignment}
     fuse_experts(model)  # a mixture-of-experts checkpoint in the layout transformers loads
     model.save_pretrained(folder, safe_serialization=True)

@@ -11,7 +11,7 @@ from allocator.budget import PER
 from allocator.cli import latency, verbs
 from allocator.errors import AllocatorError
 from allocator.export import EXPORTERS
-from allocator.formats import ANY, FORMATS
+from allocator.formats import ANY, FORMATS, GPUS
 from allocator.levels import DEFAULT_GRID
 from allocator.search import SEARCHERS, option_fields
 from allocator.sensitivity import SENSITIVITIES
@@ -37,6 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=d.format, choices=[ANY, *FORMATS],
                    help="deployment format: only the levels it stores and runs, priced as it stores them "
                    "(llamacpp: GGUF types; vllm: compressed-tensors; gptqmodel; autoround)")  # fmt: skip
+    p.add_argument("--gpu", default=d.gpu, choices=list(GPUS),
+                   help="with --format vllm: only schemes vLLM has kernels for on this GPU (h100: no NVFP4 W4A4)")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--calib-samples", type=int, default=d.calib_samples)
     p.add_argument("--kl-samples", type=int, default=d.kl_samples)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from allocator.errors import AllocatorError
 from allocator.formats.base import Format
-from allocator.formats.ints import AUTOROUND, GPTQMODEL, VLLM
+from allocator.formats.ints import AUTOROUND, GPTQMODEL
 from allocator.formats.llamacpp import LLAMACPP
+from allocator.formats.vllm import GPUS, VLLM
 from allocator.levels import DEFAULT_GRID, Level, Part, parse_grid
 
 ANY = "any"
@@ -27,13 +28,15 @@ class _Generic(Format):
 GENERIC = _Generic(ANY, "json", DEFAULT_GRID, "every level", (), (Part,))
 
 
-def get_format(name: str) -> Format:
-    """The format called ``name`` (``any``: the generic one), or a one-line error listing them."""
+def get_format(name: str, gpu: str = "any") -> Format:
+    """The format called ``name`` (``any``: the generic one), restricted to what runs on ``gpu`` where the format
+    knows (vLLM's kernels), or a one-line error listing them."""
     if name == ANY:
         return GENERIC
     if name not in FORMATS:
         raise AllocatorError(f"unknown --format {name!r}: choose one of {ANY}, {', '.join(FORMATS)}")
-    return FORMATS[name]
+    chosen = FORMATS[name]
+    return chosen.for_gpu(gpu) if hasattr(chosen, "for_gpu") else chosen
 
 
 def storage_bits(level: Level, rows: int, cols: int) -> int:
@@ -52,9 +55,10 @@ def check_level(level: Level) -> None:
         raise AllocatorError(f"level {level.name}: {why}")
 
 
-def format_grid(text: str | None, format: str = ANY) -> list[Level]:
+def format_grid(text: str | None, format: str = ANY, gpu: str = "any") -> list[Level]:
     """The grid of a run: ``text`` if given, else the format's default, each level tagged with the format."""
-    return get_format(format).parse_grid(text) if format != ANY else parse_grid(text or DEFAULT_GRID)
+    return get_format(format, gpu).parse_grid(text) if format != ANY else parse_grid(text or DEFAULT_GRID)
 
 
-__all__ = ["ANY", "FORMATS", "GENERIC", "Format", "check_level", "format_grid", "get_format", "storage_bits", "unfit"]
+__all__ = ["ANY", "FORMATS", "GENERIC", "GPUS", "Format", "check_level", "format_grid", "get_format", "storage_bits",
+           "unfit"]  # fmt: skip

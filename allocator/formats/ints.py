@@ -1,9 +1,5 @@
-"""Formats of integer weights: vLLM's compressed-tensors, GPTQModel and AutoRound (research: ecosystem.md §2).
+"""Formats of integer weights in the GPTQ layout: GPTQModel and AutoRound (research: ecosystem.md §2).
 
-- ``vllm``: compressed-tensors weight-only ints as vLLM's WNA16 kernels run them: 4-bit (symmetric or with
-  zero points) and 8-bit symmetric, per channel or in groups of 32/64/128 that divide the row. Stored as
-  ``pack-quantized``: the values, one 16-bit scale per group, a zero point per group when asymmetric (allocator's
-  generic count). No sparsity: vLLM dropped 2:4 (0.19.1+) and stores unstructured zeros dense.
 - ``gptqmodel``: GPTQ checkpoints: 2/3/4/8 bits, symmetric or not, per channel or groups of 32/64/128 dividing
   the row. The GPTQ layout always stores a packed zero point per group and a 32-bit ``g_idx`` per input column.
 - ``autoround``: as GPTQModel, but 8-bit must be symmetric (AutoRound raises on asymmetric 8-bit); its
@@ -58,9 +54,6 @@ class IntFormat(Format):
 
 
 _GPTQ_GRID = "dense,w8g128,w4g128,w4g64,w4g32,w3g128,w3g64,w2g64,w2g32"
-VLLM = IntFormat("vllm", "llmcompressor", "dense,w8,w8g128,w4g128,w4g64,w4g32,w4g128a,w4g32a",
-                 "int4 (sym or asym) / int8 (sym) weights, per channel or groups of 32/64/128",
-                 ("gptq", "rtn", "magnitude"), (IntWeights,), bits=(4, 8), asym_bits=(4,))  # fmt: skip
 GPTQMODEL = IntFormat("gptqmodel", "gptqmodel", _GPTQ_GRID,
                       "2/3/4/8-bit weights, sym or asym, per channel or groups of 32/64/128",
                       ("gptq", "rtn", "magnitude"), (IntWeights,), bits=(2, 3, 4, 8), asym_bits=(2, 3, 4, 8),
