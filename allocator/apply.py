@@ -18,8 +18,9 @@ from torch import nn
 from allocator import backends, data
 from allocator.checkpoints import writers
 from allocator.errors import AllocatorError
+from allocator.formats import storage_bits
 from allocator.inventory import Inventory
-from allocator.io import atomic_path, check_output, write_json_atomic
+from allocator.io import atomic_path, check_output, check_space, write_json_atomic
 from allocator.plan import Plan
 from allocator.session import Session
 from allocator.spec import RunConfig, resolve
@@ -77,6 +78,12 @@ def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | 
     metrics = {**session.measure(plan.assignment, spec.backend.name), "plan": str(plan_path), "checkpoint": checkpoint}
     if over_budget:
         metrics["over_budget"] = over_budget
+    dense_rest = sum(p.numel() * p.element_size() for p in session.model.parameters()) - sum(
+        session.model.get_submodule(n).weight.nbytes for n in plan.assignment)  # fmt: skip
+    planned = sum(storage_bits(lv, *plan.shapes[n]) for n, lv in plan.assignment.items()) // 8
+    check_space(
+        out, dense_rest + 2 * planned, f"the {checkpoint} checkpoint", "pass another --output-dir or free space"
+    )
     with atomic_path(out, folder=True) as tmp:  # out is new or empty (checked above)
         metrics["size"] = writers.write(checkpoint, tmp, session, plan, grids)
         plan.save(tmp / "allocator_plan.json")

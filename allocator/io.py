@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 
 @contextmanager
@@ -33,11 +36,39 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
         if folder and path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only folder, a name too long: one line
+        raise write_error(path, exc) from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def write_error(path: Path, exc: BaseException):
+    """The one-line error for a failed write of ``path`` (the temporary is removed by the caller)."""
+    from allocator.errors import AllocatorError
+
+    text = str(exc).strip()
+    why = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+    fixes = {errno.ENOSPC: "free space or pass a folder on a larger disk (--cache-dir, --output-dir)",
+             errno.EROFS: "pass a writable folder", errno.EACCES: "pass a folder you may write into",
+             errno.ENAMETOOLONG: "pass a shorter path"}  # fmt: skip
+    fix = fixes.get(getattr(exc, "errno", None), "free space or pass another folder")
+    if "No space" in str(exc) or "I/O error" in str(exc):
+        fix = fixes[errno.ENOSPC]
+    return AllocatorError(f"could not write {path} ({why}): {fix}; nothing was left behind")
+
+
+def check_space(path: str | Path, needed: int, what: str, fixes: str) -> None:
+    """Refuse, before the work, an artifact of ``needed`` bytes that the filesystem holding ``path`` cannot take."""
+    from allocator.errors import AllocatorError
+
+    parent = next((p for p in Path(path).absolute().parents if p.exists()), Path("."))
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise AllocatorError(f"{what} needs about {needed / 1e9:.1f} GB at {path}, {free / 1e9:.1f} GB are free: "
+                             f"{fixes}")  # fmt: skip
 
 
 def _umask() -> int:

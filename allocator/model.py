@@ -17,7 +17,7 @@ from torch import nn
 
 from allocator.errors import AllocatorError
 from allocator.hub import OFFLINE_HINT, hub_access
-from allocator.io import atomic_path
+from allocator.io import atomic_path, check_space
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def _cached_gguf(path: Path, cache: Path) -> Path:
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise AllocatorError(f"{path} is not a GGUF file (no GGUF magic): pass a .gguf written by llama.cpp")
+    check_space(folder, 4 * _gguf_weights(path), f"the converted model of {path.name} (float32)",
+                "pass --cache-dir on a larger disk or free space")  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(
@@ -139,6 +141,16 @@ def _cached_gguf(path: Path, cache: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder
+
+
+def _gguf_weights(path: Path) -> int:
+    """How many weights a GGUF file holds (its tensors' element counts), read from its header only."""
+    import gguf
+
+    try:
+        return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+    except Exception:  # a damaged file: its conversion below says so in one line
+        return 0
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from allocator.backends.database import DatabaseWriter, LevelDatabase
+from allocator.backends import get_backend
+from allocator.backends.database import DatabaseWriter, LevelDatabase, estimate_bytes
 from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
 from allocator.fitness import KLFitness
 from allocator.inventory import Inventory
-from allocator.io import remove_orphans
+from allocator.io import check_space, remove_orphans
 from allocator.levels import Level, with_dense
 from allocator.model import cache_dir
 from allocator.profile import Profile
@@ -94,6 +95,7 @@ class Workspace:
         with contextlib.ExitStack() as stack:
             also = []
             if with_database and self._open_database(db_path, cal, levels) is None:
+                self._check_database_space(db_path, cal, levels, backend)
                 writer = DatabaseWriter(cal.inventory, with_dense(levels), backend, db_path, cal.seqs)
                 also.append(stack.enter_context(writer))
             measured = Profile.measure(cal.model, cal.inventory, levels, backend, cal.seqs, cal.meta,
@@ -113,9 +115,17 @@ class Workspace:
         path = self.path("db", cal, backend, with_dense(levels))
         if (db := self._open_database(path, cal, levels)) is not None:
             return db
+        self._check_database_space(path, cal, levels, backend)
         db = LevelDatabase.build(cal.model, cal.inventory, levels, backend, path, cal.seqs, cal.batch_size)
         log.info("built level database %s (%.2f GB)", path, db.manifest["bytes"] / 1e9)
         return db
+
+    def _check_database_space(self, path: Path, cal: Calibration, levels: list[Level], backend: str) -> None:
+        """Refuse, before the calibration pass, a database the cache's disk cannot hold."""
+        element = next(cal.model.parameters()).element_size()
+        needed = estimate_bytes(cal.inventory, with_dense(levels), not get_backend(backend).hessian, element)
+        fixes = "pass --cache-dir on a larger disk, use fewer levels (a coarser --levels), or free space"
+        check_space(path, needed, f"the level database of {len(levels)} levels", fixes)
 
     def find_database(self, cal: Calibration, levels: list[Level], backend: str) -> LevelDatabase | None:
         """The cached database holding ``levels`` for ``backend`` on ``cal``'s windows, or None (nothing built)."""

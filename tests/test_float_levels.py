@@ -186,7 +186,7 @@ def test_names_parse_and_kernels(floats):
                  "s0.5+nvfp4", "2:4+mxfp8"):  # fmt: skip
         assert parse_level(name).name == name
     assert parse_level("afp8+fp8").acts == FP8Acts()
-    assert parse_level("fp8+afp8").kernel == "fp8-rowwise" and parse_level("fp8t+afp8").kernel == "fp8"
+    assert parse_level("fp8+afp8").kernel == "fp8-rowwise" == parse_level("fp8t+afp8").kernel  # per-token acts
     assert parse_level("fp8").kernel == "dense" and parse_level("fp8+a8").kernel == "dense"
     with pytest.raises(AllocatorError, match="two weights"):
         parse_level("fp8+nvfp4")

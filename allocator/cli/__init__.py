@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="deployment format: only the levels it stores and runs, priced as it stores them "
                    "(llamacpp: GGUF types; vllm: compressed-tensors; gptqmodel; autoround)")  # fmt: skip
     p.add_argument("--gpu", default=d.gpu, choices=list(GPUS),
-                   help="with --format vllm: only schemes vLLM has kernels for on this GPU (h100: no NVFP4 W4A4)")  # fmt: skip
+                   help="with --format vllm: only schemes vLLM runs on this GPU (h100: no NVFP4 W4A4)")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--calib-samples", type=int, default=d.calib_samples)
     p.add_argument("--kl-samples", type=int, default=d.kl_samples)

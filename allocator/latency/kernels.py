@@ -21,7 +21,15 @@ Kernel = Callable[[torch.Tensor], torch.Tensor]
 INT4_GROUPS = (32, 64, 128)
 WIDTHS = (0.5, 0.75)
 # kernels of the plan levels, then structured width reductions (fewer output rows / input columns)
-LEVEL_KERNELS = ("dense", "2:4-cusparselt", "2:4-cutlass", "fp8", "int8wo", *(f"int4wo-g{g}" for g in INT4_GROUPS))
+# kernels whose levels torch has no implementation of on the GPUs measured: timed as dense, marked not runnable
+NO_TORCH_KERNEL = {
+    "nvfp4-a16": "vLLM runs NVFP4 weights with FP4 Marlin, which torch does not ship",
+    "nvfp4-w4a4": "NVFP4 W4A4 needs FP4 tensor cores (compute capability 10.0, Blackwell)",
+    "mxfp4-a16": "vLLM runs MXFP4 weights with MXFP4 Marlin, which torch does not ship",
+    "mxfp8": "MXFP8 needs MX tensor cores (compute capability 10.0, Blackwell)",
+}
+LEVEL_KERNELS = ("dense", "2:4-cusparselt", "2:4-cutlass", "fp8", "fp8-rowwise", "int8-w8a8", "int8wo",
+                 *(f"int4wo-g{g}" for g in INT4_GROUPS), *NO_TORCH_KERNEL)  # fmt: skip
 WIDTH_KERNELS = tuple(f"{axis}{w:g}" for axis in ("rows", "cols") for w in WIDTHS)
 ALL_KERNELS = LEVEL_KERNELS + WIDTH_KERNELS
 
@@ -31,12 +39,16 @@ SERVING = {
     "2:4-cusparselt": "vLLM >= 0.19.1: no (Sparse24 removed); torch semi-structured only",
     "2:4-cutlass": "vLLM >= 0.19.1: no (Sparse24 removed); torch semi-structured only",
     "fp8": "vLLM: yes (FP8 W8A8; activations quantized too)",
+    "fp8-rowwise": "vLLM: yes (FP8 W8A8, per-channel weights, dynamic per-token activations; CUTLASS)",
+    "int8-w8a8": "vLLM: yes (INT8 W8A8, per-channel weights, dynamic per-token activations; CUTLASS)",
+    **{k: f"vLLM: {why}" for k, why in NO_TORCH_KERNEL.items()},
     "int8wo": "vLLM: yes as W8A16 (its own kernels, not this one)",
     **{f"int4wo-g{g}": "vLLM: yes as W4A16 (Marlin kernels, not this one)" for g in INT4_GROUPS},
     **{k: "any engine: a smaller dense layer" for k in WIDTH_KERNELS},
 }
 NO_KERNEL_NOTE = (
-    "unstructured sparsity, N:M other than 2:4 and 2/3/5/6/7-bit weights have no fast kernel: timed as dense"
+    "unstructured sparsity, N:M other than 2:4, 2/3/5/6/7-bit weights and W4A8 have no fast kernel here: timed as "
+    "dense; NVFP4/MXFP4/MXFP8 have none in torch on this device: timed as dense, marked not runnable"
 )
 
 
@@ -64,6 +76,8 @@ def build(kernel: str, weight: torch.Tensor) -> Kernel:
             return lambda x: F.linear(x, sliced)
         k = sliced.shape[1]
         return lambda x: F.linear(x[:, :k], sliced)
+    if kernel in NO_TORCH_KERNEL:
+        raise KernelUnavailable(NO_TORCH_KERNEL[kernel])
     if weight.device.type != "cuda":
         raise KernelUnavailable(f"{kernel} needs a CUDA device")
     try:
@@ -71,6 +85,10 @@ def build(kernel: str, weight: torch.Tensor) -> Kernel:
             return _sparse24(weight, cutlass=kernel.endswith("cutlass"))
         if kernel == "fp8":
             return _fp8(weight)
+        if kernel == "fp8-rowwise":
+            return _fp8_rowwise(weight)
+        if kernel == "int8-w8a8":
+            return _int8_w8a8(weight)
         if kernel == "int8wo":
             return _int8_weight_only(weight)
         if kernel.startswith("int4wo-g"):
@@ -135,6 +153,44 @@ def _fp8(weight: torch.Tensor) -> Kernel:
     except RuntimeError:
         padded(probe)
         return padded
+
+
+def _fp8_rowwise(weight: torch.Tensor) -> Kernel:
+    """FP8 W8A8 as vLLM serves ``fp8+afp8``: per-channel weight scales, each token's activations quantized per call
+    (the absmax, the scale and the cast are part of the timed work), one scaled matmul with row-wise scales."""
+    if weight.shape[0] % 16 or weight.shape[1] % 16:
+        raise KernelUnavailable(f"fp8 needs rows and cols divisible by 16, got {tuple(weight.shape)}")
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    w_scale = (weight.abs().amax(dim=1, keepdim=True).float() / fmax).clamp(min=1e-12)  # [rows, 1]
+    w8 = (weight.float() / w_scale).to(torch.float8_e4m3fn)
+    scale_b = w_scale.t().contiguous()  # [1, rows]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x_scale = (x.abs().amax(dim=1, keepdim=True).float() / fmax).clamp(min=1e-12)  # [tokens, 1]
+        x8 = (x.float() / x_scale).to(torch.float8_e4m3fn)
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale_b, out_dtype=weight.dtype)
+
+    run(torch.zeros(16, weight.shape[1], dtype=weight.dtype, device=weight.device))
+    return run
+
+
+def _int8_w8a8(weight: torch.Tensor) -> Kernel:
+    """INT8 W8A8 as vLLM serves ``w8+a8``: per-channel int8 weights, per-token int8 activations quantized per call,
+    torch's int8 matmul (int32 accumulators; it wants more than 16 rows, so a decode step is padded), rescaled."""
+    w_scale = (weight.abs().amax(dim=1).float() / 127).clamp(min=1e-12)  # [rows]
+    w8 = (weight.float() / w_scale[:, None]).round().clamp(-128, 127).to(torch.int8).t().contiguous()  # [cols, rows]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[0]
+        x_scale = (x.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=1e-12)  # [tokens, 1]
+        x8 = (x.float() / x_scale).round().clamp(-128, 127).to(torch.int8)
+        if tokens <= 16 or tokens % 8:
+            x8 = F.pad(x8, (0, 0, 0, max(32, -(-tokens // 8) * 8) - tokens))
+        acc = torch._int_mm(x8, w8)[:tokens]  # [tokens, rows] int32
+        return (acc.float() * x_scale * w_scale[None, :]).to(weight.dtype)
+
+    run(torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device))
+    return run
 
 
 def _int8_weight_only(weight: torch.Tensor) -> Kernel:

@@ -90,10 +90,8 @@ class FP8(FloatWeights):
         return SCALE_BITS * (1 if self.per_tensor else rows)
 
     def kernel(self, level: Level) -> str | None:
-
-        if not isinstance(level.acts, FP8Acts):
-            return None
-        return "fp8" if self.per_tensor else "fp8-rowwise"
+        """FP8 W8A8 with dynamic per-token activations (a per-tensor weight scale broadcast over its rows)."""
+        return "fp8-rowwise" if isinstance(level.acts, FP8Acts) else None
 
     @classmethod
     def quantizer(cls, stack: Sequence[FP8], rows: int, device: torch.device) -> _FP8Quantizer:
@@ -166,3 +164,6 @@ class MXFP8(MXFormat):
     @classmethod
     def parse(cls, text: str) -> MXFP8 | None:
         return cls() if text == "mxfp8" else None
+
+    def kernel(self, level: Level) -> str | None:
+        return "mxfp8"

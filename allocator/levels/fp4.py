@@ -53,6 +53,9 @@ class NVFP4(FloatWeights):
         scale, gs = params
         return scale.float() / gs.float()
 
+    def kernel(self, level) -> str | None:
+        return "nvfp4-w4a4" if level.acts is not None else "nvfp4-a16"
+
     @classmethod
     def quantizer(cls, stack: Sequence[NVFP4], rows: int, device: torch.device) -> _NVFP4Quantizer:
         return _NVFP4Quantizer(rows)
@@ -94,6 +97,9 @@ class MXFP4(MXFormat):
     @property
     def name(self) -> str:
         return "mxfp4"
+
+    def kernel(self, level) -> str | None:
+        return "mxfp4-a16"
 
     @classmethod
     def parse(cls, text: str) -> MXFP4 | None:
