@@ -58,7 +58,9 @@ def run(spec: RunSpec | RunConfig, session: Session | None = None) -> RunResult:
         problem = build_problem(session.inventory, list(spec.grid), spec.budget, config.per, list(spec.budgets[1:]),
                                 spec.latency)  # fmt: skip
         problem, fitness, db, record = prepare(spec, session, problem)
-        ctx = SearchContext(config.seed, fitness, out, config.resume)
+        shared = spec.searcher.fitness_pool(config.fit_seqs) == config.fit_seqs and record and "kl" in record
+        measured = tuple(zip(record["choices"], record["kl"], strict=True)) if shared else ()  # one history
+        ctx = SearchContext(config.seed, fitness, out, config.resume, measured)
         allocation = allocate(problem, spec.searcher, ctx)
         assignment, method = allocation.assignment, config.method
     grid = list(spec.saved.grid if spec.saved is not None else spec.grid)

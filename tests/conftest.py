@@ -249,7 +249,8 @@ class SlowToyFitness(ToyFitness):
 
 
 # ---- the contract every searcher keeps (a test's own toy searcher is held to it too) -----------------
-CONTRACT_OPTIONS = {"evolution": {"generations": 5, "offspring": 4, "stages": "2@32,1@64"}, "optuna": {"trials": 8}}
+CONTRACT_OPTIONS = {"evolution": {"generations": 5, "offspring": 4, "stages": "2@32,1@64"},
+                    "guided": {"generations": 5, "offspring": 4}, "optuna": {"trials": 8}}  # fmt: skip
 
 
 def contract_problem(target: str) -> Problem:

@@ -15,13 +15,14 @@ from allocator.levels import Level
 from allocator.search.base import NEEDS, SearchContext, Searcher, SearchResult
 from allocator.search.evolution import Evolution
 from allocator.search.fitted import Fitted
+from allocator.search.guided import Guided
 from allocator.search.knapsack import Knapsack
 from allocator.search.optuna import OptunaSearch
 from allocator.search.owl import OWL
 from allocator.search.uniform import Uniform
 
 SEARCHERS: dict[str, type[Searcher]] = {"uniform": Uniform, "owl": OWL, "knapsack": Knapsack, "fitted": Fitted,
-                                        "evolution": Evolution, "optuna": OptunaSearch}  # fmt: skip
+                                        "evolution": Evolution, "guided": Guided, "optuna": OptunaSearch}  # fmt: skip
 
 
 def option_fields() -> dict[str, tuple[Field, list[str]]]:

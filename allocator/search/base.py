@@ -47,6 +47,7 @@ class SearchContext:
     fitness: Fitness | None = None
     workdir: Path | None = None  # a resumable searcher keeps its checkpoint or study here (None: none kept)
     resume: bool = False  # continue the search killed in ``workdir``
+    measured: tuple = ()  # (choice, KL) of plans already measured on the fitness's pool (the fitted search's)
 
 
 @dataclass
