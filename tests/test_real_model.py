@@ -115,3 +115,35 @@ def test_obs_backends_beat_data_free_ones_on_real_activations(smollm):
         for level in ("s0.5", "2:4"):
             assert err["sparsegpt", level] < err["magnitude", level], (name, level)
         assert err["gptq", "w4g128"] < err["rtn", "w4g128"], name
+
+
+def test_llamacpp_plan_written_as_gguf_loads_with_the_plans_weights_and_perplexity(smollm, tmp_path):
+    """A --format llamacpp plan applied to the embedded model: transformers' GGUF loader reads every planned layer
+    equal to allocator's simulated weight, and the loaded model's perplexity equals the one apply measured."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from allocator import apply_
+    from allocator.plan import Plan
+
+    loaded, _ = smollm
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    argv = ["run", "--format", "llamacpp", "--levels", "q8_0,q5_0,q4_0", "--target", "bits=5", "--method", "knapsack",
+            "--backend", "rtn", "--sensitivity", "error", "--seq-len", "256", "--calib-samples", "2",
+            "--kl-samples", "2", "--eval-samples", "4", "--cache-dir", str(tmp_path / "cache"), "-o", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["apply", str(run / "plan.json"), "-o", str(ckpt)]) == 0
+    plan = Plan.load(run / "plan.json")
+    types = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(ckpt / "model.gguf").tensors}
+    assert len({lv.name for lv in plan.assignment.values()}) > 1 and len(types) > 2  # a mixed plan, mixed file
+    written = AutoModelForCausalLM.from_pretrained(ckpt, gguf_file="model.gguf", dtype=torch.float32).eval()
+    simulated = load_model().model
+    apply_(simulated, plan)
+    for name in plan.assignment:
+        assert torch.equal(written.get_submodule(name).weight, simulated.get_submodule(name).weight), name
+    metrics = json.loads((ckpt / "allocator_metrics.json").read_text())
+    records = data.load_records(data.default_evaluation())
+    seqs = data.evaluation_sequences(loaded.tokenizer, records, 256, 4)
+    assert perplexity(written, seqs) == pytest.approx(metrics["perplexity"], rel=1e-4)
+    size = metrics["size"]
+    assert abs(size["written_bytes"] / size["planned_bytes"] - 1) <= 0.02
