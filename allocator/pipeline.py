@@ -37,12 +37,13 @@ class RunResult:
     output_dir: Path | None = None
 
 
-def run(spec: RunSpec | RunConfig, session: Session | None = None) -> RunResult:
+def run(spec: RunSpec | RunConfig, session: Session | None = None, observer=None) -> RunResult:
     """Allocate, compress and evaluate as ``spec`` says (settings are resolved first); write plan.json,
     metrics.json, config.json.
 
     Nothing is written unless the run succeeds. A ``session`` loaded with the same model and data is reused
-    (``allocator compare`` runs many plans on one); the model is left compressed to the plan.
+    (``allocator compare`` runs many plans on one); the model is left compressed to the plan. ``observer``: see
+    :class:`allocator.search.SearchContext`.
     """
     spec = resolve(spec) if isinstance(spec, RunConfig) else spec
     config = spec.config
@@ -60,7 +61,7 @@ def run(spec: RunSpec | RunConfig, session: Session | None = None) -> RunResult:
         problem, fitness, db, record = prepare(spec, session, problem)
         shared = spec.searcher.fitness_pool(config.fit_seqs) == config.fit_seqs and record and "kl" in record
         measured = tuple(zip(record["choices"], record["kl"], strict=True)) if shared else ()  # one history
-        ctx = SearchContext(config.seed, fitness, out, config.resume, measured)
+        ctx = SearchContext(config.seed, fitness, out, config.resume, measured, observer)
         allocation = allocate(problem, spec.searcher, ctx)
         assignment, method = allocation.assignment, config.method
     grid = list(spec.saved.grid if spec.saved is not None else spec.grid)

@@ -23,7 +23,7 @@ from allocator.evaluate import kl_divergence, perplexity
 from allocator.inventory import Inventory
 from allocator.levels import Level
 from allocator.levels.quantizer import Params
-from allocator.model import DTYPES, load_model
+from allocator.model import DTYPES, LoadedModel, load_model
 from allocator.profile import Profile, input_stats, outlier_ratios
 from allocator.spec import RunConfig
 from allocator.workspace import Calibration, Workspace
@@ -38,14 +38,16 @@ class Session:
     are computed once, when first needed; :meth:`evaluate` restores the original weights before each plan.
     """
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, loaded: LoadedModel | None = None) -> None:
+        """``loaded``: a model already in memory (a benchmark's random model built from a config) instead of
+        ``config.model``."""
         calib_records = data.load_records(config.calib or data.default_calibration())
         eval_records = data.load_records(config.eval or data.default_evaluation())
         self.config = config
         self.workspace = Workspace(config.cache_dir)
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.loaded = load_model(config.model, DTYPES[config.dtype], config.device, self.workspace.root)
+        self.loaded = loaded or load_model(config.model, DTYPES[config.dtype], config.device, self.workspace.root)
         self.model = self.loaded.model
         self.inventory = Inventory.from_model(self.model)
         self.timings["load_s"] = time.perf_counter() - t0
@@ -58,8 +60,9 @@ class Session:
                                                           config.calib_samples, config.kl_samples, config.seed,
                                                           self.bos)  # fmt: skip
         self.activation_state: dict[str, torch.Tensor] = {}  # calibrated input scales of the compressed model
+        # the dense weights, kept in host memory (an 8B model's would take 15 GB of the GPU's)
         self._original = {
-            n: {k: v.detach().clone() for k, v in self.model.get_submodule(n).named_parameters()}
+            n: {k: v.detach().to("cpu", copy=True) for k, v in self.model.get_submodule(n).named_parameters()}
             for n in self.inventory.shapes
         }
 

@@ -7,7 +7,7 @@ the searcher once. Session, pipeline, compare and apply receive the spec; none o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ class RunConfig:
     levels: str | None = None  # None: the --format's default grid (sparsity 0..0.9 for any)
     format: str = "any"  # the deployment format plans are made for (allocator.formats): its levels, its bytes
     gpu: str = "any"  # the GPU the format's engine serves on: only levels it has kernels for there (vllm)
-    per: str = "layer"
+    per: str | None = None  # one level per layer or tie group (None: tie groups where the format's engine fuses)
     seq_len: int = 512
     calib_samples: int = 128
     kl_samples: int = 8
@@ -117,6 +117,10 @@ def resolve(config: RunConfig) -> RunSpec:
         raise AllocatorError(f"unknown --sensitivity {config.sensitivity!r}: choose one of {', '.join(SENSITIVITIES)}")
     fmt = get_format(config.format, config.gpu)
     fmt.check_backend(config.backend)
+    if fmt.fused and config.per == "layer":
+        raise AllocatorError(f"--format {fmt.name} serves q/k/v and gate/up fused, one setting each: --per layer plans "
+                             "cannot be loaded; leave --per out (tie groups) or pass --per tie-group")  # fmt: skip
+    config = replace(config, per=config.per or ("tie-group" if fmt.fused else "layer"))
     backend = get_backend(config.backend)
     saved = Plan.load(config.plan) if config.plan else None
     budgets = tuple(parse_budgets(config.target)) if saved is None else (saved.budget, *saved.extra_budgets)

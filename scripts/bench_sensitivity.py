@@ -22,6 +22,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -30,19 +31,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from allocator.sensitivity.select import sensitivity_matrix  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from allocator import artifacts, data  # noqa: E402
+from allocator import data  # noqa: E402
 from allocator.budget import Budget, build_problem  # noqa: E402
 from allocator.evaluate import perplexity  # noqa: E402
 from allocator.fitness import KLFitness  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_grid  # noqa: E402
+from allocator.pipeline import prepare  # noqa: E402
 from allocator.search import SearchContext, allocate, make_searcher  # noqa: E402
-from allocator.search.fitted import fit, random_plans  # noqa: E402
+from allocator.search.additive import fit  # noqa: E402
+from allocator.search.fitted import random_plans  # noqa: E402
 from allocator.session import Session  # noqa: E402
-from allocator.spec import RunConfig  # noqa: E402
+from allocator.spec import RunConfig, resolve  # noqa: E402
 
 KINDS = ("error", "fisher", "kl", "fitted")
 
@@ -109,27 +111,27 @@ def main() -> None:
             continue  # every row of this seed is in OUT.json already
         config = RunConfig(model=args.model, calib=calib, eval=args.wikitext, calib_samples=args.calib_samples,
                            eval_samples=args.eval_samples, kl_samples=8, batch_size=args.batch_size, seed=seed,
-                           device=args.device, fit_seqs=args.fit_seqs, fit_plans=args.fit_plans,
-                           fit_rounds=args.fit_rounds,
-                           cache_dir=args.profiles_dir or str(tmp / "profiles"))  # fmt: skip
+                           device=args.device, fit_seqs=args.fit_seqs, levels=args.levels,
+                           options={"fit_plans": args.fit_plans, "fit_rounds": args.fit_rounds},
+                           cache_dir=args.cache_dir or str(tmp / "profiles"))  # fmt: skip
         session = Session(config)
         c4_seqs = data.evaluation_sequences(session.loaded.tokenizer, data.load_records(held_out), 512,
                                             args.eval_samples, session.bos)  # fmt: skip
         timing = {"seed": seed, "backend": args.backend, "levels": args.levels, "device": args.device}
         t0 = time.perf_counter()
-        profile = artifacts.profile(session, grid, args.backend, with_database=True)
+        profile = session.profile(grid, args.backend, with_database=True)
         timing["profile_s"] = time.perf_counter() - t0  # relative error, Fisher and the level database in one pass
         t0 = time.perf_counter()
-        db = artifacts.database(session, grid, args.backend)
+        db = session.database(grid, args.backend)
         timing["database_s"] = time.perf_counter() - t0
         if "kl" in kinds and "kl" not in profile.table:
-            artifacts.add_kl_column(session, profile, grid, args.backend, args.fit_seqs)
+            session.add_kl(profile, grid, args.backend)
             timing["kl_s"] = profile.meta["kl_s"]
         if seed == first:
             timing.update(backend_pass(session, grid, budgets[0], args.backend))
         if args.timing_only:
             t0 = time.perf_counter()
-            sensitivity_matrix(session, profile, build_problem(session.inventory, grid, budgets[0]), args.backend,
+            sensitivity_matrix(session, build_problem(session.inventory, grid, budgets[0]), args.backend,
                                "fitted")  # fmt: skip
             timing["fitted_s"] = time.perf_counter() - t0
         timings.append(timing)
@@ -153,7 +155,7 @@ def main() -> None:
                 # optuna's compact space re-weights the default sensitivity (fitted, listed last)
                 kind = method.split("-")[1] if method.startswith("knapsack") else kinds[-1]
                 if method.startswith(("knapsack", "optuna")) and kind not in matrices:
-                    matrices[kind] = sensitivity_matrix(session, profile, problem, args.backend, kind)
+                    matrices[kind] = sensitivity_matrix(session, problem, args.backend, kind)
                 if method.startswith("knapsack"):
                     error, record = matrices[kind]
                     knapsack = make_searcher("knapsack")
@@ -189,6 +191,15 @@ def main() -> None:
     write_outputs(out, command, rows, spearman, timings)
 
 
+def sensitivity_matrix(session: Session, problem, backend: str, kind: str) -> tuple[np.ndarray, dict]:
+    """The [U, K] sensitivity ``kind`` of ``problem``, made as a knapsack run makes it (from the session's cached
+    profile; the fitted one measures plans on the model)."""
+    config = replace(session.config, method="knapsack", sensitivity=kind, backend=backend,
+                     target=str(problem.budget), output_dir=None)  # fmt: skip
+    found, _, _, record = prepare(resolve(config), session, problem)
+    return found.sensitivity, record or {}
+
+
 def backend_pass(session, grid, budget: Budget, backend: str) -> dict:
     """Seconds of one ordinary compression pass (the backend run block by block at the uniform plan)."""
     from allocator.backends import apply_
@@ -214,7 +225,7 @@ def evolve(session, profile, db, grid, args, out: Path) -> None:
         if kind in set(old["start"]):
             continue
         problem = build_problem(session.inventory, grid, budget)
-        error, _ = sensitivity_matrix(session, profile, problem, args.backend, kind)
+        error, _ = sensitivity_matrix(session, problem, args.backend, kind)
         problem = problem.with_sensitivity(error)
         fitness = KLFitness(session.model, session.inventory, problem, db, session.calib, args.batch_size)
         searcher = make_searcher("evolution", start="knapsack", generations=int(generations), offspring=16,

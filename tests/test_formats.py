@@ -192,6 +192,10 @@ def test_a_run_with_format_vllm_plans_exports_and_refuses_elsewhere(tiny_model_d
     assert {lv.format for lv in plan.assignment.values() if lv.quantized} == {"vllm"} and plan.achieved["bits"] <= 6
     assert json.loads((run / "config.json").read_text())["format"] == "vllm"
     assert json.loads((run / "plan.json").read_text())["format"] == "vllm" == plan.format
+    assert plan.per == "tie-group"  # vLLM fuses q/k/v and gate/up: one setting each, so apply can pack it
+    assert main(["apply", str(run / "plan.json"), "-o", str(tmp_path / "ckpt")]) == 0
+    ckpt_config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert ckpt_config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert main(["export", str(run / "plan.json"), "--to", "llmcompressor", "-o", str(tmp_path / "x")]) == 0
     assert main(["export", str(run / "plan.json"), "--to", "gptqmodel", "-o", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "y").exists()
@@ -201,6 +205,7 @@ def test_a_run_with_format_vllm_plans_exports_and_refuses_elsewhere(tiny_model_d
     (["--format", "llamacpp", "--backend", "gptq"], "--format llamacpp is simulated with --backend rtn or magnitude"),
     (["--format", "vllm", "--levels", "dense,w3g32"], "--format vllm cannot use level w3g32"),
     (["--format", "tpu"], "invalid choice"),
+    (["--format", "vllm", "--per", "layer"], "--per layer plans cannot be loaded"),
 ])  # fmt: skip
 def test_bad_format_runs_fail_in_one_line_before_any_work(extra, message, tiny_model_dir, text_files, tmp_path,
                                                          capsys):  # fmt: skip

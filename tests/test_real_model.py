@@ -130,7 +130,8 @@ def test_llamacpp_plan_written_as_gguf_loads_with_the_plans_weights_and_perplexi
     run, ckpt = tmp_path / "run", tmp_path / "ckpt"
     argv = ["run", "--format", "llamacpp", "--levels", "q8_0,q5_0,q4_0", "--target", "bits=5", "--method", "knapsack",
             "--backend", "rtn", "--sensitivity", "error", "--seq-len", "256", "--calib-samples", "2",
-            "--kl-samples", "2", "--eval-samples", "4", "--cache-dir", str(tmp_path / "cache"), "-o", str(run)]  # fmt: skip
+            "--kl-samples", "2", "--eval-samples", "4", "--cache-dir", str(tmp_path / "cache"),
+            "-o", str(run)]  # fmt: skip
     assert main(argv) == 0
     assert main(["apply", str(run / "plan.json"), "-o", str(ckpt)]) == 0
     plan = Plan.load(run / "plan.json")

@@ -60,7 +60,9 @@ def _search_flags(p: argparse.ArgumentParser) -> None:
     """How a plan is searched for: flags of ``run`` and ``compare`` (searcher options from their declarations)."""
     d = RunConfig()
     p.add_argument("--per", default=d.per, choices=list(PER),
-                   help="one level per layer, per tie group (q/k/v, gate/up), or per expert role (MoE)")  # fmt: skip
+                   help="one level per layer, per tie group (q/k/v, gate/up), or per expert role (MoE); "
+                        "default: tie groups where the format's engine fuses them (vllm, gptqmodel, autoround), "
+                        "else layers")  # fmt: skip
     p.add_argument("--profile", default=None, help="use this profile .parquet (default: reuse or measure)")
     p.add_argument("--sensitivity", default=d.sensitivity, choices=list(SENSITIVITIES),
                    help="what knapsack, optuna's compact space and a knapsack start minimise: error (relative "

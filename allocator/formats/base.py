@@ -26,6 +26,7 @@ class Format:
     accepts: str  # what it takes, for errors and the docs
     backends: tuple[str, ...]  # backends whose rounding is what the toolkit writes
     takes: tuple[type[Part], ...] = ()  # part kinds it stores
+    fused: bool = False  # its engine fuses q/k/v and gate/up into one layer: one level per tie group
 
     def reason(self, level: Level) -> str | None:
         """Why this format cannot store ``level`` at all (None: it can, on rows it fits)."""

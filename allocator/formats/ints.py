@@ -57,8 +57,8 @@ _GPTQ_GRID = "dense,w8g128,w4g128,w4g64,w4g32,w3g128,w3g64,w2g64,w2g32"
 GPTQMODEL = IntFormat("gptqmodel", "gptqmodel", _GPTQ_GRID,
                       "2/3/4/8-bit weights, sym or asym, per channel or groups of 32/64/128",
                       ("gptq", "rtn", "magnitude"), (IntWeights,), bits=(2, 3, 4, 8), asym_bits=(2, 3, 4, 8),
-                      gptq_layout=True)  # fmt: skip
+                      fused=True, gptq_layout=True)  # fmt: skip
 AUTOROUND = IntFormat("autoround", "autoround", _GPTQ_GRID,
                       "2/3/4-bit (sym or asym) and 8-bit (sym) weights, per channel or groups of 32/64/128",
                       ("gptq", "rtn", "magnitude"), (IntWeights,), bits=(2, 3, 4, 8), asym_bits=(2, 3, 4),
-                      gptq_layout=True)  # fmt: skip
+                      fused=True, gptq_layout=True)  # fmt: skip

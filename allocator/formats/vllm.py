@@ -111,4 +111,4 @@ def _runs(name: str, capability: int) -> bool:
 VLLM = Vllm("vllm", "llmcompressor", ",".join(_GRID),
             "compressed-tensors schemes vLLM runs: int4/int8 weights, INT8 W8A8, W4A8, FP8 W8A8, NVFP4, MXFP4, MXFP8",
             ("gptq", "rtn", "magnitude"),
-            (IntWeights, FP8, NVFP4, MXFP4, MXFP8, Int8Acts, FP8Acts, NVFP4Acts))  # fmt: skip
+            (IntWeights, FP8, NVFP4, MXFP4, MXFP8, Int8Acts, FP8Acts, NVFP4Acts), fused=True)  # fmt: skip

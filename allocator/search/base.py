@@ -7,6 +7,7 @@ choices); the command line, ``RunConfig.options`` and ``allocator compare`` are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -48,6 +49,9 @@ class SearchContext:
     workdir: Path | None = None  # a resumable searcher keeps its checkpoint or study here (None: none kept)
     resume: bool = False  # continue the search killed in ``workdir``
     measured: tuple = ()  # (choice, KL) of plans already measured on the fitness's pool (the fitted search's)
+    # called after each generation with its record and the parent; a benchmark scores the parent on held-out
+    # windows afterwards (it must not touch the model meanwhile: the fitness owns it)
+    observer: Callable[[dict, np.ndarray], None] | None = None
 
 
 @dataclass

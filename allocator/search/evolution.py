@@ -114,6 +114,8 @@ class Evolution(Searcher):
             record = {"generation": gen + 1, "fitness": best_score, "tokens": tokens, "evaluations": evaluations,
                       "time_s": elapsed, **probed, **getattr(fitness, "counters", {})}  # fmt: skip
             history.append(record)
+            if ctx.observer is not None:
+                ctx.observer(record, parent)
             state = {"generation": gen + 1, "parent": parent.tolist(), "history": history,
                      "elapsed_s": time.perf_counter() - t_start, "rng": rng.bit_generator.state}  # fmt: skip
             if checkpoint is not None:

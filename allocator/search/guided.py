@@ -82,7 +82,7 @@ class Guided(Searcher):
                 measured[_key(parent)] = score_all(fitness, [parent], window)[0]
             rng = np.random.default_rng(ctx.seed)
             state = {"generation": 0, "parent": parent.tolist(), "measured": measured, "history": [],
-                     "tokens": 0, "elapsed_s": 0.0}  # fmt: skip
+                     "elapsed_s": 0.0}  # fmt: skip
         else:
             rng = np.random.default_rng()
             rng.bit_generator.state = state["rng"]
@@ -104,14 +104,15 @@ class Guided(Searcher):
             if full[best] < measured[_key(parent)]:
                 parent = keep[best]
                 fitness.set_parent(parent)
-            state["tokens"] += tokens * fitness.seq_len
             r2 = surrogate.held_out["r2"] if surrogate is not None else None
-            record = {"generation": gen + 1, "fitness": measured[_key(parent)], "tokens": state["tokens"],
+            record = {"generation": gen + 1, "fitness": measured[_key(parent)], "tokens": tokens * fitness.seq_len,
                       "evaluations": len(children) + 1 + len(keep), "measured": len(measured),
                       "time_s": time.perf_counter() - t0, "surrogate_r2": r2}  # fmt: skip
             state.update(generation=gen + 1, parent=parent.tolist(), rng=rng.bit_generator.state,
                          elapsed_s=time.perf_counter() - t0)  # fmt: skip
             state["history"].append(record)
+            if ctx.observer is not None:
+                ctx.observer(record, parent)
             if checkpoint is not None:
                 write_json_atomic(checkpoint, {"key": self._key(problem, ctx.seed), **state})
         return SearchResult(np.array(state["parent"]), history=state["history"])
