@@ -10,7 +10,8 @@ the disk (refused before any work when it cannot fit). Per phase: wall time, pea
 GPU (device tool; the data and the SmolLM2 tokenizer travel as .gpu/data and .gpu/tok):
     python scripts/bench_scale.py --device cuda --tokenizer .gpu/tok --calib .gpu/data/validation-2k.parquet \
         --eval .gpu/data/test.txt --cache-dir /tmp/scale --out $OUT/bench_scale
-CPU smoke run: python scripts/bench_scale.py --hidden 256 --blocks 2 --vocab 49152 --generations 1 --out /tmp/scale/bench
+CPU smoke run:
+    python scripts/bench_scale.py --hidden 256 --blocks 2 --vocab 49152 --generations 1 --out /tmp/scale/bench
 """
 
 from __future__ import annotations
