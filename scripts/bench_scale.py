@@ -62,8 +62,8 @@ def synthetic(hidden: int, blocks: int, dtype: torch.dtype, device: str, vocab: 
 class Phases:
     """Wall time, peak GPU memory, peak RSS and cache bytes of each phase."""
 
-    def __init__(self, device: str, cache: Path) -> None:
-        self.device, self.cache, self.rows = device, cache, []
+    def __init__(self, device: str, cache: Path, out: Path) -> None:
+        self.device, self.cache, self.out, self.rows = device, cache, out, []
 
     @contextmanager
     def __call__(self, name: str, **extra):
@@ -82,6 +82,7 @@ class Phases:
                    disk_gb=sum(f.stat().st_size for f in self.cache.rglob("*") if f.is_file()) / 1e9)  # fmt: skip
         self.rows.append(row)
         print(row, flush=True)
+        write_json_atomic(self.out.with_suffix(".phases.json"), self.rows)  # kept if the run is cut off
 
 
 def main() -> None:
@@ -115,7 +116,7 @@ def main() -> None:
                        seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, dtype=dtype,
                        cache_dir=str(cache), dense_cache=False)  # fmt: skip
     spec = resolve(config)
-    phase = Phases(args.device, cache)
+    phase = Phases(args.device, cache, out)
     result = {"command": "python " + shlex.join(sys.argv), "device": _device_name(args.device),
               "torch": torch.__version__, "levels": args.levels, "backend": args.backend, "target": args.target,
               "phases": phase.rows}  # fmt: skip
