@@ -11,6 +11,7 @@ matrices over (decision unit x level) and a limit.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -54,6 +55,8 @@ class Budget:
 
     def checked(self) -> Budget:
         """Return self if the value is in range for its kind, else raise naming the range."""
+        if not math.isfinite(self.value):
+            raise AllocatorError(f"target {self.kind} must be a finite number, got {self.value}: e.g. --target bits=4")
         if self.kind == "sparsity" and not 0 <= self.value < 1:
             raise AllocatorError(f"target sparsity must be in [0, 1), got {self.value}: e.g. --target sparsity=0.5")
         if self.kind in ("bits", "bytes", "latency") and not self.value > 0:

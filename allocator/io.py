@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -104,8 +105,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: object) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as indented, strict JSON, atomically: an infinite or undefined number (the perplexity of a
+    destroyed model) is written as null, never as the ``Infinity``/``NaN`` other JSON readers reject."""
+    write_text_atomic(path, json.dumps(strict(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def strict(obj: object) -> object:
+    """``obj`` with every non-finite float replaced by None (JSON has no Infinity or NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict(v) for v in obj]
+    return obj
 
 
 def check_output(path: str | Path, flag: str, folder: bool = True) -> None:

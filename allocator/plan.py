@@ -21,6 +21,7 @@ from allocator.formats import check_level, unfit
 from allocator.inventory import Inventory, Layer
 from allocator.io import write_json_atomic
 from allocator.levels import Level, parse_level
+from allocator.untrusted import check_count, check_names, check_text, check_tree
 
 if TYPE_CHECKING:
     from allocator.latency.table import LatencyModel
@@ -51,6 +52,35 @@ class Plan:
     layers: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (decoder block, role)
     backend: dict = field(default_factory=dict)  # name, batch_size, dtype, device: how to reproduce the weights
     schema: int = SCHEMA_VERSION
+    source: str = field(default="plan", repr=False, compare=False)  # where it was read from, for error lines
+
+    def __post_init__(self) -> None:
+        """Every plan, built or read, holds module names, one-line texts and finite numbers: exporters write them
+        into regexes, YAML, CSV and shell scripts that other tools run."""
+        src = self.source
+        check_names(self.assignment, src)
+        check_names(self.shapes, src, "layer names in model.shapes")
+        check_names(self.layers, src, "layer names in model.layers")
+        check_names(self.shares, src, "layer names in model.expert_shares")
+        for name, value in (("model.id", self.model_id), ("model.fingerprint", self.fingerprint),
+                            ("method", self.method), ("per", self.per)):  # fmt: skip
+            check_text(value, name, src)
+        for what, names in (("model.shapes", self.shapes), ("model.layers", self.layers or self.shapes),
+                            ("model.expert_shares", {**self.shapes, **self.shares})):  # fmt: skip
+            if set(names) != set(self.assignment):
+                odd = sorted(set(names) ^ set(self.assignment))
+                raise AllocatorError(f"{src}: the layers of assignment and {what} differ ({_some(odd)}): re-create it")
+        for name, shape in self.shapes.items():
+            if not isinstance(shape, list | tuple) or len(shape) != 2:
+                raise AllocatorError(f"{src}: model.shapes[{name}] must be [rows, cols], got {repr(shape)[:80]}")
+            for dim in shape:
+                check_count(dim, f"model.shapes[{name}]", src, 1, 2**31)
+        for name, (block, role) in self.layers.items():
+            check_count(block, f"model.layers[{name}] block", src, -1, 2**20)
+            check_text(role, f"model.layers[{name}] role", src)
+        check_count(self.seed, "seed", src, -(2**63), 2**64)
+        for name in ("achieved", "timings", "data", "shares", "attention", "backend"):
+            check_tree(getattr(self, name), name, src)
 
     @classmethod
     def create(
@@ -157,11 +187,11 @@ class Plan:
                 assignment={name: parse_level(lv) for name, lv in data["assignment"].items()},
                 model_id=str(model["id"]),
                 fingerprint=str(model["fingerprint"]),
-                shapes={k: list(v) for k, v in model["shapes"].items()},
+                shapes={k: list(v) if isinstance(v, list) else v for k, v in model["shapes"].items()},
                 budget=Budget(str(budget["kind"]), float(budget["value"])).checked(),
                 grid=grid,
                 method=str(data["method"]),
-                seed=int(data["seed"]),
+                seed=data["seed"],
                 per=str(data.get("per", "layer")),
                 extra_budgets=[
                     Budget(str(b["kind"]), float(b["value"])).checked() for b in data.get("extra_budgets", [])
@@ -171,10 +201,11 @@ class Plan:
                 data=dict(data.get("data", {})),
                 shares={k: float(v) for k, v in model.get("expert_shares", {}).items()},
                 attention=[str(a) for a in model.get("attention", [])],
-                layers={k: (int(b), str(r)) for k, (b, r) in model.get("layers", {}).items()}
+                layers={k: (b, r) for k, (b, r) in model.get("layers", {}).items()}
                 or {name: _block_and_role(name) for name in model["shapes"]},
                 backend=dict(data.get("backend", {})),
                 schema=int(version),
+                source=source,
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise AllocatorError(f"{source}: malformed plan ({type(exc).__name__}: {exc}): re-create it") from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -13,6 +15,7 @@ from allocator.formats import storage_bits
 from allocator.io import write_text_atomic
 from allocator.levels import parse_level
 from allocator.plan import Plan
+from allocator.untrusted import check_count, check_finite, check_text, check_tree
 
 
 def write_history(history: list[dict], out: Path) -> None:
@@ -85,24 +88,24 @@ def write_run_report(folder: str | Path) -> Path:
     runs = [folder] if (folder / "plan.json").is_file() else sorted(p.parent for p in folder.glob("*/plan.json"))
     if not runs:
         raise AllocatorError(f"{str(folder)!r} holds no run (no plan.json): pass a folder written by `allocator run`")
-    lines = [f"# allocator report: {folder}", ""]
+    lines = [f"# allocator report: {_md(folder)}", ""]
     rows = []
     loaded = [(run, *_read_run(run)) for run in runs]  # every file checked before a figure is drawn
     for run, plan, metrics in loaded:
         achieved = plan["achieved"]
         budget = f"{plan['budget']['kind']}={plan['budget']['value']:g}"
-        rows.append({"run": run.name, "method": plan["method"], "budget": budget,
+        rows.append({"run": _md(run.name), "method": _md(plan["method"]), "budget": budget,
                      "sparsity": achieved["sparsity"], "bits": achieved["bits"],
                      "perplexity": metrics.get("perplexity"), "dense perplexity": metrics.get("dense_perplexity"),
                      "KL": metrics.get("kl_to_dense")})  # fmt: skip
         plot_allocation(plan, run / "allocation.png")
-        prefix = "" if run == folder else f"{run.name}/"
+        prefix = "" if run == folder else f"{quote(run.name)}/"
         summary = pd.DataFrame(rows[-1:]).round(4).to_markdown(index=False)
-        lines += [f"## {run.name}", "", summary, "", f"![per-layer allocation]({prefix}allocation.png)", ""]
+        lines += [f"## {_md(run.name)}", "", summary, "", f"![per-layer allocation]({prefix}allocation.png)", ""]
         if "latency" in metrics:
             lat = metrics["latency"]
             lines += [f"Predicted latency {lat['predicted_ms']:.4f} ms at {lat['tokens']} tokens "
-                      f"(speed-up {lat['speedup']:.3f}x, table `{lat['table']}`).", ""]  # fmt: skip
+                      f"(speed-up {lat['speedup']:.3f}x, table {_md(lat['table'])}).", ""]  # fmt: skip
         for name, title in (("history.png", "search history"), ("pareto.png", "Pareto front")):
             if (run / name).is_file():
                 lines += [f"![{title}]({prefix}{name})", ""]
@@ -130,7 +133,25 @@ def _read_run(run: Path) -> tuple[dict, dict]:
         metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AllocatorError(f"{path} is not valid JSON ({exc}): re-run that run or move it away") from None
+    if not isinstance(metrics, dict):
+        raise AllocatorError(f"{path} is not a metrics object: re-run that run or move it away")
+    check_tree(metrics, "metrics", str(path))
+    for key in ("perplexity", "dense_perplexity", "kl_to_dense"):
+        if metrics.get(key) is not None:
+            check_finite(metrics[key], key, str(path))
+    if "latency" in metrics:
+        lat = metrics["latency"]
+        for key in ("predicted_ms", "speedup"):
+            check_finite(lat.get(key) if isinstance(lat, dict) else None, f"latency.{key}", str(path))
+        check_count(lat.get("tokens"), "latency.tokens", str(path))
+        check_text(lat.get("table"), "latency.table", str(path))
     return plan, metrics
+
+
+def _md(text: object) -> str:
+    """Text from a shared file as inert Markdown: HTML escaped, table pipes and link brackets defused."""
+    escaped = html.escape(str(text))
+    return "".join("\\" + ch if ch in "|[]`" else ch for ch in escaped)
 
 
 def plot_allocation(plan: dict, path: Path) -> None:

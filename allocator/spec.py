@@ -8,6 +8,7 @@ the searcher once. Session, pipeline, compare and apply receive the spec; none o
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,6 +136,10 @@ def resolve(config: RunConfig) -> RunSpec:
         searcher.check()  # what touches the outside world (a study's storage)
     if config.output_dir:
         check_output(config.output_dir, "--output-dir")
+        written = Path(config.output_dir, "plan.json")
+        if config.plan and written.exists() and written.samefile(config.plan):
+            raise AllocatorError(f"--output-dir {config.output_dir} holds the --plan {config.plan} this run reads: it "
+                                 "would be overwritten; pass another --output-dir")  # fmt: skip
     sensitivity = searcher.sensitivity(config.sensitivity) if searcher is not None else config.sensitivity
     needs_profile = searcher is not None and "profile" in searcher.needs()
     fitter = make_searcher("fitted", config.options) if needs_profile and sensitivity == "fitted" else None

@@ -251,7 +251,7 @@ CASES: dict[str, Case] = {
     "plan old schema": Case(run("--plan", "{old_schema}"), "schema_version"),
     "plan missing keys": Case(run("--plan", "{missing_keys}"), "malformed plan"),
     "plan over budget": Case(run("--plan", "{over_budget}"), "breaks its budget"),
-    "plan unknown layer": Case(run("--plan", "{unknown_layer}"), "does not have"),
+    "plan unknown layer": Case(run("--plan", "{unknown_layer}"), "layers of assignment and model.shapes differ"),
     "plan level off grid": Case(run("--plan", "{off_grid}"), "outside the plan's grid"),
     "plan bad level": Case(run("--plan", "{bad_level}"), "sparsity must be in"),
     "plan bad budget": Case(run("--plan", "{bad_budget}"), "[0, 1)"),

@@ -63,7 +63,7 @@ def test_unknown_layer_and_off_grid_level(tmp_path):
     data = plan.to_dict()
     data["assignment"]["model.layers.9.mlp.up_proj"] = "s0.5"
     (tmp_path / "a.json").write_text(json.dumps(data))
-    with pytest.raises(AllocatorError, match="does not have"):
+    with pytest.raises(AllocatorError, match="layers of assignment and model.shapes differ"):
         Plan.load(tmp_path / "a.json", inv)
     data = plan.to_dict()
     data["assignment"]["model.layers.0.mlp.up_proj"] = "s0.55"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from allocator.about import __version__
@@ -156,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     except AllocatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every file is written atomically: nothing half-written stays behind
+        print("interrupted: nothing half-written was kept; a checkpointed search continues with --resume "
+              "(the same command and --output-dir)", file=sys.stderr)  # fmt: skip
+        return 130
+    except BrokenPipeError:  # `allocator ... | head`: the reader left; end quietly as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 if __name__ == "__main__":

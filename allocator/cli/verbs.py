@@ -63,9 +63,10 @@ def export(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     plan.check_budget(f"plan {args.plan}", args.allow_over_budget)
     out = args.output_dir or Path(args.plan).parent / "exports" / args.to
+    base = None if args.output_dir else Path(args.plan).parent  # the plan's folder may be someone else's
     check_output(out, "--output-dir")
     backend = plan_config(Path(args.plan), plan, {"backend": args.backend}).backend  # the plan's, unless overridden
-    for path in write_export(plan, args.to, out, backend):
+    for path in write_export(plan, args.to, out, backend, base):
         print(f"wrote {path}")
     return 0
 

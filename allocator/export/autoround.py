@@ -30,4 +30,4 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     common = Counter((bits, group or -1, sym) for bits, group, sym in settings.values() if bits < 16)
     base = common.most_common(1)[0][0] if common else (16, -1, True)
     payload = {"bits": base[0], "group_size": base[1], "sym": base[2], "layer_config": layer_config}
-    return {"layer_config.json": json.dumps(payload, indent=2) + "\n"}
+    return {"layer_config.json": json.dumps(payload, indent=2, allow_nan=False) + "\n"}

@@ -41,4 +41,4 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
             b, g, s = quant_setting(level)
             dynamic.setdefault(f"+:{key}", {"bits": b, "group_size": g or -1, "sym": s})
     config = {"bits": bits, "group_size": group or -1, "sym": sym, "desc_act": False, "dynamic": dynamic}
-    return {"quantize_config.json": json.dumps(config, indent=2) + "\n"}
+    return {"quantize_config.json": json.dumps(config, indent=2, allow_nan=False) + "\n"}

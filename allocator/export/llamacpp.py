@@ -11,6 +11,9 @@ so an MoE plan must give every expert of a block one level per projection (``--p
 
 from __future__ import annotations
 
+import csv
+import functools
+import io
 import logging
 import re
 
@@ -22,6 +25,7 @@ from allocator.levels import Level
 from allocator.levels.gguf import GGUFType
 from allocator.levels.ints import IntWeights
 from allocator.plan import Plan
+from allocator.untrusted import cell
 
 TAKES = (IntWeights, GGUFType)
 GGML_TYPES = {16: "f16", 8: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}
@@ -31,14 +35,19 @@ _ARCHS = ("LLAMA", "QWEN2", "QWEN3", "GEMMA3", "GPT2", "QWEN2MOE", "PHI3", "GPTN
 
 def gguf_name(hf_name: str, n_blocks: int) -> str:
     """The GGUF tensor name of an HF module (``…down_proj`` -> ``blk.3.ffn_down.weight``)."""
-    import gguf
-
-    for arch in _ARCHS:
-        mapping = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), n_blocks)
+    for mapping in _name_maps(n_blocks):
         name = mapping.get_name(hf_name)
         if name is not None:
             return f"{name}.weight"
     raise AllocatorError(f"no GGUF tensor name for {hf_name!r}: llama.cpp does not know this layer's architecture")
+
+
+@functools.lru_cache(maxsize=8)
+def _name_maps(n_blocks: int) -> tuple:
+    """gguf-py's name maps of the architectures tried, built once per block count (each takes milliseconds)."""
+    import gguf
+
+    return tuple(gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), n_blocks) for arch in _ARCHS)
 
 
 def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
@@ -57,21 +66,24 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
     base = GGML_TYPES[max(set(quantized), key=quantized.count)].upper() if quantized else "Q8_0"
     # GGUF-type levels are stored exactly as planned (a plan made with --levels gguf never asks for a fallback);
     # other quantized levels map to the nearest type by bits and may fall back
-    rows, planned, stored, fell = ["layer,asked,stored,plan_bits,stored_bits"], 0, 0, 0
+    table = io.StringIO()
+    rows = csv.writer(table, lineterminator="\n")  # the csv module quotes; cell() defuses spreadsheet formulas
+    rows.writerow(["layer", "asked", "stored", "plan_bits", "stored_bits"])
+    planned, stored, fell = 0, 0, 0
     for name, level in plan.assignment.items():
         r, c = plan.shapes[name]
         kind = _type(level)
         written, mine, theirs = stored_type(kind, c), storage_bits(level, r, c), stored_bits(kind, r, c)
         planned, stored, fell = planned + mine, stored + theirs, fell + (written != kind)
-        rows.append(f"{name},{kind},{written},{mine},{theirs}")
+        rows.writerow([cell(name), kind, written, mine, theirs])
     params = sum(r * c for r, c in plan.shapes.values())
     if fell:
         log.warning("llama.cpp stores %d of %d layers in another type than the plan's (row size not a multiple of "
-                    "the type's block): %.4f bits/weight instead of the plan's %.4f", fell, len(rows) - 1,
+                    "the type's block): %.4f bits/weight instead of the plan's %.4f", fell, len(plan.assignment),
                     stored / params, planned / params)  # fmt: skip
     script = _SCRIPT.format(n=len(lines), planned=planned / params, stored=stored / params, fell=fell, base=base)
     return {"tensor-types.txt": "\n".join(lines) + "\n", "llama-quantize.sh": script,
-            "stored-types.csv": "\n".join(rows) + "\n"}  # fmt: skip
+            "stored-types.csv": table.getvalue()}  # fmt: skip
 
 
 def _type(level: Level) -> str:

@@ -70,5 +70,7 @@ def export(plan: Plan, backend: str | None = None) -> dict[str, str]:
         ignore = sorted({f"re:{anchored(n)}" for n, lv in plan.assignment.items() if not lv.quantized})
         recipe["quant_stage"] = {"quant_modifiers": {"GPTQModifier": {
             "ignore": ["lm_head", *ignore], "config_groups": config_groups}}}  # fmt: skip
-    header = f"# llm-compressor recipe from allocator plan ({plan.method}, {plan.budget}, model {plan.model_id})\n"
-    return {"recipe.yaml": header + yaml.safe_dump(recipe, sort_keys=False, width=1000)}
+    made = {"made_by": "allocator", "method": plan.method, "budget": str(plan.budget), "model": plan.model_id}
+    head = yaml.safe_dump(made, sort_keys=False, width=1000)  # provenance as data: the serialiser quotes it
+    return {"recipe.yaml": "# llm-compressor recipe from an allocator plan:\n" + "".join(f"#   {line}\n" for line in
+            head.splitlines()) + yaml.safe_dump(recipe, sort_keys=False, width=1000)}  # fmt: skip

@@ -9,11 +9,12 @@ import pandas as pd
 
 from allocator.formats import storage_bits
 from allocator.plan import Plan
+from allocator.untrusted import cell
 
 
 def to_json(plan: Plan) -> dict[str, str]:
     """``plan.json``: loads back with ``Plan.load``."""
-    return {"plan.json": json.dumps(plan.to_dict(), indent=2) + "\n"}
+    return {"plan.json": json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n"}
 
 
 def to_csv(plan: Plan) -> dict[str, str]:
@@ -22,10 +23,10 @@ def to_csv(plan: Plan) -> dict[str, str]:
     for name, level in plan.assignment.items():
         r, c = plan.shapes[name]
         parts = {slot: getattr(level, slot) for slot in ("prune", "weights", "acts")}
-        rows.append({"layer": name, "rows": r, "cols": c, "level": level.name, "format": level.format,
+        rows.append({"layer": cell(name), "rows": r, "cols": c, "level": level.name, "format": level.format,
                      **{slot: part.name if part is not None else "" for slot, part in parts.items()},
                      "drop": level.drop, "sparsity": level.sparsity,
                      "bits_per_weight": storage_bits(level, r, c) / (r * c)})  # fmt: skip
     buf = io.StringIO()
-    pd.DataFrame(rows).to_csv(buf, index=False)
+    pd.DataFrame(rows).to_csv(buf, index=False)  # pandas quotes commas, quotes and newlines (csv module rules)
     return {"plan.csv": buf.getvalue()}
