@@ -121,6 +121,8 @@ def _tables(w: W) -> None:
         "nonnumber": lambda df: (df.astype({"ms": object}).assign(ms=["fast"] * len(df)), None),
         "nocolumns": lambda df: (df.drop(columns=["ms"]), None),
         "negative": lambda df: (df.assign(ms=-1.0), None),
+        "infinite": lambda df: (df.assign(ms=float("inf")), None),
+        "conflicting": lambda df: (pd.concat([df, df.assign(ms=df["ms"] * 2)]), None),
     }
     for name, change in variants.items():
         df, side = change(table.df.copy())
@@ -307,6 +309,10 @@ CASES: dict[str, Case] = {
     ),  # fmt: skip
     "latency table lacks a column": Case(
         cmd("latency", "predict", "{plan}", "--table", "{table_nocolumns}"), "lacks columns"
+    ),  # fmt: skip
+    "latency table infinite": Case(cmd("latency", "predict", "{plan}", "--table", "{table_infinite}"), "infinite"),
+    "latency table conflicting duplicates": Case(
+        cmd("latency", "predict", "{plan}", "--table", "{table_conflicting}"), "twice with different times"
     ),  # fmt: skip
     "latency table negative times": Case(
         cmd("latency", "predict", "{plan}", "--table", "{table_negative}"), "negative"

@@ -72,7 +72,15 @@ class LatencyTable:
             )
         if (numbers["ms"] < 0).any() or (numbers["tokens"] < 1).any():
             raise AllocatorError(f"latency table {str(path)!r} has negative times or token counts < 1: re-measure it")
+        if not all(np.isfinite(v).all() for v in numbers.values()):
+            raise AllocatorError(f"latency table {str(path)!r} has an infinite number: re-measure it")
         df = df.assign(**numbers)
+        key = ["kind", "rows", "cols", "kernel", "tokens"]
+        twice = df[df.duplicated(key, keep=False)].groupby(key)["ms"].nunique()
+        if (twice > 1).any():  # two times for one measurement: which one a budget uses would be arbitrary
+            first = ", ".join(map(str, twice[twice > 1].index[0]))
+            raise AllocatorError(f"latency table {str(path)!r} holds {int((twice > 1).sum())} measurements twice with "
+                                 f"different times (first: {first}): re-measure it")  # fmt: skip
         side = path.with_suffix(".json")
         try:
             meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
