@@ -23,9 +23,10 @@ _TEXT_COLUMN = "text"
 
 
 def shared_data_dir() -> Path:
-    """The offline data folder: ``$ALLOCATOR_DATA`` or ``../shared/data`` beside the project root."""
+    """The default texts' folder: ``$ALLOCATOR_DATA``, else the copy shipped in the package (``allocator/texts``,
+    licences in its SOURCES.md), so an installed wheel runs offline from any folder."""
     env = os.environ.get("ALLOCATOR_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parent / "texts"
 
 
 def default_calibration() -> str:
