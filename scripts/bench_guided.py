@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -61,7 +62,12 @@ def one_setting(args, backend: str, target: str, seed: int, texts: list[str], ou
     rows = []
     for label, (method, options) in methods(args).items():
         cell = out / f"{backend}_{target}_seed{seed}" / label
-        spec = resolve(replace(config, method=method, options=options, output_dir=str(cell)))
+        fitted = cell.parent / "knapsack" / "fitted_state.json"
+        if label != "knapsack" and fitted.is_file():  # the start's fitted plans, resumed: none measured twice
+            cell.mkdir(parents=True, exist_ok=True)
+            shutil.copy(fitted, cell / "fitted_state.json")
+        resume = label != "knapsack" and fitted.is_file()
+        spec = resolve(replace(config, method=method, options=options, output_dir=str(cell), resume=resume))
         parents: list[tuple[int, np.ndarray]] = []
         spent = [0]
 
