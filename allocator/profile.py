@@ -39,13 +39,14 @@ from allocator.sensitivity.fisher import fisher_error, output_fisher
 PROFILE_VERSION = 3  # 2: the fisher column; 3: column norms from their own sums, activation noise
 FISHER_SEQS = 32  # calibration windows the Fisher pass uses (its estimate settles well before 128)
 OWL_M = 5.0  # OWL's outlier threshold: scores above M x the block mean (paper default)
+COLUMNS = ("layer", "block", "role", "level", "params", "kept_params", "bits", "error", "fisher", "outlier_ratio")
 
 
 @dataclass
 class Profile:
     """A layer x level error table plus the metadata that says what it was measured on."""
 
-    table: pd.DataFrame  # columns: layer, block, role, level, params, kept_params, bits, error, fisher, outlier_ratio
+    table: pd.DataFrame  # COLUMNS (and kl where measured)
     meta: dict
 
     @classmethod
@@ -144,19 +145,33 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        """Read a profile written by :meth:`save` (no pickle: Parquet + JSON metadata)."""
+        """Read a profile written by :meth:`save` (no pickle: Parquet + JSON metadata), refusing in one line one
+        that is truncated, not Parquet, or whose metadata or columns are not a profile's."""
         try:
             table = pq.read_table(path)
         except FileNotFoundError:
             raise AllocatorError(f"profile {str(path)!r} does not exist: run `allocator profile` first") from None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise AllocatorError(f"profile {str(path)!r} is not a Parquet file ({exc}): re-create it") from None
+        except (pa.ArrowException, OSError) as exc:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise AllocatorError(f"profile {str(path)!r} is not a Parquet file ({why}): re-create it") from None
         raw = (table.schema.metadata or {}).get(b"allocator")
         if raw is None:
             raise AllocatorError(f"{path} is not an allocator profile (no metadata): re-create it")
-        meta = json.loads(raw)
+        try:
+            meta = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AllocatorError(f"{path}: its metadata is not JSON: re-create the profile") from None
+        if not isinstance(meta, dict):
+            raise AllocatorError(f"{path}: its metadata is a JSON {type(meta).__name__}, not an object: re-create it")
         if meta.get("version") != PROFILE_VERSION:
-            raise AllocatorError(f"{path}: profile version {meta.get('version')}, expected {PROFILE_VERSION}")
+            raise AllocatorError(f"{path}: profile version {meta.get('version')}, not {PROFILE_VERSION}: re-create it")
+        grid = meta.get("grid")
+        bad = [f"metadata {k!r}" for k in ("fingerprint", "backend") if not isinstance(meta.get(k), str)]
+        if not isinstance(grid, list) or not all(isinstance(g, str) for g in grid):
+            bad.append("metadata 'grid'")
+        bad += [f"column {c!r}" for c in COLUMNS if c not in table.column_names]
+        if bad:
+            raise AllocatorError(f"{path}: {', '.join(bad)} missing or malformed: re-create the profile")
         return cls(table.to_pandas(), meta)
 
     def check(self, inventory: Inventory, levels: list[Level], backend: str) -> None:

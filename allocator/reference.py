@@ -17,15 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import nn
 
 from allocator.evaluate import log_probs, perplexity
-from allocator.io import write_json_atomic
+from allocator.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +88,24 @@ def dense_reference(
 ) -> tuple[float, torch.Tensor, bool]:
     """Dense perplexity on ``eval_seqs``, the teacher log-probs on ``kl_seqs``, and whether the cache served them.
 
-    ``model`` must hold its dense weights. ``folder``: where entries live (None: no cache).
+    ``model`` must hold its dense weights. ``folder``: where entries live (None: no cache). A damaged entry
+    (truncated, not JSON, fields missing, head inputs of the wrong size or hash) is deleted and recomputed.
     """
     key = reference_key(model, eval_seqs, kl_seqs) if folder is not None else {}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     entry = folder / f"{name}.json" if folder is not None else None
     if entry is not None and entry.is_file():
-        meta = json.loads(entry.read_text())
-        if meta.get("key") == key:
-            tensors = folder / f"{name}.safetensors"
-            if meta.get("head_inputs") and tensors.is_file():
-                return meta["perplexity"], _from_head_inputs(model, load_file(tensors)["hidden"], batch_size), True
-            return meta["perplexity"], log_probs(model, kl_seqs, batch_size), True
-        log.warning("dense reference cache %s was written for %s, not %s: recomputing", entry, meta.get("key"), key)
+        try:
+            width = model.get_output_embeddings().weight.shape[-1]
+            ppl, hidden = _read_entry(entry, key, (*kl_seqs.shape, width))
+        except ValueError as exc:
+            log.warning("dense reference cache %s is damaged (%s): deleted, recomputing", entry, exc)
+            entry.unlink(missing_ok=True)
+            entry.with_suffix(".safetensors").unlink(missing_ok=True)
+        else:
+            fresh = hidden is None  # only the perplexity was cached: the teacher takes a forward pass
+            teacher = log_probs(model, kl_seqs, batch_size) if fresh else _from_head_inputs(model, hidden, batch_size)
+            return ppl, teacher, True
     ppl = perplexity(model, eval_seqs, batch_size, desc="dense perplexity")
     teacher, hidden = _head_inputs(model, kl_seqs, batch_size)
     if entry is None:
@@ -107,10 +114,42 @@ def dense_reference(
     first = teacher[:batch_size]
     tol = 16 * torch.finfo(next(model.parameters()).dtype).eps * max(1.0, float(first.abs().max()))
     reusable = again.shape == first.shape and bool(torch.allclose(again, first, rtol=0, atol=tol))
-    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"key": key, "perplexity": ppl, "head_inputs": reusable}
     if reusable:
-        tmp = folder / f".{name}.safetensors.tmp"
-        save_file({"hidden": hidden.contiguous()}, tmp)
-        tmp.replace(folder / f"{name}.safetensors")
-    write_json_atomic(entry, {"key": key, "perplexity": ppl, "head_inputs": reusable})
+        raw = save({"hidden": hidden.contiguous()})
+        with atomic_path(folder / f"{name}.safetensors") as tmp:
+            tmp.write_bytes(raw)
+        meta.update(bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
+    write_json_atomic(entry, meta)
     return ppl, teacher, False
+
+
+def _read_entry(entry: Path, key: dict, shape: tuple[int, ...]) -> tuple[float, torch.Tensor | None]:
+    """The cached perplexity and head inputs (None where only the perplexity is cached); ValueError saying what
+    is wrong with a damaged entry or one written for another key."""
+    try:
+        meta = json.loads(entry.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    if meta.get("key") != key:
+        raise ValueError(f"written for {str(meta.get('key'))[:200]}, not this model and data")
+    ppl, reusable = meta.get("perplexity"), meta.get("head_inputs")
+    if isinstance(ppl, bool) or not isinstance(ppl, int | float) or not math.isfinite(ppl) or ppl <= 0:
+        raise ValueError(f"perplexity {ppl!r} is not a positive number")
+    if not isinstance(reusable, bool):
+        raise ValueError(f"head_inputs {reusable!r} is not true or false")
+    if not reusable:
+        return float(ppl), None
+    tensors = entry.with_suffix(".safetensors")
+    raw = tensors.read_bytes() if tensors.is_file() else b""
+    if "bytes" in meta and (len(raw) != meta["bytes"] or hashlib.sha256(raw).hexdigest() != meta.get("sha256")):
+        raise ValueError(f"{tensors.name} has {len(raw)} bytes, not the {meta['bytes']} written, or another hash")
+    try:
+        hidden = load(raw)["hidden"]
+    except (SafetensorError, KeyError) as exc:
+        raise ValueError(f"{tensors.name} does not load: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    if tuple(hidden.shape) != shape or not hidden.is_floating_point():
+        raise ValueError(f"{tensors.name} holds {hidden.dtype} {list(hidden.shape)}, not floats of shape {list(shape)}")
+    return float(ppl), hidden

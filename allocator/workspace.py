@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,7 @@ class Workspace:
     """A cache root and the measurements kept in it."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root).expanduser() if root else cache_dir()
-        if self.root.exists() and not self.root.is_dir():
-            raise AllocatorError(f"cache folder {str(self.root)!r} is a file: pass a folder as --cache-dir")
+        self.root = cache_dir(root)
         for tmp in self.root.glob("**/.*.tmp-*") if self.root.is_dir() else ():
             remove_orphans(tmp.parent / tmp.name.split(".tmp-")[0].removeprefix("."))
 
@@ -78,16 +77,19 @@ class Workspace:
         """The profile of ``levels``: loaded if saved, else measured and saved. ``path``: one the user named
         (refused if unusable, never re-measured). ``with_database``: the same pass builds the level database."""
         target = Path(path) if path else self.path("profiles", cal, backend, levels, ".parquet")
-        if target.is_file() or path:
+        if path:  # the user's file: refused in one line when unusable
+            found = Profile.load(target)
+            found.check(cal.inventory, levels, backend)
+            log.info("reusing profile %s", target)
+            return found
+        if target.is_file():
             try:
                 found = Profile.load(target)
-            except AllocatorError as exc:
-                if path:
-                    raise
-                log.warning("rebuilding cached profile %s: %s", target, exc)
-                found = None
-            if found is not None:
                 found.check(cal.inventory, levels, backend)
+            except AllocatorError as exc:  # a cache entry: damaged or stale, so measured again
+                log.warning("cached profile %s is unusable (%s): deleted, measuring again", target, exc)
+                target.unlink(missing_ok=True)
+            else:
                 log.info("reusing profile %s", target)
                 return found
         t0 = time.perf_counter()
@@ -136,8 +138,9 @@ class Workspace:
         if (path / "manifest.json").is_file():
             try:
                 db = LevelDatabase.open(path, cal.inventory)
-            except AllocatorError as exc:  # an older format or a corrupt manifest: build it again
-                log.warning("rebuilding level database %s: %s", path, exc)
+            except AllocatorError as exc:  # an older format, a damaged manifest or block: built again
+                log.warning("level database %s is unusable (%s): deleted, building it again", path, exc)
+                shutil.rmtree(path, ignore_errors=True)
                 return None
             if {lv.name for lv in levels} <= set(db.manifest["levels"]):
                 return db

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -33,6 +33,7 @@ from allocator.io import atomic_path, write_json_atomic
 from allocator.levels import Level, parse_level, with_dense
 
 DB_VERSION = 3  # 1: a full copy per (layer, level); 2: codebooks for quantized levels, no input scales
+ENTRY = {"block": int, "shape": list, "levels": dict, "input_absmax": float}  # a layer's manifest entry
 
 
 @dataclass
@@ -67,18 +68,21 @@ class LevelDatabase:
 
     @classmethod
     def open(cls, path: str | Path, inventory: Inventory | None = None) -> LevelDatabase:
-        """Open a built database; with ``inventory``, refuse one built for another model."""
+        """Open a built database; with ``inventory``, refuse one built for another model. A damaged one (manifest or
+        block files) is refused in one line, before any search reads it."""
         path = Path(path)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except FileNotFoundError:
             raise AllocatorError(f"{path} is not a level database (no manifest.json): build it first") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AllocatorError(f"{path}/manifest.json is corrupt ({exc}): delete the folder and rebuild") from None
-        if manifest.get("version") != DB_VERSION:
+        if isinstance(manifest, dict) and manifest.get("version") != DB_VERSION:
             raise AllocatorError(
                 f"{path}: database version {manifest.get('version')}, expected {DB_VERSION}: rebuild it"
             )
+        if (why := _damage(path, manifest)) is not None:
+            raise AllocatorError(f"level database {path} is damaged ({why}): delete the folder and rebuild")
         if inventory is not None and manifest["fingerprint"] != inventory.fingerprint:
             raise AllocatorError(
                 f"{path} was built for another model (fingerprint {manifest['fingerprint']}): rebuild it"
@@ -225,12 +229,43 @@ class DatabaseWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         manifest = None
         if exc_type is None:
-            size = sum(f.stat().st_size for f in self.tmp.glob("*.safetensors"))
-            manifest = {**self.manifest, "bytes": size, "build_s": time.perf_counter() - self.start}
+            files = {f.name: f.stat().st_size for f in sorted(self.tmp.glob("*.safetensors"))}  # checked on open
+            manifest = {**self.manifest, "files": files, "bytes": sum(files.values()),
+                        "build_s": time.perf_counter() - self.start}  # fmt: skip
             write_json_atomic(self.tmp / "manifest.json", manifest)
         self._atomic.__exit__(exc_type, exc, tb)  # moved into place only without an error
         if manifest is not None:
             self.result = LevelDatabase(self.path, manifest)
+
+
+def _is_entry(entry: object) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), kind) for k, kind in ENTRY.items())
+
+
+def _damage(path: Path, manifest: object) -> str | None:
+    """What makes a database unusable, or None: a manifest that is not a database's, or a block file missing, of
+    another size than its manifest records, or (a manifest from before sizes were recorded) one that does not open."""
+    if not isinstance(manifest, dict):
+        return f"manifest.json is a JSON {type(manifest).__name__}, not an object"
+    levels, layers, files = manifest.get("levels"), manifest.get("layers"), manifest.get("files", {})
+    typed = (isinstance(manifest.get("fingerprint"), str) and isinstance(manifest.get("bytes"), int)
+             and isinstance(levels, list) and all(isinstance(n, str) for n in levels) and isinstance(files, dict)
+             and isinstance(layers, dict) and all(map(_is_entry, layers.values())))  # fmt: skip
+    if not typed:
+        return "manifest.json lacks or mistypes a field"
+    for block in sorted({e["block"] for e in layers.values()}):
+        name = f"block_{block:04d}.safetensors"
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        size = (path / name).stat().st_size
+        if "files" in manifest and size != files.get(name):
+            return f"{name} has {size} bytes, the manifest says {files.get(name)}"
+        try:
+            with safe_open(path / name, framework="pt"):  # reads the header: a truncated file does not open
+                pass
+        except (SafetensorError, OSError) as exc:
+            return f"{name} does not open: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
+    return None
 
 
 def estimate_bytes(inventory: Inventory, levels: list[Level], nested: bool, element_size: int) -> int:

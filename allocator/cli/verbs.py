@@ -82,7 +82,8 @@ def compare(args: argparse.Namespace) -> int:
     texts = _parts(args.texts or args.eval or default_evaluation(), ",")
     command = shlex.join(["allocator", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else "allocator compare"
     df = run_compare(config_of(args), methods, targets, texts, args.output_dir, args.bootstrap, command)
-    print(df[["target", "method", "text", "perplexity", "lo", "hi", "vs_uniform"]].round(3).to_string(index=False))
+    shown = df[["target", "method", "text", "perplexity", "lo", "hi", "vs_uniform", "wall_s"]]
+    print(shown.assign(text=[Path(t).name for t in df.text]).round(3).to_string(index=False))
     print(f"wrote {args.output_dir}/compare.md, compare.csv and a plot per text")
     return 0
 

@@ -11,7 +11,6 @@ generation with an atomic write, so a killed search resumes and ends with the sa
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from allocator.budget import Problem
 from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
 from allocator.search.base import Fitness, SearchContext, Searcher, SearchResult, at_least, one_of, option
+from allocator.search.checkpoint import count, number, plan_in, read_checkpoint, records, rng_state
 from allocator.search.repair import level_ladders
 from allocator.search.uniform import Uniform
 
@@ -144,18 +144,11 @@ class Evolution(Searcher):
                 "offspring": self.offspring}  # fmt: skip
 
     def _load(self, problem: Problem, seed: int, checkpoint: Path | None) -> dict | None:
-        if checkpoint is None or not checkpoint.is_file():
-            return None
-        try:
-            saved = json.loads(checkpoint.read_text())
-        except json.JSONDecodeError as exc:
-            raise AllocatorError(f"checkpoint {checkpoint} is corrupt ({exc}): delete it to start over") from None
-        if saved.get("key") != self._key(problem, seed):
-            raise AllocatorError(
-                f"checkpoint {checkpoint} belongs to another search (model, grid, budget, seed or schedule "
-                "differ): use the same settings or another output folder"
-            )
-        log.info("resuming evolution at generation %d", saved["generation"])
+        fields = {"generation": count, "parent": plan_in(problem), "history": records, "elapsed_s": number,
+                  "rng": rng_state}  # fmt: skip
+        saved = read_checkpoint(checkpoint, self._key(problem, seed), fields)
+        if saved is not None:
+            log.info("resuming evolution at generation %d", saved["generation"])
         return saved
 
 

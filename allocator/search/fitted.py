@@ -12,7 +12,6 @@ search resumes without measuring any plan twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
 from allocator.search.additive import AdditiveFit, fit
 from allocator.search.base import SearchContext, Searcher, SearchResult, at_least, one_of, option
+from allocator.search.checkpoint import read_checkpoint, scores_of
 from allocator.search.evolution import mutate
 from allocator.search.knapsack import Knapsack
 from allocator.search.repair import level_ladders
@@ -184,12 +184,5 @@ def _key(problem: Problem, seed: int) -> dict:
 
 def _load(path: Path | None, problem: Problem, seed: int) -> dict[str, float]:
     """The plans a killed fitted search measured (empty when there is no state to resume)."""
-    if path is None or not path.is_file():
-        return {}
-    try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AllocatorError(f"fitted-search state {path} is corrupt ({exc}): delete it to start over") from None
-    if not isinstance(saved, dict) or saved.get("key") != _key(problem, seed) or not isinstance(saved.get("kl"), dict):
-        raise AllocatorError(f"fitted-search state {path} belongs to another search: use another output folder")
-    return {str(k): float(v) for k, v in saved["kl"].items()}
+    saved = read_checkpoint(path, _key(problem, seed), {"kl": scores_of(problem)})
+    return {} if saved is None else {k: float(v) for k, v in saved["kl"].items()}

@@ -20,10 +20,8 @@ resumes and ends with the same plan.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,6 +31,7 @@ from allocator.errors import AllocatorError
 from allocator.io import write_json_atomic
 from allocator.search.additive import AdditiveFit, fit
 from allocator.search.base import SearchContext, Searcher, SearchResult, at_least, one_of, option
+from allocator.search.checkpoint import FIX, count, number, plan_in, read_checkpoint, records, rng_state, scores_of
 from allocator.search.evolution import mutate, score_all
 from allocator.search.repair import level_ladders
 from allocator.search.uniform import Uniform
@@ -73,7 +72,11 @@ class Guided(Searcher):
             raise AllocatorError("guided evolution needs a fitness on the real model and a sensitivity profile")
         window = np.arange(fitness.pool_size)
         checkpoint = ctx.workdir / "guided_state.json" if ctx.workdir else None
-        state = _load(checkpoint, self._key(problem, ctx.seed)) if ctx.resume else None
+        fields = {"generation": count, "parent": plan_in(problem), "measured": scores_of(problem),
+                  "history": records, "elapsed_s": number, "rng": rng_state}  # fmt: skip
+        state = read_checkpoint(checkpoint, self._key(problem, ctx.seed), fields) if ctx.resume else None
+        if state is not None and _key(np.array(state["parent"])) not in state["measured"]:
+            raise AllocatorError(f"checkpoint {checkpoint}: the parent's score is not among 'measured': {FIX}")
         if state is None:
             parent = self._start(problem)
             fitness.set_parent(parent)
@@ -165,15 +168,3 @@ def _surrogate(prior: np.ndarray, measured: dict[str, float], seed: int) -> Addi
         return None
     choices = np.array([[int(k) for k in key.split(",")] for key in measured])
     return fit(np.where(np.isfinite(prior), prior, 0.0), choices, np.array(list(measured.values())), seed=seed)
-
-
-def _load(path: Path | None, key: dict) -> dict | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AllocatorError(f"checkpoint {path} is corrupt ({exc}): delete it to start over") from None
-    if not isinstance(saved, dict) or saved.get("key") != key:
-        raise AllocatorError(f"checkpoint {path} belongs to another search: use the same settings or another folder")
-    return saved

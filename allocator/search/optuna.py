@@ -49,18 +49,19 @@ from allocator.search.study import (
     study_trials_done,
     trial_seeded,
 )
+from allocator.search.trust import check_pickled_state
 from allocator.search.uniform import Uniform
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "gp", "cmaes", "nsga2")
 SPACES = ("levels", "compact")
-
-
 OBJECTIVES = ("fitness", "fitness,bytes", "fitness,latency")
 
 
 def _sampler(name: str, seed: int):
+    """Optuna's sampler ``name``. CMA-ES keeps its state pickled in the study storage, so it runs only studies this
+    process created: resuming one (``--resume``, a second worker) is refused (:mod:`allocator.search.trust`)."""
     import optuna
 
     if name == "tpe":
@@ -86,7 +87,7 @@ class OptunaSearch(Searcher):
 
     name = "optuna"
     space: str = option("levels", "optuna: search space (one level per unit, or a few knobs)", choices=SPACES)
-    sampler: str = option("tpe", "optuna: sampler", choices=SAMPLERS)
+    sampler: str = option("tpe", "optuna: sampler (cmaes resumes only studies this process made)", choices=SAMPLERS)
     trials: int = option(100, "optuna: model evaluations in the study (all workers)")
     objectives: str = option("fitness", "optuna: fitness,bytes or fitness,latency gives a Pareto front of plans",
                              choices=OBJECTIVES)  # fmt: skip
@@ -143,7 +144,9 @@ class OptunaSearch(Searcher):
         bytes_cost = problem.bytes_cost if problem.bytes_cost is not None else problem.cost
         storage = self.storage or (str(ctx.workdir / "optuna.journal") if ctx.workdir else None)
         with setup_lock(storage):  # one worker at a time creates, checks and seeds the study
-            study = optuna.create_study(study_name=self.study_name, storage=open_storage(storage),
+            backend = open_storage(storage)
+            check_pickled_state(backend, storage, self.study_name, self.sampler)  # before any pickle is read
+            study = optuna.create_study(study_name=self.study_name, storage=backend,
                                         sampler=sampler, directions=["minimize"] * len(objectives),
                                         load_if_exists=True)  # fmt: skip
             key = {"units": len(problem.units), "levels": [lv.name for lv in problem.levels], "limit": problem.limit,

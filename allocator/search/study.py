@@ -29,6 +29,7 @@ import numpy as np
 from allocator.budget import Problem
 from allocator.errors import AllocatorError
 from allocator.search.base import SearchResult
+from allocator.search.trust import repair_journal
 
 HEARTBEAT = "heartbeat"  # trial user attribute: the time of the worker's last sign of life
 PLAN = "plan"  # trial user attribute: the plan's level names, set before it is evaluated (a claim)
@@ -87,7 +88,14 @@ def open_storage(url: str | None, attempts: int = 5):
         # a worker killed while writing leaves its lock behind; journal writes take milliseconds, so a lock
         # older than 10 s is stale (Optuna's default waits 30 s before breaking it)
         lock = JournalFileOpenLock(str(path), grace_period=10)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        repair_journal(path, lock)
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+        except (ValueError, KeyError, TypeError) as exc:  # a line damaged before the last, or not Optuna's
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise AllocatorError(
+                f"optuna journal {path} is damaged ({first}): delete it or pass another --storage"
+            ) from None
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # wait for a busy file
     for attempt in range(attempts):
         try:
@@ -243,6 +251,9 @@ def study_result(study, problem: Problem, objectives: str = "") -> SearchResult:
     (``objectives``), its Pareto plans."""
     names = [lv.name for lv in problem.levels]
     complete = _complete(study)
+    if (bad := _malformed(study, complete, names, len(problem.units))) is not None:
+        raise AllocatorError(f"study {study.study_name!r} holds a malformed {bad} (damaged, or written by another "
+                             "program): start a new storage")  # fmt: skip
     history = [{"trial": t.number, "fitness": t.user_attrs["fitness"], "bytes": t.user_attrs["bytes"],
                 "seed": t.user_attrs.get("seed", ""), "seconds": t.user_attrs.get("seconds", 0.0)}
                for t in sorted(complete, key=lambda t: t.number)]  # fmt: skip
@@ -268,3 +279,21 @@ def study_result(study, problem: Problem, objectives: str = "") -> SearchResult:
 def _indices(names: list[str], plan) -> np.ndarray:
     """Level names (as trials store plans) back to level indices."""
     return np.array([names.index(n) for n in plan])
+
+
+def _malformed(study, complete: list, names: list[str], units: int) -> str | None:
+    """The first finished trial or baseline whose plan, fitness or size is not what this search writes, or None."""
+    baselines = study.user_attrs.get("baselines", {})
+    if not isinstance(baselines, dict):
+        return "baselines attribute"
+    for what, attrs, keys in [*((f"trial {t.number}", t.user_attrs, ("fitness", "bytes")) for t in complete),
+                              *((f"baseline {n!r}", b, ("fitness",)) for n, b in baselines.items())]:  # fmt: skip
+        plan = attrs.get("plan") if isinstance(attrs, dict) else None
+        if not (isinstance(plan, list) and len(plan) == units and all(isinstance(p, str) and p in names for p in plan)
+                and all(_finite(attrs.get(k)) for k in keys)):  # fmt: skip
+            return what
+    return None
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
