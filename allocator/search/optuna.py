@@ -47,6 +47,7 @@ from allocator.search.study import (
     setup_lock,
     study_result,
     study_trials_done,
+    tell,
     trial_seeded,
 )
 from allocator.search.trust import check_pickled_state
@@ -190,19 +191,19 @@ class OptunaSearch(Searcher):
                 trial = study.ask()
                 if earlier_evaluations(study, trial.number) >= self.trials:
                     trial.set_user_attr(OVER_QUOTA, True)
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                     continue
                 with heartbeat(trial, self.heartbeat):
                     try:
                         values = evaluate(trial)
                     except optuna.TrialPruned:
-                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                        tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                         repeats += 1
                         continue
                     except Exception:
-                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        tell(study, trial, state=optuna.trial.TrialState.FAIL)
                         raise
-                    study.tell(trial, values)
+                    tell(study, trial, values)
                 repeats = repeats + 1 if REPEAT in trial.user_attrs else 0
         if repeats:
             log.info("optuna: %d proposals in a row repeated evaluated plans; stopping", repeats)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import threading
@@ -31,6 +32,7 @@ from allocator.errors import AllocatorError
 from allocator.search.base import SearchResult
 from allocator.search.trust import repair_journal
 
+log = logging.getLogger(__name__)
 HEARTBEAT = "heartbeat"  # trial user attribute: the time of the worker's last sign of life
 PLAN = "plan"  # trial user attribute: the plan's level names, set before it is evaluated (a claim)
 REPEAT = "repeat_of"  # trial user attribute: the trial whose plan this one repeated (not evaluated)
@@ -166,6 +168,20 @@ def heartbeat(trial, interval: float) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+def tell(study, trial, values=None, state=None) -> None:
+    """``study.tell`` of this worker's trial, unless another worker already failed it as silent (this process was
+    starved past the grace period): the result is dropped and the plan proposed again, as for a killed worker."""
+    try:
+        study.tell(trial, values, state=state)
+    except ValueError:
+        now = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        if now.state.is_finished():
+            log.warning("optuna: trial %d was failed by another worker as silent: its result is dropped, the plan "
+                        "will be proposed again", trial.number)  # fmt: skip
+            return
+        raise
 
 
 def recover_stale(study, grace: float | None) -> list[int]:
