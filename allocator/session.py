@@ -25,7 +25,7 @@ from allocator.levels import Level
 from allocator.levels.quantizer import Params
 from allocator.model import DTYPES, LoadedModel, load_model
 from allocator.profile import Profile, input_stats, outlier_ratios
-from allocator.spec import RunConfig
+from allocator.spec import RunConfig, device_defaults
 from allocator.workspace import Calibration, Workspace
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Session:
     def __init__(self, config: RunConfig, loaded: LoadedModel | None = None) -> None:
         """``loaded``: a model already in memory (a benchmark's random model built from a config) instead of
         ``config.model``."""
+        config = device_defaults(config)
         calib_records = data.load_records(config.calib or data.default_calibration())
         eval_records = data.load_records(config.eval or data.default_evaluation())
         self.config = config

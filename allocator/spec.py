@@ -7,6 +7,7 @@ the searcher once. Session, pipeline, compare and apply receive the spec; none o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ from allocator.levels import Level
 from allocator.model import DTYPES
 from allocator.plan import Plan
 from allocator.search import Searcher, make_searcher
+from allocator.search.fitted import CPU_FIT, GPU_FIT
 from allocator.sensitivity import SENSITIVITIES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,7 +61,7 @@ class RunConfig:
     profile: str | None = None  # a profile .parquet to use (None: reuse or measure one in the workspace)
     cache_dir: str | None = None  # the workspace root (None: $ALLOCATOR_CACHE or ~/.cache/allocator)
     sensitivity: str = "fitted"  # what knapsack / optuna-compact / a knapsack start minimise (allocator.sensitivity)
-    fit_seqs: int = 8  # kl and fitted sensitivities: calibration windows whose KL they measure
+    fit_seqs: int | None = None  # kl/fitted sensitivities: calibration windows measured (None: by device)
     resume: bool = False  # continue a killed evolution, fitted search or optuna study in the same output folder
     latency_table: str | None = None  # a measured table: prices latency/speedup budgets, predicts the plan's time
     latency_tokens: int = 1  # token count latency budgets and predictions hold at
@@ -98,8 +102,33 @@ class RunSpec:
         return frozenset(wants)
 
 
+def device_defaults(config: RunConfig) -> RunConfig:
+    """``config`` with what the fitted search measures filled in for its device where the run left it open
+    (``--fit-plans``, ``--fit-rounds``, ``--fit-seqs``): a GPU measures ~80 plans on 8 windows in a minute, two
+    CPU cores would take over 20 minutes, so a CPU measures fewer, and the run says so once."""
+    chosen = GPU_FIT if str(config.device).startswith("cuda") else CPU_FIT
+    options = {**config.options, **{k: chosen[k] for k in ("fit_plans", "fit_rounds")
+                                    if config.options.get(k) is None}}  # fmt: skip
+    filled = replace(config, options=options, fit_seqs=chosen["fit_seqs"] if config.fit_seqs is None else
+                     config.fit_seqs)  # fmt: skip
+    if filled != config and chosen is CPU_FIT and _uses_fitted(config) and not _SAID:
+        _SAID.append(True)  # once a process: a comparison resolves every cell
+        log.info("on a CPU the fitted sensitivity measures %d plans + %d round on %d windows (on a GPU %d + %d on %d): "
+                 "pass --fit-plans, --fit-rounds, --fit-seqs to choose", options["fit_plans"], options["fit_rounds"],
+                 filled.fit_seqs, *GPU_FIT.values())  # fmt: skip
+    return filled
+
+
+_SAID: list[bool] = []
+
+
+def _uses_fitted(config: RunConfig) -> bool:
+    return config.method == "fitted" or (config.sensitivity == "fitted" and config.method not in ("uniform", "owl"))
+
+
 def resolve(config: RunConfig) -> RunSpec:
     """Parse and check every setting of ``config`` (one line naming the fix), before any model work."""
+    config = device_defaults(config)
     positive = {"--seq-len": config.seq_len, "--calib-samples": config.calib_samples, "--kl-samples": config.kl_samples,
                 "--batch-size": config.batch_size, "--fit-seqs": config.fit_seqs,
                 "--latency-tokens": config.latency_tokens}  # fmt: skip

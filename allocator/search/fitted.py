@@ -115,6 +115,12 @@ def refine(
     return best[2], best[3], record
 
 
+# what the fitted search measures when the run does not say: ~80 plans on 8 windows take a minute on a GPU and
+# over 20 on two CPU cores; on a CPU fewer plans on fewer windows (benchmark: scripts/bench_cpu_defaults.py)
+GPU_FIT = {"fit_plans": 64, "fit_rounds": 4, "fit_seqs": 8}
+CPU_FIT = {"fit_plans": 16, "fit_rounds": 1, "fit_seqs": 2}
+
+
 @dataclass
 class Fitted(Searcher):
     """Knapsack on an additive model of the measured KL, refit round by round; the plan that measured best."""
@@ -122,14 +128,26 @@ class Fitted(Searcher):
     name = "fitted"
     fit_prior: str = option("auto", "fitted: the prior it re-weights (auto: kl on a GPU or if already measured)",
                             choices=PRIORS)  # fmt: skip
-    fit_plans: int = option(64, "fitted: random feasible plans measured before the first fit")
-    fit_rounds: int = option(4, "fitted: knapsack-measure-refit rounds after the first fit")
+    fit_plans: int | None = option(
+        None,
+        "fitted: random feasible plans measured before the first fit (default: "
+        f"{GPU_FIT['fit_plans']} on a GPU, {CPU_FIT['fit_plans']} on a CPU)",
+        kind=int,
+    )
+    fit_rounds: int | None = option(
+        None,
+        "fitted: knapsack-measure-refit rounds after the first fit (default: "
+        f"{GPU_FIT['fit_rounds']} on a GPU, {CPU_FIT['fit_rounds']} on a CPU)",
+        kind=int,
+    )
     time_limit: float | None = option(None, "knapsack MILP time limit in seconds (default: until optimal)", kind=float)
 
     def __post_init__(self) -> None:
         one_of("--fit-prior", self.fit_prior, PRIORS)
-        at_least("--fit-plans", self.fit_plans, 1)
-        at_least("--fit-rounds", self.fit_rounds, 0)
+        if self.fit_plans is not None:
+            at_least("--fit-plans", self.fit_plans, 1)
+        if self.fit_rounds is not None:
+            at_least("--fit-rounds", self.fit_rounds, 0)
         Knapsack(self.time_limit)  # its own checks
 
     def needs(self) -> frozenset[str]:
@@ -168,8 +186,10 @@ class Fitted(Searcher):
         def solve(costs: np.ndarray) -> np.ndarray:
             return knapsack.search(problem.with_sensitivity(costs)).choice
 
-        model, choice, record = refine(problem, prior, measure, solve, start, plans=self.fit_plans,
-                                       rounds=self.fit_rounds, seed=ctx.seed)  # fmt: skip
+        plans = GPU_FIT["fit_plans"] if self.fit_plans is None else self.fit_plans  # unresolved: a GPU's
+        rounds = GPU_FIT["fit_rounds"] if self.fit_rounds is None else self.fit_rounds
+        model, choice, record = refine(problem, prior, measure, solve, start, plans=plans, rounds=rounds,
+                                       seed=ctx.seed)  # fmt: skip
         record = {**record, "prior": self.fit_prior, "fit_s": time.perf_counter() - t0,
                   "weights": model.weights.tolist(), "lam": model.lam,
                   "kl_tokens": int(fitness.pool_size * fitness.seq_len)}  # fmt: skip
