@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "allocator"
 
 # bottom first; a module may import its own layer or any below it
 LAYERS = [
-    ("allocator.errors", "allocator.about", "allocator.io", "allocator.hub"),  # foundations
+    ("allocator.errors", "allocator.about", "allocator.io", "allocator.hub", "allocator.untrusted"),  # foundations
     ("allocator.levels",),  # level kinds: parts, names, storage, rounding
     ("allocator.formats",),  # deployment formats price and check levels
     (

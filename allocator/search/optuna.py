@@ -65,13 +65,10 @@ def _sampler(name: str, seed: int):
     process created: resuming one (``--resume``, a second worker) is refused (:mod:`allocator.search.trust`)."""
     import optuna
 
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+    made = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler, "nsga2": optuna.samplers.NSGAIISampler}
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.NSGAIISampler(seed=seed)
+    return made[name](seed=seed)
 
 
 def unit_features(problem: Problem) -> tuple[list[str], np.ndarray]:

@@ -30,7 +30,7 @@ import numpy as np
 from allocator.budget import Problem
 from allocator.errors import AllocatorError
 from allocator.search.base import SearchResult
-from allocator.search.trust import repair_journal
+from allocator.search.trust import malformed, repair_journal
 
 log = logging.getLogger(__name__)
 HEARTBEAT = "heartbeat"  # trial user attribute: the time of the worker's last sign of life
@@ -267,7 +267,7 @@ def study_result(study, problem: Problem, objectives: str = "") -> SearchResult:
     (``objectives``), its Pareto plans."""
     names = [lv.name for lv in problem.levels]
     complete = _complete(study)
-    if (bad := _malformed(study, complete, names, len(problem.units))) is not None:
+    if (bad := malformed(study, complete, names, len(problem.units))) is not None:
         raise AllocatorError(f"study {study.study_name!r} holds a malformed {bad} (damaged, or written by another "
                              "program): start a new storage")  # fmt: skip
     history = [{"trial": t.number, "fitness": t.user_attrs["fitness"], "bytes": t.user_attrs["bytes"],
@@ -295,21 +295,3 @@ def study_result(study, problem: Problem, objectives: str = "") -> SearchResult:
 def _indices(names: list[str], plan) -> np.ndarray:
     """Level names (as trials store plans) back to level indices."""
     return np.array([names.index(n) for n in plan])
-
-
-def _malformed(study, complete: list, names: list[str], units: int) -> str | None:
-    """The first finished trial or baseline whose plan, fitness or size is not what this search writes, or None."""
-    baselines = study.user_attrs.get("baselines", {})
-    if not isinstance(baselines, dict):
-        return "baselines attribute"
-    for what, attrs, keys in [*((f"trial {t.number}", t.user_attrs, ("fitness", "bytes")) for t in complete),
-                              *((f"baseline {n!r}", b, ("fitness",)) for n, b in baselines.items())]:  # fmt: skip
-        plan = attrs.get("plan") if isinstance(attrs, dict) else None
-        if not (isinstance(plan, list) and len(plan) == units and all(isinstance(p, str) and p in names for p in plan)
-                and all(_finite(attrs.get(k)) for k in keys)):  # fmt: skip
-            return what
-    return None
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))

@@ -4,6 +4,8 @@
   5.1's reader skips such a line, but its next append is glued onto it, and from then on every read of the journal
   fails on the merged line. :func:`repair_journal` cuts the torn tail, under the journal's own lock (so a live
   worker's append is never cut), with a warning.
+* Trials another program wrote: :func:`malformed` finds a finished trial or baseline whose plan, fitness or size is
+  not what this search writes.
 * Pickled state: Optuna's CMA-ES sampler keeps its optimizer pickled (hex, split over trial system attributes
   ``cma:optimizer:0``, ``:1``, …) in the study storage, and unpickles the latest when it samples; unpickling runs
   whatever code the writer put there. :func:`check_pickled_state` refuses CMA-ES on a study this process did not
@@ -15,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+
+import numpy as np
 
 from allocator.errors import AllocatorError
 
@@ -63,3 +67,21 @@ def check_pickled_state(storage, url: str | None, study_name: str, sampler: str)
             "process created) and unpickling it could run code someone else wrote: resume with --sampler tpe or "
             "start a new storage"
         )
+
+
+def malformed(study, complete: list, names: list[str], units: int) -> str | None:
+    """The first finished trial or baseline whose plan, fitness or size is not what this search writes, or None."""
+    baselines = study.user_attrs.get("baselines", {})
+    if not isinstance(baselines, dict):
+        return "baselines attribute"
+    for what, attrs, keys in [*((f"trial {t.number}", t.user_attrs, ("fitness", "bytes")) for t in complete),
+                              *((f"baseline {n!r}", b, ("fitness",)) for n, b in baselines.items())]:  # fmt: skip
+        plan = attrs.get("plan") if isinstance(attrs, dict) else None
+        if not (isinstance(plan, list) and len(plan) == units and all(isinstance(p, str) and p in names for p in plan)
+                and all(_finite(attrs.get(k)) for k in keys)):  # fmt: skip
+            return what
+    return None
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
