@@ -147,3 +147,34 @@ def test_every_float_and_activation_scheme_loads_with_its_activations(level, tin
     size = json.loads((out / "allocator_metrics.json").read_text())["size"]
     if served:  # priced as compressed-tensors stores it (W4A8 unpacked, one int8 per value)
         assert size["written_bytes"] == pytest.approx(size["planned_bytes"], rel=0.02)
+
+
+def test_a_model_with_tied_embeddings_is_written_once_and_tied_again_on_load(tiny_tokenizer, text_files, tmp_path):
+    """SmolLM2, Llama-3.2, Gemma tie ``lm_head`` to the embedding: one tensor in the file, tied again by the loader."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    folder = tmp_path / "tied"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    run = tmp_path / "run"
+    argv = _args(folder, text_files, run, "--method", "uniform", "--backend", "rtn", "--levels", "dense,w8",
+                 "--target", "bits=8.5", "--cache-dir", str(tmp_path / "c"))  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "ckpt"
+    assert main(["apply", str(run / "plan.json"), "-o", str(out)]) == 0
+    tensors = load_file(out / "model.safetensors")
+    assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    plan = Plan.load(run / "plan.json")
+    session = _reference(run, plan)
+    recorded = json.loads((run / "metrics.json").read_text())["perplexity"]
+    assert perplexity(model, session.eval_seqs, 4) == pytest.approx(recorded, rel=1e-4)  # decompresses on first use
+    _weights_equal(model, session, plan)

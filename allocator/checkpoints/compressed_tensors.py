@@ -151,7 +151,7 @@ def write(folder: Path, model: nn.Module, tokenizer, plan: Plan, grids: dict[str
     layer's codes and scale parameters, ``input_absmax`` each layer's calibrated largest input (for static
     activation scales). Returns the size report (planned and written bytes per layer)."""
     check(plan)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = _untied(model)
     dtype = next(model.parameters()).dtype
     written: dict[str, int] = {}
     for name, level in plan.assignment.items():
@@ -181,6 +181,19 @@ def size_report(plan: Plan, written: dict[str, int]) -> dict:
               for n, lv in plan.assignment.items()}  # fmt: skip
     planned, total = sum(v["planned_bytes"] for v in layers.values()), sum(written.values())
     return {"planned_bytes": planned, "written_bytes": total, "written_over_planned": total / planned, "layers": layers}
+
+
+def _untied(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each storage once: a tied ``lm_head`` shares the embedding's tensor, which safetensors
+    refuses to save twice; the loader ties it again from ``tie_word_embeddings`` (as ``save_pretrained`` does)."""
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if value.numel() and ptr in seen:
+            continue
+        seen.add(ptr)
+        state[key] = value.detach().contiguous()
+    return state
 
 
 def _save_sharded(folder: Path, state: dict[str, torch.Tensor]) -> None:
