@@ -25,25 +25,21 @@ import torch
 
 from allocator import data
 from allocator.errors import AllocatorError
-from allocator.evaluate import window_nll
+from allocator.evaluate import bootstrap_mean, window_nll
 from allocator.io import check_output, write_json_atomic, write_text_atomic
 from allocator.pipeline import run
 from allocator.report import plot_allocation, save_figure
 from allocator.search import SEARCHERS
 from allocator.session import Session
 from allocator.spec import RunConfig, resolve
-
-BOOTSTRAP_SEED = 0
+from allocator.tasks import parse_tasks, primary, task_accuracy
 
 
 def bootstrap_perplexity(nll: np.ndarray, samples: int = 1000, level: float = 0.95) -> tuple[float, float, float]:
     """Perplexity of windows with mean token NLLs ``nll`` (equal-length windows) and its percentile
     bootstrap interval over windows (seeded: the same NLLs give the same interval)."""
-    nll = np.asarray(nll, dtype=np.float64)
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means = nll[rng.integers(len(nll), size=(samples, len(nll)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return math.exp(nll.mean()), math.exp(lo), math.exp(hi)
+    mean, lo, hi = bootstrap_mean(nll, samples, level)
+    return math.exp(mean), math.exp(lo), math.exp(hi)
 
 
 def _slug(text: str) -> str:
@@ -68,6 +64,9 @@ def compare(config: RunConfig, methods: list[str], targets: list[str], texts: li
     # the first text's windows are the session's own evaluation windows: tokenized once
     windows = {text: session.eval_seqs if i == 0 else _windows(session, text, config) for i, text in enumerate(texts)}
     dense = _evaluate(session, windows, config.batch_size, samples, restore=True)
+    if config.tasks:  # the dense model's accuracy: the yardstick of every plan's
+        dense["tasks"] = task_accuracy(session.model, session.loaded.tokenizer, parse_tasks(config.tasks),
+                                       config.batch_size, config.tasks_limit, samples)  # fmt: skip
     write_json_atomic(out / "dense" / "eval.json", dense)
     for cell, spec in cells.items():
         if (cell / "eval.json").is_file():
@@ -145,8 +144,34 @@ def write_summary(out: Path, methods: list[str], targets: list[str], texts: list
                   "perplexity [95 % bootstrap interval over windows]", "", table.to_markdown(), "",
                   f"![perplexity]({_slug(Path(text).name)}.png)", ""]  # fmt: skip
         _plot(sub, methods, targets, dense[text]["perplexity"], text, out / f"{_slug(Path(text).name)}.png")
+    lines += _task_tables(out, methods, targets, dense.get("tasks", {}))
     write_text_atomic(out / "compare.md", "\n".join(lines))
     return df
+
+
+def _task_tables(out: Path, methods: list[str], targets: list[str], dense: dict) -> list[str]:
+    """``tasks.csv`` and one markdown table per lm-eval task (its primary metric), when the cells scored tasks."""
+    rows = []
+    for target in targets:
+        for method in methods:
+            tasks = json.loads((out / _slug(target) / _slug(method) / "metrics.json").read_text()).get("tasks", {})
+            for task, result in tasks.items():
+                for metric, v in result["metrics"].items():
+                    base = dense.get(task, {}).get("metrics", {}).get(metric, {}).get("value", np.nan)
+                    rows.append({"target": target, "method": method, "task": task, "metric": metric, **v,
+                                 "items": result["items"], "dense": base,
+                                 "primary": metric == primary(result)[0]})  # fmt: skip
+    if not rows:
+        return []
+    df = pd.DataFrame(rows)
+    write_text_atomic(out / "tasks.csv", df.to_csv(index=False))
+    lines = []
+    for (task, metric), sub in df[df.primary].groupby(["task", "metric"], sort=False):
+        cells = sub.assign(cell=[f"{r.value:.4f} [{r.lo:.4f}, {r.hi:.4f}]" for r in sub.itertuples()])
+        table = cells.pivot(index="target", columns="method", values="cell").reindex(index=targets, columns=methods)
+        lines += [f"## lm-eval {task}: {metric} (dense {sub.dense.iloc[0]:.4f}, {sub['items'].iloc[0]} items)", "",
+                  f"{metric} [95 % bootstrap interval over items]", "", table.to_markdown(), ""]  # fmt: skip
+    return lines
 
 
 def _plot(df: pd.DataFrame, methods: list[str], targets: list[str], dense: float, text: str, path: Path) -> None:

@@ -37,6 +37,19 @@ def perplexity(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4, desc: 
     return math.exp(nll / count)
 
 
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_mean(values: np.ndarray, samples: int = 1000, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of ``values`` (per window, per task item) and its percentile bootstrap interval, seeded: the same
+    values give the same interval."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = values[rng.integers(len(values), size=(samples, len(values)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(lo), float(hi)
+
+
 @torch.no_grad()
 def window_nll(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4) -> np.ndarray:
     """Mean next-token NLL of each window ``[n]`` (float64): what a bootstrap over windows resamples."""

@@ -8,6 +8,7 @@ plans of the fitted search), evolution the level database and the KL fitness.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from allocator.report import write_history, write_pareto
 from allocator.search import Allocation, SearchContext, Searcher, allocate
 from allocator.session import Session
 from allocator.spec import RunConfig, RunSpec, resolve
+from allocator.tasks import parse_tasks, task_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,11 @@ def run(spec: RunSpec | RunConfig, session: Session | None = None, observer=None
     grid = list(spec.saved.grid if spec.saved is not None else spec.grid)
     stored = session.find_database(grid, spec.backend.name)  # the weights the search measured, decoded
     metrics = {"budget": str(spec.budget), "method": method, **session.evaluate(assignment, spec.backend.name, stored)}
+    if config.tasks:  # downstream accuracy of the model as it is now: compressed to the plan
+        t0 = time.perf_counter()
+        metrics["tasks"] = task_accuracy(session.model, session.loaded.tokenizer, parse_tasks(config.tasks),
+                                         config.batch_size, config.tasks_limit)  # fmt: skip
+        metrics["timings"]["tasks_s"] = time.perf_counter() - t0
     if over_budget:  # accepted only with --allow-over-budget: say so where the figures are
         metrics["over_budget"] = over_budget
     if record is not None:

@@ -27,6 +27,7 @@ from allocator.plan import Plan
 from allocator.search import Searcher, make_searcher
 from allocator.search.fitted import CPU_FIT, GPU_FIT
 from allocator.sensitivity import SENSITIVITIES
+from allocator.tasks import parse_tasks
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class RunConfig:
     resume: bool = False  # continue a killed evolution, fitted search or optuna study in the same output folder
     latency_table: str | None = None  # a measured table: prices latency/speedup budgets, predicts the plan's time
     latency_tokens: int = 1  # token count latency budgets and predictions hold at
+    tasks: str | None = None  # lm-eval tasks (names or task .yaml files) scored on the plan's model beside perplexity
+    tasks_limit: int | None = None  # items per task (None: every item)
     options: dict[str, Any] = field(default_factory=dict)  # searcher options by name (allocator.search)
 
 
@@ -134,12 +137,15 @@ def resolve(config: RunConfig) -> RunSpec:
                 "--latency-tokens": config.latency_tokens}  # fmt: skip
     if config.eval_samples is not None:
         positive["--eval-samples"] = config.eval_samples
+    if config.tasks_limit is not None:
+        positive["--tasks-limit"] = config.tasks_limit
     for flag, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise AllocatorError(f"{flag} must be a whole number, got {value!r}")
         if value < 1:
             raise AllocatorError(f"{flag} must be at least 1, got {value}")
     data.check_seq_len(config.seq_len)
+    parse_tasks(config.tasks)
     if config.dtype not in DTYPES:
         raise AllocatorError(f"unknown --dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
     check_device(config.device)

@@ -57,7 +57,7 @@ RECIPES = {
         "uniform FP8 W8A8": dict(method="uniform", levels="dense,fp8+afp8", target="bits=8.5"),
         "uniform INT8 W8A8": dict(method="uniform", levels="dense,w8+a8", target="bits=8.5"),
         "uniform W4A16 int4 g64": dict(method="uniform", levels="dense,w4g64", target="bits=4.5"),
-        "uniform NVFP4": dict(method="uniform", levels="dense,nvfp4", target="bits=4.5"),
+        "uniform NVFP4": dict(method="uniform", levels="dense,nvfp4", target="bits=4.51"),  # + a per-tensor scale
         "uniform MXFP4": dict(method="uniform", levels="dense,mxfp4", target="bits=4.5"),
         "knapsack {bf16,fp8,w4g64,nvfp4} 4.5": dict(method="knapsack", levels=VLLM4, target="bits=4.5"),
         "knapsack {bf16,fp8,w4g64,nvfp4} 6": dict(method="knapsack", levels=VLLM4, target="bits=6"),

@@ -22,6 +22,7 @@ LAYERS = [
         "allocator.moe",
         "allocator.data",
         "allocator.evaluate",
+        "allocator.tasks",
         "allocator.reference",
     ),
     ("allocator.latency",),  # tables, kernels, measurement on the GPU

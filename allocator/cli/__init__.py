@@ -57,6 +57,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "dense activations the level database and the searches see")  # fmt: skip
 
 
+def _task_flags(p: argparse.ArgumentParser) -> None:
+    """Downstream accuracy beside perplexity: flags of ``run`` and ``compare``."""
+    p.add_argument("--tasks", default=None,
+                   help="lm-evaluation-harness tasks scored on each plan's model beside perplexity: names "
+                   "(arc_easy,hellaswag) or task .yaml files (pip install 'allocator[eval]')")  # fmt: skip
+    p.add_argument("--tasks-limit", type=int, default=None, help="items per --tasks task (default: all)")
+
+
 def _search_flags(p: argparse.ArgumentParser) -> None:
     """How a plan is searched for: flags of ``run`` and ``compare`` (searcher options from their declarations)."""
     d = RunConfig()
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target", default=d.target, help="budget(s), e.g. sparsity=0.5 or bits=3.5,bytes=6e7")
     r.add_argument("--method", default=d.method, help=f"allocation method: {', '.join(SEARCHERS)}")
     _search_flags(r)
+    _task_flags(r)
     r.add_argument("--plan", default=None, help="apply this saved plan.json instead of searching")
     r.add_argument("--output-dir", "-o", default=None, help="run folder (default: runs/<method>-<target>)")
     p = sub.add_parser("profile", help="measure (or reuse) the layer x level sensitivity profile")
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="methods x budgets x evaluation texts on one model, with intervals")
     _common(c)
     _search_flags(c)
+    _task_flags(c)
     c.add_argument("--methods", default="uniform,owl,knapsack", help=f"comma-separated: {', '.join(SEARCHERS)}")
     c.add_argument("--targets", default="sparsity=0.4;sparsity=0.5;sparsity=0.6",
                    help="budgets separated by ';' (each may hold several: bits=4,bytes=6e7)")  # fmt: skip

@@ -17,6 +17,7 @@ from allocator.report import write_run_report
 from allocator.search import option_fields
 from allocator.session import Session
 from allocator.spec import RunConfig, resolve
+from allocator.tasks import primary
 
 
 def config_of(args: argparse.Namespace, **extra) -> RunConfig:
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         lat = m["latency"]
         print(f"predicted latency      {lat['predicted_ms']:.4f} ms at {lat['tokens']} tokens "
               f"(dense {lat['dense_ms']:.4f} ms, speed-up {lat['speedup']:.3f}x)")  # fmt: skip
+    for task, scores in m.get("tasks", {}).items():
+        metric, v = primary(scores)
+        print(f"{task:<22} {metric} {v['value']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}] on {scores['items']} items")
     print(f"wrote {result.output_dir}/plan.json, metrics.json, config.json")
     return 0
 
@@ -73,6 +77,8 @@ def export(args: argparse.Namespace) -> int:
 
 def compare(args: argparse.Namespace) -> int:
     """``allocator compare``."""
+    import pandas as pd
+
     from allocator.compare import compare as run_compare
     from allocator.data import default_evaluation
 
@@ -84,7 +90,12 @@ def compare(args: argparse.Namespace) -> int:
     df = run_compare(config_of(args), methods, targets, texts, args.output_dir, args.bootstrap, command)
     shown = df[["target", "method", "text", "perplexity", "lo", "hi", "vs_uniform", "wall_s"]]
     print(shown.assign(text=[Path(t).name for t in df.text]).round(3).to_string(index=False))
-    print(f"wrote {args.output_dir}/compare.md, compare.csv and a plot per text")
+    tasks = Path(args.output_dir) / "tasks.csv"
+    if args.tasks and tasks.is_file():
+        scores = pd.read_csv(tasks)
+        print(scores[scores.primary][["target", "method", "task", "metric", "value", "lo", "hi", "dense"]]
+              .round(4).to_string(index=False))  # fmt: skip
+    print(f"wrote {args.output_dir}/compare.md, compare.csv{', tasks.csv' if args.tasks else ''} and a plot per text")
     return 0
 
 
