@@ -33,7 +33,7 @@ from allocator import data  # noqa: E402
 from allocator.apply import apply_plan  # noqa: E402
 from allocator.compare import _evaluate, _windows  # noqa: E402
 from allocator.errors import AllocatorError  # noqa: E402
-from allocator.evaluate import perplexity  # noqa: E402
+from allocator.evaluate import window_nll  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.latency.table import LatencyTable  # noqa: E402
 from allocator.pipeline import run  # noqa: E402
@@ -74,8 +74,8 @@ def checkpoint_perplexity(folder: Path, windows: dict[str, torch.Tensor], batch:
     gguf = folder / "model.gguf"
     kwargs = {"gguf_file": gguf.name} if gguf.is_file() else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map=device, **kwargs).eval()
-    with torch.no_grad():
-        return {t: perplexity(model, w, batch, desc="checkpoint") for t, w in windows.items()}
+    with torch.no_grad():  # the estimator of the allocator column (exp of the mean window NLL), on the same windows
+        return {t: math.exp(window_nll(model, w, batch).mean()) for t, w in windows.items()}
 
 
 def llama_perplexity(binary: Path, gguf: Path, text: str, chunks: int, ctx: int) -> float:
