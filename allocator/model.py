@@ -104,6 +104,7 @@ def _from_pretrained(folder: str, model_id: str, dtype: torch.dtype, device: str
 
     try:
         with hub_access() as online:
+            check_fits(folder, model_id, dtype)
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as exc:
@@ -198,3 +199,26 @@ def _gguf_weights(path: Path) -> int:
 
 def _tied_keys(model: nn.Module) -> set[str]:
     return {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+
+
+def check_fits(folder: str, model_id: str, dtype: torch.dtype) -> None:
+    """Build the model's skeleton on the meta device (no memory) and refuse, before any allocation, a config that
+    cannot be built or whose weights cannot fit the host memory they are loaded into (a shared config.json may hold
+    anything: a negative width, a trillion parameters)."""
+    import psutil
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (RuntimeError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise AllocatorError(f"model {model_id!r}: its config.json does not describe a model transformers can build "
+                             f"({first}); fix or replace config.json") from None  # fmt: skip
+    need = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise AllocatorError(f"model {model_id!r} needs {need / 1e9:.1f} GB for its weights in {str(dtype)[6:]} but "
+                             f"this machine has {free / 1e9:.1f} GB of memory free: use a machine with more memory "
+                             "or a smaller --dtype (bfloat16)")  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,12 @@ def _files(w: W, plan: dict) -> None:
         w[name].mkdir()
     (w["corrupt_model_dir"] / "config.json").write_text("{broken")
     (w["nonempty_dir"] / "keep.txt").write_text("mine")
+    for name, change in (("huge_model", {"hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 4096}),
+                         ("negative_model", {"hidden_size": -64})):  # fmt: skip
+        shutil.copytree(w["model"], root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, **change}))
+        w[name] = root / name
     (w["report_corrupt"] / "run1").mkdir()
     (w["report_corrupt"] / "run1" / "plan.json").write_text('{"schema_version": 1')
     (w["report_corrupt"] / "run1" / "metrics.json").write_text("{}")
@@ -212,6 +219,8 @@ CASES: dict[str, Case] = {
     "model folder missing": Case(run("--model", "{root}/nope"), "not a Hugging Face model folder"),
     "model folder without config": Case(run("--model", "{nomodel_dir}"), "no config.json"),
     "model config corrupt": Case(run("--model", "{corrupt_model_dir}"), "cannot load model"),
+    "model config of a trillion parameters": Case(run("--model", "{huge_model}"), "GB of memory free"),
+    "model config with a negative width": Case(run("--model", "{negative_model}"), "does not describe a model"),
     "gguf missing": Case(run("--model", "{root}/missing.gguf"), "does not exist"),
     "gguf truncated": Case(run("--model", "{truncated_gguf}"), "GGUF"),
     "gguf not a gguf": Case(run("--model", "{text_gguf}"), "not a GGUF file"),
