@@ -289,3 +289,42 @@ def test_fuzzed_plans_through_the_command_line_write_nothing_when_refused(tmp_pa
         else:
             assert code == 0 and any((folder / "exports").rglob("*.*"))
     assert 0 < refused < 60
+
+
+def test_a_real_sigint_ends_in_one_line_exit_130_and_resume_gives_the_straight_plan(tiny_model_dir, text_files,
+                                                                                    tmp_path):  # fmt: skip
+    """Ctrl-C as a terminal sends it (SIGINT to the process) mid-evolution: one line, exit 130, no plan written;
+    ``--resume`` in the same folder ends at the plan of a run never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import _args
+
+    def argv(out):
+        search = ["--method", "evolution", "--generations", "60", "--offspring", "4", "--stages", "1@32"]
+        return _args(tiny_model_dir, text_files, out, *search, "--target", "sparsity=0.5", "--cache-dir",
+                     str(tmp_path / "c"))  # fmt: skip
+
+    assert main(argv(tmp_path / "straight")) == 0
+    killed = tmp_path / "killed"
+    root = Path(__file__).resolve().parents[1]
+    worker = subprocess.Popen([sys.executable, "-m", "allocator.cli", *argv(killed)], cwd=root, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    state = killed / "evolution_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.poll() is None:
+        time.sleep(0.02)
+        if state.is_file() and json.loads(state.read_text())["generation"] >= 2:
+            break
+    assert worker.poll() is None, "the run ended before the interrupt"
+    worker.send_signal(signal.SIGINT)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line and "s/it]" not in line]
+    assert lines[-1].startswith("interrupted") and "Traceback" not in err
+    assert not (killed / "plan.json").exists() and not list(killed.glob("*.tmp*"))
+    assert main([*argv(killed), "--resume"]) == 0
+    straight = json.loads((tmp_path / "straight" / "plan.json").read_text())["assignment"]
+    assert json.loads((killed / "plan.json").read_text())["assignment"] == straight
