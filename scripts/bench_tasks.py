@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shlex
 import shutil
 import sys
@@ -97,7 +98,7 @@ def main() -> None:
     command = "python " + shlex.join(sys.argv)
     scores = pd.read_csv(work / "compare" / "tasks.csv")
     write_text_atomic(out.with_suffix(".csv"), scores.to_csv(index=False))
-    md = (work / "compare" / "compare.md").read_text()
+    md = re.sub(r"\]\(([^)]+\.png)\)", rf"]({out.name}_\1)", (work / "compare" / "compare.md").read_text())
     write_text_atomic(out.with_suffix(".md"), f"`{command}`\n\n(`allocator {shlex.join(argv)}`)\n\n{md}")
     for png in (work / "compare").glob("*.png"):
         shutil.copy(png, out.parent / f"{out.name}_{png.name}")
