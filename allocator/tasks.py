@@ -42,15 +42,17 @@ def parse_tasks(spec: str | None) -> list[str]:
 
 
 def _task_name(path: Path) -> str:
-    """The ``task:`` a YAML file declares (lm-eval registers the task under it)."""
+    """The ``task:`` (or a group file's ``group:``) a YAML file declares: lm-eval registers it under that name."""
     if not path.is_file():
         raise AllocatorError(f"--tasks: task file '{path}' does not exist")
     try:
-        name = yaml.safe_load(path.read_text()).get("task")
+        declared = yaml.safe_load(path.read_text())
+        name = declared.get("group") if isinstance(declared.get("task"), list) else declared.get("task")
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
         name = None
     if not isinstance(name, str) or not name:
-        raise AllocatorError(f"--tasks: '{path}' is not an lm-eval task file (no 'task: NAME' at its top level)")
+        raise AllocatorError(f"--tasks: '{path}' is not an lm-eval task file (no 'task: NAME', nor 'group: NAME' "
+                             "with a task list, at its top level)")  # fmt: skip
     return name
 
 
@@ -76,9 +78,10 @@ def task_accuracy(model: nn.Module, tokenizer, tasks: list[str], batch_size: int
     finally:
         model.train(was_training)
     out = {}
-    for name in names:
-        items = result["samples"].get(name, [])
-        metrics = [m for m in items[0]["metrics"] if all(isinstance(i.get(m), (int, float)) for i in items)]
+    for name, items in result["samples"].items():  # every task lm-eval ran (a group's subtasks one by one)
+        metrics = [
+            m for m in (items[0]["metrics"] if items else []) if all(isinstance(i.get(m), (int, float)) for i in items)
+        ]
         out[name] = {"items": len(items), "limit": limit, "metrics": {}}
         for metric in metrics:
             value, lo, hi = bootstrap_mean(np.array([float(i[metric]) for i in items]), samples)
@@ -87,8 +90,9 @@ def task_accuracy(model: nn.Module, tokenizer, tasks: list[str], batch_size: int
     return out
 
 
-def primary(result: dict) -> tuple[str, dict]:
-    """The metric a table shows for one task's result (acc_norm, else acc, else exact_match, else the first)."""
+def primary(result: dict) -> tuple[str, dict] | None:
+    """The metric a table shows for one task's result (acc_norm, else acc, else exact_match, else the first); a
+    task scored by no per-item number (only corpus-level metrics) has none: ``None``."""
     metrics = result["metrics"]
-    name = next((m for m in PRIMARY if m in metrics), next(iter(metrics)))
-    return name, metrics[name]
+    name = next((m for m in PRIMARY if m in metrics), next(iter(metrics), None))
+    return (name, metrics[name]) if name is not None else None

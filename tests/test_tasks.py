@@ -25,20 +25,20 @@ from tests.conftest import WORDS
 pytest.importorskip("lm_eval")
 
 
-def _local_task(folder, n: int = 24) -> tuple:
+def _local_task(folder, n: int = 24, name: str = "allocator_local_choice", seed: int = 0) -> tuple:
     """A multiple-choice task in lm-eval's YAML over a JSONL: a few words, which word comes next."""
-    rng = random.Random(0)
+    rng = random.Random(seed)
     words = list(dict.fromkeys(WORDS))
     items = [{"question": " ".join(rng.choice(words) for _ in range(5)), "choices": rng.sample(words, 3),
               "answer": i % 3} for i in range(n)]  # fmt: skip
-    folder.mkdir()
-    (folder / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    yaml_file = folder / "local.yaml"
-    yaml_file.write_text(f"""task: allocator_local_choice
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    yaml_file = folder / f"{name}.yaml"
+    yaml_file.write_text(f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / "items.jsonl"}
+    test: {folder / f"{name}.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -143,3 +143,19 @@ def test_bootstrap_mean_of_item_scores_matches_the_normal_interval():
     assert mean == scores.mean() and lo < mean < hi
     assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
     assert bootstrap_mean(scores) == bootstrap_mean(scores)  # seeded
+
+
+def test_a_group_of_tasks_reports_each_subtask(tiny_model_dir, text_files, tmp_path):
+    """A group (as ``mmlu`` is one) runs its tasks one by one: each is scored on its own."""
+    folder = tmp_path / "task"
+    for i, name in enumerate(("allocator_part_a", "allocator_part_b")):
+        _local_task(folder, n=8 + 4 * i, name=name, seed=i)
+    group = folder / "group.yaml"
+    group.write_text("group: allocator_both\ntask:\n  - allocator_part_a\n  - allocator_part_b\n")
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_model_dir), "--calib", str(text_files["calib"]), "--eval",
+            str(text_files["eval"]), "--seq-len", "16", "--calib-samples", "2", "--kl-samples", "2", "--eval-samples",
+            "4", "--tasks", str(group), "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    tasks = json.loads((out / "metrics.json").read_text())["tasks"]
+    assert {k: v["items"] for k, v in tasks.items()} == {"allocator_part_a": 8, "allocator_part_b": 12}

@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"predicted latency      {lat['predicted_ms']:.4f} ms at {lat['tokens']} tokens "
               f"(dense {lat['dense_ms']:.4f} ms, speed-up {lat['speedup']:.3f}x)")  # fmt: skip
     for task, scores in m.get("tasks", {}).items():
-        metric, v = primary(scores)
-        print(f"{task:<22} {metric} {v['value']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}] on {scores['items']} items")
+        if (shown := primary(scores)) is not None:
+            metric, v = shown
+            print(f"{task:<22} {metric} {v['value']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}] on {scores['items']} items")
     print(f"wrote {result.output_dir}/plan.json, metrics.json, config.json")
     return 0
 
