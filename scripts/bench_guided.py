@@ -139,7 +139,8 @@ def plot(rows: list[dict], path: Path) -> None:
                     label=f"{r['method']} (seed {r['seed']})", alpha=0.8)  # fmt: skip
         ax.set(title=f"{backend} {target}", xlabel="candidate tokens (M)", ylabel="held-out KL to dense")
         ax.legend(fontsize=7)
-    fig.suptitle("KL of the parent on held-out windows (dotted: the fitted-knapsack start)")
+    fig.suptitle("KL of the parent on held-out windows\n(dotted: the fitted-knapsack start)", fontsize=10)
+    fig.tight_layout()
     save_figure(fig, path)
 
 

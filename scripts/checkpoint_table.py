@@ -67,13 +67,14 @@ RECIPES = {
 }  # fmt: skip
 
 
-def checkpoint_perplexity(folder: Path, windows: dict[str, torch.Tensor], batch: int, device: str) -> dict:
+def checkpoint_perplexity(folder: Path, windows: dict[str, torch.Tensor], batch: int, device: str,
+                          dtype: torch.dtype) -> dict:  # fmt: skip
     """The written checkpoint as its consumer loads it (transformers; compressed-tensors decompresses), scored."""
     from transformers import AutoModelForCausalLM
 
     gguf = folder / "model.gguf"
     kwargs = {"gguf_file": gguf.name} if gguf.is_file() else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map=device, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device, **kwargs).eval()
     with torch.no_grad():  # the estimator of the allocator column (exp of the mean window NLL), on the same windows
         return {t: math.exp(window_nll(model, w, batch).mean()) for t, w in windows.items()}
 
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="bfloat16", help="the model's dtype, as it is served (scales are stored in it)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--latency-table", default=None)
     ap.add_argument("--llama-bin", default=None, help="folder with llama.cpp's llama-perplexity (GGUF rows)")
@@ -130,7 +132,8 @@ def main() -> None:
     texts = [args.wikitext or data.default_evaluation(), heldout]
     config = RunConfig(model=args.model, calib=calib, eval=texts[0], calib_samples=args.calib_samples,
                        eval_samples=args.eval_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                       device=args.device, cache_dir=args.cache_dir, backend=args.backend)  # fmt: skip
+                       device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                       backend=args.backend)  # fmt: skip
     session = Session(config)
     windows = {t: session.eval_seqs if i == 0 else _windows(session, t, config) for i, t in enumerate(texts)}
     table = LatencyTable.load(args.latency_table) if args.latency_table else None
@@ -146,7 +149,7 @@ def main() -> None:
         result = run(spec, session)
         simulated = {t: v["perplexity"] for t, v in _evaluate(session, windows, args.batch_size, 10).items()}
         metrics = apply_plan(cell / "run" / "plan.json", cell / "ckpt", {"cache_dir": args.cache_dir})
-        loaded = checkpoint_perplexity(cell / "ckpt", windows, args.batch_size, args.device)
+        loaded = checkpoint_perplexity(cell / "ckpt", windows, args.batch_size, args.device, getattr(torch, args.dtype))
         row = {"recipe": name, "checkpoint": metrics["checkpoint"], "bits": result.plan.achieved["bits"],
                "planned_bytes": metrics["size"]["planned_bytes"], "written_bytes": metrics["size"]["written_bytes"],
                "disk_bytes": disk_bytes(cell / "ckpt"),
