@@ -68,8 +68,12 @@ class Workspace:
             remove_orphans(tmp.parent / tmp.name.split(".tmp-")[0].removeprefix("."))
 
     def path(self, kind: str, cal: Calibration, backend: str, levels: list[Level], suffix: str = "") -> Path:
-        """Where the ``kind`` measurement of ``levels`` and ``backend`` on ``cal``'s windows lives."""
-        return self.root / kind / (artifact_name(cal.model_id, backend, levels, cal.meta) + suffix)
+        """Where the ``kind`` measurement of ``levels`` and ``backend`` on ``cal``'s windows lives. The model's dtype
+        is part of the name (the weights and grid scales a bfloat16 run stores are not a float32 run's); float32
+        adds no key, so the names of earlier caches hold."""
+        dtype = next(cal.model.parameters()).dtype
+        meta = cal.meta if dtype == torch.float32 else {**cal.meta, "dtype": str(dtype)}
+        return self.root / kind / (artifact_name(cal.model_id, backend, levels, meta) + suffix)
 
     # ---- profiles ------------------------------------------------------------------------------------
     def profile(self, cal: Calibration, levels: list[Level], backend: str, path: str | None = None,

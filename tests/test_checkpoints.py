@@ -178,3 +178,28 @@ def test_a_model_with_tied_embeddings_is_written_once_and_tied_again_on_load(tin
     recorded = json.loads((run / "metrics.json").read_text())["perplexity"]
     assert perplexity(model, session.eval_seqs, 4) == pytest.approx(recorded, rel=1e-4)  # decompresses on first use
     _weights_equal(model, session, plan)
+
+
+def test_a_bfloat16_run_never_reuses_a_float32_runs_database(tiny_model_dir, text_files, tmp_path):
+    """The level database keeps codes and grid scales as the run's dtype rounds them: a bfloat16 run after a float32
+    one on the same cache builds its own, so its checkpoint still holds exactly the weights it measured."""
+    from transformers import AutoModelForCausalLM
+
+    def run(dtype: str):
+        out = tmp_path / dtype
+        argv = _args(tiny_model_dir, text_files, out, "--method", "knapsack", "--backend", "gptq", "--levels",
+                     "dense,w8,w4g32", "--target", "bits=6", "--per", "tie-group", "--fit-plans", "12", "--fit-rounds",
+                     "1", "--dtype", dtype, "--cache-dir", str(tmp_path / "c"))  # fmt: skip
+        assert main(argv) == 0
+        return out
+
+    run("float32")
+    out = run("bfloat16")
+    assert len(list((tmp_path / "c" / "db").glob("*/*"))) == 2  # one database per dtype
+    assert main(["apply", str(out / "plan.json"), "-o", str(tmp_path / "ckpt")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).eval()
+    plan = Plan.load(out / "plan.json")
+    session = _reference(out, plan)
+    recorded = json.loads((out / "metrics.json").read_text())["perplexity"]
+    assert perplexity(model, session.eval_seqs, 4) == pytest.approx(recorded, rel=1e-4)
+    _weights_equal(model, session, plan)
