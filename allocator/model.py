@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from allocator.errors import AllocatorError
+from allocator.errors import AllocatorError, first_line
 from allocator.hub import OFFLINE_HINT, hub_access
 from allocator.io import atomic_path, check_space
 
@@ -108,8 +108,7 @@ def _from_pretrained(folder: str, model_id: str, dtype: torch.dtype, device: str
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        why = first if online or Path(folder).exists() else OFFLINE_HINT
+        why = first_line(exc, None) if online or Path(folder).exists() else OFFLINE_HINT
         raise AllocatorError(
             f"cannot load model {model_id!r} ({why}): pass a local model folder, a .gguf file, "
             "or a hub id that is reachable"
@@ -213,9 +212,8 @@ def check_fits(folder: str, model_id: str, dtype: torch.dtype) -> None:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (RuntimeError, TypeError, ValueError, OverflowError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise AllocatorError(f"model {model_id!r}: its config.json does not describe a model transformers can build "
-                             f"({first}); fix or replace config.json") from None  # fmt: skip
+                             f"({first_line(exc)}); fix or replace config.json") from None  # fmt: skip
     need = sum(p.numel() * p.element_size() for p in skeleton.parameters())
     free = psutil.virtual_memory().available
     if need > free:

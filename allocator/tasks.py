@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from torch import nn
 
-from allocator.errors import AllocatorError
+from allocator.errors import AllocatorError, first_line
 from allocator.evaluate import bootstrap_mean
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ def task_accuracy(model: nn.Module, tokenizer, tasks: list[str], batch_size: int
                                          task_manager=TaskManager(include_path=folders or None),
                                          verbosity="ERROR")  # fmt: skip
     except (KeyError, ValueError, OSError, ConnectionError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise AllocatorError(f"--tasks: lm-eval could not run {', '.join(names)}: {first}") from None
+        raise AllocatorError(f"--tasks: lm-eval could not run {', '.join(names)}: {first_line(exc, 300)}") from None
     finally:
         model.train(was_training)
     out = {}
