@@ -7,9 +7,8 @@ optionally the old apply (the backend run again on the dense model), and a large
 the disk (refused before any work when it cannot fit). Per phase: wall time, peak GPU memory, peak host memory
 (RSS so far), bytes in the cache folder.
 
-GPU (device tool; the data and the SmolLM2 tokenizer travel as .gpu/data and .gpu/tok):
-    python scripts/bench_scale.py --device cuda --tokenizer .gpu/tok --calib .gpu/data/validation-2k.parquet \
-        --eval .gpu/data/test.txt --cache-dir /tmp/scale --out $OUT/bench_scale
+GPU (device tool; carry .gpu/tok, the SmolLM2 tokenizer, and .whl, the wheels the GPU image lacks):
+    bash scripts/gpu_real_model.sh scale
 CPU smoke run:
     python scripts/bench_scale.py --hidden 256 --blocks 2 --vocab 49152 --generations 1 --out /tmp/scale/bench
 """

@@ -11,7 +11,8 @@
 #   call 4 (same carry):                                                      ... quality   (llama-quantize, llama-perplexity)
 #   (quality did not finish within 8 minutes there; results/llamacpp_offgrid.md was scored on 2 CPU cores here;
 #   each GGUF's row is now kept in \$OUT/llamacpp_offgrid.log as it is scored)
-# (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks)
+# issue 31 (no stage call; carry .gpu/tok .whl):                              ... scale
+# (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks; compressed-tensors and pydantic for checkpoints)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
@@ -24,6 +25,15 @@ stage)
     lscpu | grep -E "Model name|Flags" | cut -c1-400
     LD_LIBRARY_PATH=/tmp/llamacpp/bin /tmp/llamacpp/bin/llama-quantize --help | head -3 || true
   fi ;;
+scale)
+  # issue 31: the Llama-3-8B-shaped model (random weights) through the default pipeline; needs no stage call, only
+  # the tokenizer and the wheels (carry .gpu/tok .whl: the GPU image lacks gguf, which allocator imports)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PWD:/tmp/site
+  mkdir -p "$OUT"
+  python3 scripts/bench_scale.py --device cuda --tokenizer .gpu/tok --calib allocator/texts/c4/validation-2k.parquet \
+    --eval allocator/texts/wikitext-2-raw/test.txt --cache-dir /tmp/scale --out "$OUT/bench_scale" 2>&1 \
+    | sed -u "/it\/s\]/d" | tee "$OUT/bench_scale.log" ;;
 *)
   [ -f /tmp/model/m.partA ] || { echo "error: first half missing (the machine was not warm): run the stage call again"; exit 3; }
   [ -f "$MODEL" ] || cat /tmp/model/m.partA .gpu/m.partB > "$MODEL"
