@@ -59,10 +59,11 @@ RECIPES = {
         "uniform W4A16 int4 g64": dict(method="uniform", levels="dense,w4g64", target="bits=4.5"),
         "uniform NVFP4": dict(method="uniform", levels="dense,nvfp4", target="bits=4.51"),  # + a per-tensor scale
         "uniform MXFP4": dict(method="uniform", levels="dense,mxfp4", target="bits=4.5"),
-        "knapsack {bf16,fp8,w4g64,nvfp4} 4.5": dict(method="knapsack", levels=VLLM4, target="bits=4.5"),
-        "knapsack {bf16,fp8,w4g64,nvfp4} 6": dict(method="knapsack", levels=VLLM4, target="bits=6"),
+        "knapsack {bf16,fp8,w4g64,nvfp4} 4.5": dict(method="knapsack", levels=VLLM4, target="bits=4.5",
+                                                     format="vllm"),  # one scheme per fused group: loadable
+        "knapsack {bf16,fp8,w4g64,nvfp4} 6": dict(method="knapsack", levels=VLLM4, target="bits=6", format="vllm"),
         "knapsack {bf16,fp8,int8 w8a8,w4g64} 6": dict(method="knapsack", levels="dense,fp8+afp8,w8+a8,w4g64",
-                                                       target="bits=6"),
+                                                       target="bits=6", format="vllm"),
     },
 }  # fmt: skip
 
