@@ -25,7 +25,7 @@ import torch
 
 from allocator import data
 from allocator.errors import AllocatorError
-from allocator.evaluate import bootstrap_mean, window_nll
+from allocator.evaluate import bootstrap_mean, paired_ratio, window_nll
 from allocator.io import check_output, write_json_atomic, write_text_atomic
 from allocator.pipeline import run
 from allocator.report import plot_allocation, save_figure
@@ -72,10 +72,10 @@ def compare(config: RunConfig, methods: list[str], targets: list[str], texts: li
         if (cell / "eval.json").is_file():
             continue  # done before a kill: kept
         t0 = time.perf_counter()
-        run(spec, session)  # leaves the model compressed to the plan
-        evals = _evaluate(session, windows, config.batch_size, samples)
+        done = run(spec, session)  # leaves the model compressed to the plan, scored on the first text's windows
+        evals = _evaluate(session, windows, config.batch_size, samples, {texts[0]: done.metrics["window_nll"]})
         write_json_atomic(cell / "eval.json", {**evals, "wall_s": time.perf_counter() - t0})
-    return write_summary(out, methods, targets, texts, command)
+    return write_summary(out, methods, targets, texts, command, samples)
 
 
 def method_options(spec: str, base: dict) -> tuple[str, dict]:
@@ -103,30 +103,36 @@ def _windows(session: Session, text: str, config: RunConfig) -> torch.Tensor:
 
 
 def _evaluate(session: Session, windows: dict[str, torch.Tensor], batch_size: int, samples: int,
-              restore: bool = False) -> dict:  # fmt: skip
+              known: dict | None = None, restore: bool = False) -> dict:  # fmt: skip
+    """Per text: perplexity, its interval and the per-window NLLs (``known``: texts already scored, not run again)."""
     if restore:
         session.restore_()
-    out = {}
+    out, known = {}, known or {}
     for text, seqs in windows.items():
-        nll = window_nll(session.model, seqs, batch_size)
+        nll = np.asarray(known[text]) if text in known else window_nll(session.model, seqs, batch_size)
         ppl, lo, hi = bootstrap_perplexity(nll, samples)
-        out[text] = {"perplexity": ppl, "lo": lo, "hi": hi, "windows": len(nll), "tokens": int(seqs[:, 1:].numel())}
+        out[text] = {"perplexity": ppl, "lo": lo, "hi": hi, "windows": len(nll), "tokens": int(seqs[:, 1:].numel()),
+                     "window_nll": nll.tolist()}  # fmt: skip
     return out
 
 
 def write_summary(out: Path, methods: list[str], targets: list[str], texts: list[str],
-                  command: str = "") -> pd.DataFrame:  # fmt: skip
+                  command: str = "", samples: int = 1000) -> pd.DataFrame:  # fmt: skip
     """compare.csv/.md, one plot per text and every plan's allocation heatmap, from the cell folders."""
     dense = json.loads((out / "dense" / "eval.json").read_text())
     rows = []
     for target in targets:
+        base = _uniform_nll(out / _slug(target), methods)
         for method in methods:
             cell = out / _slug(target) / _slug(method)
             metrics = json.loads((cell / "metrics.json").read_text())
             evals = json.loads((cell / "eval.json").read_text())
             plot_allocation(json.loads((cell / "plan.json").read_text()), cell / "allocation.png")
             for text in texts:
+                nll, ref = evals[text].pop("window_nll", None), base.get(text)
+                paired = paired_ratio(nll, ref, samples) if nll and ref and len(nll) == len(ref) else (np.nan,) * 3
                 rows.append({"target": target, "method": method, "text": text, **evals[text],
+                             "ratio_lo": paired[1], "ratio_hi": paired[2],
                              "dense": dense[text]["perplexity"], "sparsity": metrics["achieved"]["sparsity"],
                              "bits": metrics["achieved"]["bits"], "kl_to_dense": metrics["kl_to_dense"],
                              "search_s": metrics["timings"].get("search_s", 0.0),
@@ -142,11 +148,27 @@ def write_summary(out: Path, methods: list[str], targets: list[str], texts: list
         table = cells.pivot(index="target", columns="method", values="cell").reindex(index=targets, columns=methods)
         lines += [f"## {text} (dense {dense[text]['perplexity']:.2f})", "",
                   "perplexity [95 % bootstrap interval over windows]", "", table.to_markdown(), "",
+                  "perplexity / uniform's [95 % paired bootstrap interval: both resampled with the same windows]", "",
+                  _ratio_table(sub, methods, targets), "",
                   f"![perplexity]({_slug(Path(text).name)}.png)", ""]  # fmt: skip
         _plot(sub, methods, targets, dense[text]["perplexity"], text, out / f"{_slug(Path(text).name)}.png")
     lines += _task_tables(out, methods, targets, dense.get("tasks", {}))
     write_text_atomic(out / "compare.md", "\n".join(lines))
     return df
+
+
+def _ratio_table(sub: pd.DataFrame, methods: list[str], targets: list[str]) -> str:
+    cells = sub.assign(cell=[f"{r.vs_uniform:.3f} [{r.ratio_lo:.3f}, {r.ratio_hi:.3f}]" for r in sub.itertuples()])
+    return cells.pivot(index="target", columns="method", values="cell").reindex(index=targets, columns=methods)\
+        .to_markdown()  # fmt: skip
+
+
+def _uniform_nll(folder: Path, methods: list[str]) -> dict:
+    """Uniform's per-window NLLs per text at one target (empty without a uniform cell or from an older cell)."""
+    if "uniform" not in methods:
+        return {}
+    evals = json.loads((folder / "uniform" / "eval.json").read_text())
+    return {text: e.get("window_nll") for text, e in evals.items() if isinstance(e, dict)}
 
 
 def _task_tables(out: Path, methods: list[str], targets: list[str], dense: dict) -> list[str]:

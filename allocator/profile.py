@@ -34,7 +34,7 @@ from allocator.inventory import Inventory, weight_view
 from allocator.io import atomic_path
 from allocator.levels import Level, with_dense
 from allocator.sensitivity import SENSITIVITIES
-from allocator.sensitivity.fisher import fisher_error, output_fisher
+from allocator.sensitivity.fisher import fisher_error, output_fisher, row_energy
 
 PROFILE_VERSION = 3  # 2: the fisher column; 3: column norms from their own sums, activation noise
 FISHER_SEQS = 32  # calibration windows the Fisher pass uses (its estimate settles well before 128)
@@ -81,8 +81,9 @@ class Profile:
                 base = base_energy[layer.name] = float(((W.float() @ H) * W.float()).double().sum())
             f = fisher[layer.name]
             extra = activation_error(level, W, Q, stats)  # [rows]: what the level's input quantization adds
-            error = (float(((D @ H) * D).double().sum()) + 2 * float(extra.double().sum())) / max(base, 1e-30)
-            fisher_kl = fisher_error(D, H, f) + 0.5 * float((f.to(extra.device) * extra).double().sum())
+            energy = row_energy(D, H)
+            error = (float(energy.sum()) + 2 * float(extra.double().sum())) / max(base, 1e-30)
+            fisher_kl = fisher_error(energy, f) + 0.5 * float((f.to(extra.device) * extra).double().sum())
             rows.append({"layer": layer.name, "block": layer.block, "role": layer.role, "level": level.name,
                          "params": layer.params, "kept_params": level.kept_params(layer.rows, layer.cols),
                          "bits": storage_bits(level, layer.rows, layer.cols), "error": error,

@@ -8,6 +8,7 @@ level databases, dense references) lives in its :class:`~allocator.workspace.Wor
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import cached_property
 
@@ -19,7 +20,7 @@ from allocator.backends import apply_, get_backend
 from allocator.backends.activations import clear_activations_, needs_state, set_activations_
 from allocator.backends.database import LevelDatabase
 from allocator.budget import achieved
-from allocator.evaluate import kl_divergence, perplexity
+from allocator.evaluate import kl_divergence, window_nll
 from allocator.inventory import Inventory
 from allocator.levels import Level
 from allocator.levels.quantizer import Params
@@ -175,7 +176,7 @@ class Session:
         chosen = get_backend(backend)
         calib = self.calib if chosen.needs_data else None
         t0 = time.perf_counter()
-        ppl = perplexity(self.model, self.eval_seqs, self.config.batch_size, desc="compressed perplexity")
+        nll = window_nll(self.model, self.eval_seqs, self.config.batch_size, desc="compressed perplexity")
         kl = kl_divergence(self.model, self.kl_seqs, teacher, self.config.batch_size)
         return {
             "model": self.loaded.model_id,
@@ -183,7 +184,8 @@ class Session:
             "dense_perplexity": dense_ppl,
             "dense_cached": self.dense_cached,
             "bos_per_window": self.bos is not None,  # windows start with the tokenizer's BOS (not scored)
-            "perplexity": ppl,
+            "perplexity": math.exp(float(nll.mean())),
+            "window_nll": nll.tolist(),  # per evaluation window: paired comparisons and intervals reuse it
             "kl_to_dense": kl,
             "achieved": achieved(assignment, self.inventory),
             "eval_tokens": int(self.eval_seqs.numel()),

@@ -16,7 +16,7 @@ from allocator.levels import parse_grid
 from allocator.search.additive import fit
 from allocator.search.fitted import random_plans, refine
 from allocator.search.knapsack import Knapsack
-from allocator.sensitivity.fisher import fisher_error, output_fisher
+from allocator.sensitivity.fisher import fisher_error, output_fisher, row_energy
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -57,7 +57,8 @@ def test_fisher_error_equals_the_brute_force_weighted_output_error():
     X, D, f = torch.randn(50, 12, generator=gen), torch.randn(7, 12, generator=gen), torch.rand(7, generator=gen)
     H = 2 / 50 * X.t() @ X
     brute = 0.5 * sum(float(f[i]) * float(((X @ D[i]) ** 2).mean()) for i in range(7))
-    assert fisher_error(D, H, f) == pytest.approx(brute, rel=1e-5)
+    assert fisher_error(row_energy(D, H), f) == pytest.approx(brute, rel=1e-5)
+    assert float(row_energy(D, H).sum()) == pytest.approx(float(((X @ D.t()) ** 2).sum() * 2 / 50), rel=1e-5)
 
 
 def test_fisher_column_predicts_measured_kl(tmp_path):

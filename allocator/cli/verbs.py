@@ -89,7 +89,7 @@ def compare(args: argparse.Namespace) -> int:
     texts = _parts(args.texts or args.eval or default_evaluation(), ",")
     command = shlex.join(["allocator", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else "allocator compare"
     df = run_compare(config_of(args), methods, targets, texts, args.output_dir, args.bootstrap, command)
-    shown = df[["target", "method", "text", "perplexity", "lo", "hi", "vs_uniform", "wall_s"]]
+    shown = df[["target", "method", "text", "perplexity", "lo", "hi", "vs_uniform", "ratio_lo", "ratio_hi", "wall_s"]]
     print(shown.assign(text=[Path(t).name for t in df.text]).round(3).to_string(index=False))
     tasks = Path(args.output_dir) / "tasks.csv"
     if args.tasks and tasks.is_file():

@@ -61,6 +61,13 @@ def output_fisher(
     return {name: (s / max(tokens, 1)).float() for name, s in sums.items()}
 
 
-def fisher_error(D: torch.Tensor, H: torch.Tensor, f: torch.Tensor) -> float:
-    """½ Σ_i f_i (D Σ Dᵀ)_ii with Σ = H/2: the predicted per-token KL of weight error ``D`` ([rows, cols])."""
-    return 0.25 * float((f.to(D.device) * ((D @ H) * D).sum(1)).double().sum())
+def row_energy(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """(D H Dᵀ)_ii per output row in float64: the squared output error of weight error ``D`` row by row, which
+    both the relative error (its sum) and the Fisher-weighted one (its f-weighted sum) need — one product, not two."""
+    return ((D @ H) * D).double().sum(1)
+
+
+def fisher_error(energy: torch.Tensor, f: torch.Tensor) -> float:
+    """½ Σ_i f_i (D Σ Dᵀ)_ii with Σ = H/2: the predicted per-token KL of a weight error whose
+    :func:`row_energy` is ``energy``."""
+    return 0.25 * float((f.to(energy.device).double() * energy).sum())
