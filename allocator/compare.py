@@ -63,7 +63,9 @@ def compare(config: RunConfig, methods: list[str], targets: list[str], texts: li
     session = Session(config)
     # the first text's windows are the session's own evaluation windows: tokenized once
     windows = {text: session.eval_seqs if i == 0 else _windows(session, text, config) for i, text in enumerate(texts)}
-    dense = _evaluate(session, windows, config.batch_size, samples, restore=True)
+    _ = session.dense  # measured (or cached) once, with its per-window NLLs on the first text
+    known = {texts[0]: session.dense_window_nll} if session.dense_window_nll is not None else {}
+    dense = _evaluate(session, windows, config.batch_size, samples, known, restore=True)
     if config.tasks:  # the dense model's accuracy: the yardstick of every plan's
         dense["tasks"] = task_accuracy(session.model, session.loaded.tokenizer, parse_tasks(config.tasks),
                                        config.batch_size, config.tasks_limit, samples)  # fmt: skip

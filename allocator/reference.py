@@ -19,14 +19,16 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
-from allocator.evaluate import log_probs, perplexity
+from allocator.evaluate import log_probs, window_nll
 from allocator.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -79,14 +81,25 @@ def _from_head_inputs(model: nn.Module, hidden: torch.Tensor, batch_size: int) -
     return torch.cat(out)
 
 
+class DenseReference(NamedTuple):
+    """The dense model's perplexity on the evaluation windows, its per-window NLLs (None from an entry written
+    before they were kept), the KL teacher's log-probs, and whether the cache served them."""
+
+    perplexity: float
+    teacher: torch.Tensor
+    cached: bool
+    window_nll: np.ndarray | None
+
+
 def dense_reference(
     model: nn.Module,
     eval_seqs: torch.Tensor,
     kl_seqs: torch.Tensor,
     batch_size: int,
     folder: Path | None,
-) -> tuple[float, torch.Tensor, bool]:
-    """Dense perplexity on ``eval_seqs``, the teacher log-probs on ``kl_seqs``, and whether the cache served them.
+) -> DenseReference:
+    """Dense perplexity (and per-window NLLs) on ``eval_seqs``, the teacher log-probs on ``kl_seqs``, and whether
+    the cache served them.
 
     ``model`` must hold its dense weights. ``folder``: where entries live (None: no cache). A damaged entry
     (truncated, not JSON, fields missing, head inputs of the wrong size or hash) is deleted and recomputed.
@@ -97,7 +110,7 @@ def dense_reference(
     if entry is not None and entry.is_file():
         try:
             width = model.get_output_embeddings().weight.shape[-1]
-            ppl, hidden = _read_entry(entry, key, (*kl_seqs.shape, width))
+            ppl, hidden, nll = _read_entry(entry, key, (*kl_seqs.shape, width), len(eval_seqs))
         except ValueError as exc:
             log.warning("dense reference cache %s is damaged (%s): deleted, recomputing", entry, exc)
             entry.unlink(missing_ok=True)
@@ -105,28 +118,30 @@ def dense_reference(
         else:
             fresh = hidden is None  # only the perplexity was cached: the teacher takes a forward pass
             teacher = log_probs(model, kl_seqs, batch_size) if fresh else _from_head_inputs(model, hidden, batch_size)
-            return ppl, teacher, True
-    ppl = perplexity(model, eval_seqs, batch_size, desc="dense perplexity")
+            return DenseReference(ppl, teacher, True, nll)
+    nll = window_nll(model, eval_seqs, batch_size, desc="dense perplexity")
+    ppl = math.exp(float(nll.mean()))
     teacher, hidden = _head_inputs(model, kl_seqs, batch_size)
     if entry is None:
-        return ppl, teacher, False
+        return DenseReference(ppl, teacher, False, nll)
     again = _from_head_inputs(model, hidden[:batch_size], batch_size)  # one batch tells whether the head is linear
     first = teacher[:batch_size]
     tol = 16 * torch.finfo(next(model.parameters()).dtype).eps * max(1.0, float(first.abs().max()))
     reusable = again.shape == first.shape and bool(torch.allclose(again, first, rtol=0, atol=tol))
-    meta = {"key": key, "perplexity": ppl, "head_inputs": reusable}
+    meta = {"key": key, "perplexity": ppl, "window_nll": nll.tolist(), "head_inputs": reusable}
     if reusable:
         raw = save({"hidden": hidden.contiguous()})
         with atomic_path(folder / f"{name}.safetensors") as tmp:
             tmp.write_bytes(raw)
         meta.update(bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
     write_json_atomic(entry, meta)
-    return ppl, teacher, False
+    return DenseReference(ppl, teacher, False, nll)
 
 
-def _read_entry(entry: Path, key: dict, shape: tuple[int, ...]) -> tuple[float, torch.Tensor | None]:
-    """The cached perplexity and head inputs (None where only the perplexity is cached); ValueError saying what
-    is wrong with a damaged entry or one written for another key."""
+def _read_entry(entry: Path, key: dict, shape: tuple[int, ...],
+                windows: int) -> tuple[float, torch.Tensor | None, np.ndarray | None]:  # fmt: skip
+    """The cached perplexity, head inputs (None where only the perplexity is cached) and per-window NLLs (None in
+    an older entry); ValueError saying what is wrong with a damaged entry or one written for another key."""
     try:
         meta = json.loads(entry.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -140,8 +155,9 @@ def _read_entry(entry: Path, key: dict, shape: tuple[int, ...]) -> tuple[float, 
         raise ValueError(f"perplexity {ppl!r} is not a positive number")
     if not isinstance(reusable, bool):
         raise ValueError(f"head_inputs {reusable!r} is not true or false")
+    nll = _window_nll(meta.get("window_nll"), windows, float(ppl))
     if not reusable:
-        return float(ppl), None
+        return float(ppl), None, nll
     tensors = entry.with_suffix(".safetensors")
     raw = tensors.read_bytes() if tensors.is_file() else b""
     if "bytes" in meta and (len(raw) != meta["bytes"] or hashlib.sha256(raw).hexdigest() != meta.get("sha256")):
@@ -152,4 +168,18 @@ def _read_entry(entry: Path, key: dict, shape: tuple[int, ...]) -> tuple[float, 
         raise ValueError(f"{tensors.name} does not load: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     if tuple(hidden.shape) != shape or not hidden.is_floating_point():
         raise ValueError(f"{tensors.name} holds {hidden.dtype} {list(hidden.shape)}, not floats of shape {list(shape)}")
-    return float(ppl), hidden
+    return float(ppl), hidden, nll
+
+
+def _window_nll(value, windows: int, ppl: float) -> np.ndarray | None:
+    """An entry's per-window NLLs, checked: one finite non-negative number per window whose mean is the perplexity's
+    logarithm (None: an entry written before they were kept)."""
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != windows
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):  # fmt: skip
+        raise ValueError(f"window_nll is not a list of {windows} numbers")
+    nll = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(nll).all() or (nll < 0).any() or not math.isclose(nll.mean(), math.log(ppl), rel_tol=1e-9):
+        raise ValueError("window_nll holds negative or non-finite values, or disagrees with the perplexity")
+    return nll

@@ -74,12 +74,11 @@ class Session:
         self.restore_()
         t0 = time.perf_counter()
         cfg = self.config
-        ppl, teacher, cached = self.workspace.dense(self.model, self.eval_seqs, self.kl_seqs, cfg.batch_size,
-                                                    cfg.dense_cache)  # fmt: skip
+        ref = self.workspace.dense(self.model, self.eval_seqs, self.kl_seqs, cfg.batch_size, cfg.dense_cache)
         self.timings["dense_eval_s"] = time.perf_counter() - t0
-        self.dense_cached = cached
-        log.info("dense perplexity %.3f%s", ppl, " (cached)" if cached else "")
-        return ppl, teacher
+        self.dense_cached, self.dense_window_nll = ref.cached, ref.window_nll
+        log.info("dense perplexity %.3f%s", ref.perplexity, " (cached)" if ref.cached else "")
+        return ref.perplexity, ref.teacher
 
     @property
     def calib_meta(self) -> dict:
@@ -157,7 +156,9 @@ class Session:
             self.activation_state = database.input_absmax if calibrated else {}
         else:
             calib = self.calib if chosen.needs_data else None
-            known = self.input_stats if calibrated else self.__dict__.get("input_stats")  # OWL's pass, kept
+            light = chosen.needs_data and not chosen.hessian and not self.config.sequential  # Wanda: column norms
+            # one pass a session: OWL's, or the first plan's, serves every later plan (compare: uniform, knapsack…)
+            known = self.input_stats if calibrated or light else self.__dict__.get("input_stats")
             apply_(self.model, assignment, backend, calib, self.config.batch_size, self.config.sequential, record,
                    known)  # fmt: skip
             self.activation_state = {n: s.absmax for n, s in known.items()} if calibrated else {}

@@ -61,7 +61,7 @@ class RunConfig:
     allow_over_budget: bool = False  # accept a saved plan that breaks its budget (recorded in the metrics)
     profile: str | None = None  # a profile .parquet to use (None: reuse or measure one in the workspace)
     cache_dir: str | None = None  # the workspace root (None: $ALLOCATOR_CACHE or ~/.cache/allocator)
-    sensitivity: str = "fitted"  # what knapsack / optuna-compact / a knapsack start minimise (allocator.sensitivity)
+    sensitivity: str | None = None  # what knapsack / optuna-compact / a knapsack start minimise (None: by device)
     fit_seqs: int | None = None  # kl/fitted sensitivities: calibration windows measured (None: by device)
     resume: bool = False  # continue a killed evolution, fitted search or optuna study in the same output folder
     latency_table: str | None = None  # a measured table: prices latency/speedup budgets, predicts the plan's time
@@ -106,19 +106,30 @@ class RunSpec:
 
 
 def device_defaults(config: RunConfig) -> RunConfig:
-    """``config`` with what the fitted search measures filled in for its device where the run left it open
-    (``--fit-plans``, ``--fit-rounds``, ``--fit-seqs``): a GPU measures ~80 plans on 8 windows in a minute, two
-    CPU cores would take over 20 minutes, so a CPU measures fewer, and the run says so once."""
-    chosen = GPU_FIT if str(config.device).startswith("cuda") else CPU_FIT
+    """``config`` with what the device decides filled in where the run left it open, said once a process.
+
+    The sensitivity: ``fitted`` on a GPU (~80 measured plans on 8 windows take a minute there), the Fisher prior
+    alone on a CPU, where two cores afford only ~16 plans on 2 windows, too few to fit: that fit made worse plans
+    than its own prior at 2.7x the time (results/first_command.md). What the fitted search measures
+    (``--fit-plans``, ``--fit-rounds``, ``--fit-seqs``): the device's amount, also when a CPU run asks for it.
+    """
+    cuda = str(config.device).startswith("cuda")
+    chosen = GPU_FIT if cuda else CPU_FIT
     options = {**config.options, **{k: chosen[k] for k in ("fit_plans", "fit_rounds")
                                     if config.options.get(k) is None}}  # fmt: skip
-    filled = replace(config, options=options, fit_seqs=chosen["fit_seqs"] if config.fit_seqs is None else
-                     config.fit_seqs)  # fmt: skip
-    if filled != config and chosen is CPU_FIT and _uses_fitted(config) and not _SAID:
-        _SAID.append(True)  # once a process: a comparison resolves every cell
-        log.info("on a CPU the fitted sensitivity measures %d plans + %d round on %d windows (on a GPU %d + %d on %d): "
-                 "pass --fit-plans, --fit-rounds, --fit-seqs to choose", options["fit_plans"], options["fit_rounds"],
-                 filled.fit_seqs, *GPU_FIT.values())  # fmt: skip
+    sensitivity = config.sensitivity or ("fitted" if cuda else "fisher")
+    filled = replace(config, options=options, sensitivity=sensitivity,
+                     fit_seqs=chosen["fit_seqs"] if config.fit_seqs is None else config.fit_seqs)  # fmt: skip
+    if not cuda and not _SAID and config.method not in ("uniform", "owl"):
+        if config.sensitivity is None and config.method != "fitted":
+            _SAID.append(True)  # once a process: a comparison resolves every cell
+            log.info("on a CPU the default sensitivity is the Fisher prior alone (a GPU fits it to ~%d measured "
+                     "plans): pass --sensitivity fitted to fit it here too", GPU_FIT["fit_plans"])  # fmt: skip
+        elif _uses_fitted(filled) and filled != config:
+            _SAID.append(True)
+            log.info("on a CPU the fitted sensitivity measures %d plans + %d round on %d windows (on a GPU %d + %d on "
+                     "%d): pass --fit-plans, --fit-rounds, --fit-seqs to choose", options["fit_plans"],
+                     options["fit_rounds"], filled.fit_seqs, *GPU_FIT.values())  # fmt: skip
     return filled
 
 
@@ -177,7 +188,8 @@ def resolve(config: RunConfig) -> RunSpec:
                                  "would be overwritten; pass another --output-dir")  # fmt: skip
     sensitivity = searcher.sensitivity(config.sensitivity) if searcher is not None else config.sensitivity
     needs_profile = searcher is not None and "profile" in searcher.needs()
-    fitter = make_searcher("fitted", config.options) if needs_profile and sensitivity == "fitted" else None
+    fitter = make_searcher("fitted", config.options) if needs_profile else None  # its options checked, used or not
+    fitter = fitter if sensitivity == "fitted" else None
     return RunSpec(config, budgets, grid, fmt, backend, searcher, saved, latency, sensitivity, fitter)
 
 

@@ -33,7 +33,7 @@ from allocator.io import check_space, remove_orphans
 from allocator.levels import Level, with_dense
 from allocator.model import cache_dir
 from allocator.profile import Profile
-from allocator.reference import dense_reference
+from allocator.reference import DenseReference, dense_reference
 
 log = logging.getLogger(__name__)
 KINDS = ("profiles", "db", "dense", "models")
@@ -168,6 +168,6 @@ class Workspace:
 
     # ---- dense references ----------------------------------------------------------------------------
     def dense(self, model: nn.Module, eval_seqs: torch.Tensor, kl_seqs: torch.Tensor, batch_size: int,
-              cached: bool = True) -> tuple[float, torch.Tensor, bool]:  # fmt: skip
+              cached: bool = True) -> DenseReference:  # fmt: skip
         """Dense perplexity and KL teacher of ``model`` (holding its dense weights); cached unless not ``cached``."""
         return dense_reference(model, eval_seqs, kl_seqs, batch_size, self.root / "dense" if cached else None)

@@ -87,3 +87,23 @@ def test_prune_mask_removes_exactly_the_lowest_with_ties_by_index(per_row):
         thr = s[m].max()
         tied = (s == thr).nonzero().flatten()
         assert torch.equal(m[tied], torch.arange(len(tied)) < int(m[tied].sum()))  # ties: the first by index
+
+
+@pytest.mark.parametrize("backend", ["magnitude", "wanda"])
+def test_many_levels_from_one_sort_equal_each_level_alone_bit_for_bit(backend):
+    """The profile's and database's path (one sort, every level) gives the weights of one-level compression (a
+    k-th-value search per level), ties included, quantized levels and N:M too."""
+    from allocator.backends import compress_levels, compress_recorded
+    from allocator.backends.stats import LayerStats
+
+    gen = torch.Generator().manual_seed(5)
+    W = (torch.randint(-6, 7, (24, 64), generator=gen) / 4).to(torch.bfloat16)  # many equal |w|: ties
+    stats = LayerStats(64, hessian=False)
+    stats.add_batch(torch.randint(0, 3, (50, 64), generator=gen).float())  # equal column norms too
+    levels = [parse_level(n) for n in ("dense", "s0.1", "s0.45", "s0.5", "s0.9", "2:4", "w4g32", "s0.5+w4g32", "fp8")]
+    chosen = get_backend(backend)
+    many = compress_levels(W, levels, chosen, stats)
+    for level, (Q, params) in zip(levels, many, strict=True):
+        alone, alone_params = compress_recorded(W, level, chosen, stats)
+        assert torch.equal(Q, alone), level.name
+        assert all(torch.equal(a, b) for a, b in zip(params, alone_params, strict=True))

@@ -188,8 +188,9 @@ def test_a_bfloat16_run_never_reuses_a_float32_runs_database(tiny_model_dir, tex
     def run(dtype: str):
         out = tmp_path / dtype
         argv = _args(tiny_model_dir, text_files, out, "--method", "knapsack", "--backend", "gptq", "--levels",
-                     "dense,w8,w4g32", "--target", "bits=6", "--per", "tie-group", "--fit-plans", "12", "--fit-rounds",
-                     "1", "--dtype", dtype, "--cache-dir", str(tmp_path / "c"))  # fmt: skip
+                     "dense,w8,w4g32", "--target", "bits=6", "--per", "tie-group", "--sensitivity", "fitted",
+                     "--fit-plans", "12", "--fit-rounds", "1", "--dtype", dtype, "--cache-dir",
+                     str(tmp_path / "c"))  # fmt: skip
         assert main(argv) == 0
         return out
 

@@ -73,7 +73,12 @@ def test_compare_command_runs_every_cell_on_every_text_and_resumes(tiny_model_di
     dense = json.loads((out / "dense" / "eval.json").read_text())
     assert dense[str(text_files["eval"])]["perplexity"] == pytest.approx(metrics["dense_perplexity"], rel=F32)
     md = (out / "compare.md").read_text()
-    assert md.count("## ") == 2 and "[" in md and md.count("paired bootstrap") == 2 and all((out / f"{p.name}.png").is_file() for p in text_files.values())
+    assert (
+        md.count("## ") == 2
+        and "[" in md
+        and md.count("paired bootstrap") == 2
+        and all((out / f"{p.name}.png").is_file() for p in text_files.values())
+    )
     # resume: a finished cell is kept as it is, a lost one is redone
     kept = (out / "sparsity=0.6" / "knapsack" / "eval.json").stat().st_mtime_ns
     (out / "sparsity=0.3" / "uniform" / "eval.json").unlink()

@@ -82,10 +82,20 @@ def _drop_perplexity(path: Path) -> None:
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "perplexity"}))
 
 
+def _shift_window_nll(path: Path) -> None:
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "window_nll": [v + 0.5 for v in meta["window_nll"]]}))
+
+
 DENSE = {
     "truncated json": (".json", lambda p: _truncate(p, 0.3)),
     "a json list": (".json", lambda p: p.write_text("[1, 2]")),
     "perplexity missing": (".json", _drop_perplexity),
+    "window NLLs that disagree with the perplexity": (".json", _shift_window_nll),
+    "window NLLs not a list": (
+        ".json",
+        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "window_nll": "1e9"})),
+    ),
     "truncated safetensors": (".safetensors", _truncate),
 }
 
@@ -94,9 +104,10 @@ DENSE = {
 def test_a_damaged_dense_reference_is_recomputed(damage, first, cache, caplog):
     suffix, hurt = DENSE[damage]
     hurt(_dense_entry(cache, suffix))
-    ppl, teacher, cached = Workspace(cache).dense(first["cal"].model, first["ev"], first["kl"], 2)
+    ppl, teacher, cached, nll = Workspace(cache).dense(first["cal"].model, first["ev"], first["kl"], 2)
     _one_warning(caplog, str(_dense_entry(cache, ".json")))
     assert not cached and ppl == first["dense"][0] and torch.equal(teacher, first["dense"][1])
+    assert np.array_equal(nll, first["dense"].window_nll)
     again = Workspace(cache).dense(first["cal"].model, first["ev"], first["kl"], 2)
     assert again[2] and again[0] == ppl  # the rewritten entry serves the next run
 
@@ -403,7 +414,15 @@ def test_a_run_with_every_cache_damaged_equals_the_clean_run(run_folder, tmp_pat
     numbers."""
     root = run_folder["root"]
     shutil.copytree(root / "cache", tmp_path / "cache")
-    argv = [*run_folder["argv"], "--method", "knapsack", "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        *run_folder["argv"],
+        "--method",
+        "knapsack",
+        "--sensitivity",
+        "fitted",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main([*argv, "-o", str(tmp_path / "clean")]) == 0  # measures the profile and database
     _truncate(_dense_entry(tmp_path / "cache", ".json"), 0.5)
     _truncate(next((tmp_path / "cache" / "profiles").rglob("*.parquet")))

@@ -317,7 +317,8 @@ def test_cli_export_writes_files_and_refuses_cleanly(tmp_path, capsys):
 def test_apply_reloads_with_plain_transformers_and_reproduces_perplexity(tiny_model_dir, text_files, tmp_path):
     run = tmp_path / "run"
     args = _args(tiny_model_dir, text_files, run, "--target", "bits=4", "--method", "knapsack", "--backend", "rtn",
-                 "--levels", "dense,w8,w4g32,w2g16a", "--cache-dir", str(tmp_path / "profiles"))  # fmt: skip
+                 "--levels", "dense,w8,w4g32,w2g16a", "--sensitivity", "fitted", "--cache-dir",
+                 str(tmp_path / "profiles"))  # fmt: skip
     assert main(args) == 0
     out = tmp_path / "ckpt"
     assert main(["apply", str(run / "plan.json"), "-o", str(out), "--checkpoint", "hf"]) == 0

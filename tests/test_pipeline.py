@@ -76,3 +76,34 @@ def test_a_plan_copied_alone_applies_and_exports_bit_for_bit_as_in_its_run_folde
     for fmt in ("llmcompressor", "json", "csv"):
         assert main(["export", str(alone), "--to", fmt]) == 0
     assert "WandaPruningModifier" in (alone.parent / "exports" / "llmcompressor" / "recipe.yaml").read_text()
+
+
+def test_wanda_plans_of_one_session_share_one_input_pass_and_equal_a_fresh_calibration(tiny_model_dir, text_files,
+                                                                                       tmp_path, monkeypatch):  # fmt: skip
+    """Wanda reads only column norms of the dense inputs: a session gathers them once (compare's uniform and
+    knapsack cells, a run's plan after OWL's pass), and the weights equal a fresh calibration pass's, bit for bit."""
+    import torch
+
+    import allocator.session
+    from allocator.backends import apply_
+    from allocator.inventory import weight_view
+    from allocator.levels import parse_level
+    from allocator.session import Session
+    from allocator.spec import RunConfig
+    from tests.conftest import tiny_model
+
+    passes = []
+    gather = allocator.session.input_stats
+    monkeypatch.setattr(allocator.session, "input_stats", lambda *a, **k: passes.append(1) or gather(*a, **k))
+    session = Session(RunConfig(model=str(tiny_model_dir), calib=str(text_files["calib"]), eval=str(text_files["eval"]),
+                                backend="wanda", seq_len=16, calib_samples=4, eval_samples=2, kl_samples=2,
+                                batch_size=3, dense_cache=False, cache_dir=str(tmp_path / "c")))  # fmt: skip
+    names = [x.name for x in session.inventory.layers]
+    for sparsity in ("s0.3", "s0.6"):
+        plan = {n: parse_level(sparsity if i % 2 else "s0.5") for i, n in enumerate(names)}
+        session.compress_(plan, "wanda")
+        fresh = tiny_model("llama")
+        apply_(fresh, plan, "wanda", session.calib, 3)
+        for n in names:
+            assert torch.equal(weight_view(session.model.get_submodule(n)), weight_view(fresh.get_submodule(n))), n
+    assert len(passes) == 1

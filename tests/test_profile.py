@@ -134,7 +134,7 @@ def test_two_budgets_at_once(tiny_model_dir, text_files, tmp_path):
 def test_evolution_run_end_to_end_and_resume(tiny_model_dir, text_files, tmp_path, monkeypatch):
     monkeypatch.setenv("ALLOCATOR_CACHE", str(tmp_path / "cache"))
     common = ["--method", "evolution", "--start", "knapsack", "--generations", "3", "--offspring", "3",
-              "--stages", "2@16,1@32", "--target", "sparsity=0.5"]  # fmt: skip
+              "--stages", "2@16,1@32", "--target", "sparsity=0.5", "--sensitivity", "fitted"]  # fmt: skip
     out = tmp_path / "evo"
     assert main(_args(tiny_model_dir, text_files, tmp_path, *common, "-o", str(out))) == 0
     names = sorted(p.name for p in out.iterdir())

@@ -124,7 +124,8 @@ def test_guided_run_end_to_end_shares_the_fitted_history(tiny_model_dir, text_fi
 
     out = tmp_path / "guided"
     argv = _args(tiny_model_dir, text_files, tmp_path, "--method", "guided", "--start", "knapsack",
-                 "--generations", "2", "--offspring", "3", "--target", "sparsity=0.5", "-o", str(out))  # fmt: skip
+                 "--generations", "2", "--offspring", "3", "--target", "sparsity=0.5", "--sensitivity", "fitted", "-o",
+                 str(out))  # fmt: skip
     assert main(argv) == 0
     assert {"guided_state.json", "fitted_state.json", "history.csv", "plan.json"} <= {p.name for p in out.iterdir()}
     fitted = len(json.loads((out / "sensitivity.json").read_text())["choices"])

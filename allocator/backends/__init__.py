@@ -16,10 +16,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from allocator.backends.calibrate import blockwise
-from allocator.backends.magnitude import magnitude_prune
+from allocator.backends.magnitude import magnitude_prune, magnitude_score
+from allocator.backends.masks import prune_masks
 from allocator.backends.obs import obs_compress_levels
 from allocator.backends.stats import LayerStats
-from allocator.backends.wanda import wanda_prune
+from allocator.backends.wanda import wanda_prune, wanda_score
 from allocator.errors import AllocatorError
 from allocator.inventory import Inventory, weight_view
 from allocator.levels import Level
@@ -43,25 +44,46 @@ class Backend:
     hessian: bool = False  # reads the input Gram matrix H (OBS), not only the column norms
 
 
+def _rtn_after(pruned: torch.Tensor, level: Level, peers) -> Compressed:
+    if level.weights is None:
+        return pruned, ()
+    Q, params = level.weights.rtn_recorded(pruned, peers)
+    return Q.masked_fill(pruned == 0, 0), params  # pruned weights stay exactly zero
+
+
 def _prune_then_rtn(prune: Callable[[torch.Tensor, Level, LayerStats | None], torch.Tensor]):
     def compress(W: torch.Tensor, level: Level, stats: LayerStats | None, peers=None) -> Compressed:
-        out = prune(W, level, stats) if level.prune is not None else W
-        if level.weights is None:
-            return out, ()
-        Q, params = level.weights.rtn_recorded(out, peers)
-        return Q.masked_fill(out == 0, 0), params  # pruned weights stay exactly zero
+        return _rtn_after(prune(W, level, stats) if level.prune is not None else W, level, peers)
 
     return compress
 
 
+def _prune_then_rtn_many(score: Callable[[torch.Tensor, LayerStats | None], torch.Tensor], per_row: bool):
+    """The same weights as :func:`_prune_then_rtn` at many levels: the score computed and sorted once."""
+
+    def compress_many(W: torch.Tensor, levels: list[Level], stats: LayerStats | None, peers=None) -> list[Compressed]:
+        masks = prune_masks(score(W, stats), levels, per_row)
+        return [_rtn_after(W if m is None else W.masked_fill(m, 0), lv, peers)
+                for lv, m in zip(levels, masks, strict=True)]  # fmt: skip
+
+    return compress_many
+
+
 _magnitude = _prune_then_rtn(lambda W, level, _stats: magnitude_prune(W, level))
+_magnitude_many = _prune_then_rtn_many(magnitude_score, per_row=False)
 _obs = lambda W, level, stats, peers=None: obs_compress_levels(W, stats.H, [level], peers=peers)[0]  # noqa: E731
 _obs_many = lambda W, levels, stats, peers=None: obs_compress_levels(W, stats.H, levels, peers=peers)  # noqa: E731
 
 BACKENDS: dict[str, Backend] = {
-    "magnitude": Backend("magnitude", False, _magnitude, "prune smallest |W| per layer; bits by RTN"),
-    "rtn": Backend("rtn", False, _magnitude, "round-to-nearest bits; sparsity by magnitude"),
-    "wanda": Backend("wanda", True, _prune_then_rtn(wanda_prune), "prune by |W|·||X|| per row; bits by RTN"),
+    "magnitude": Backend("magnitude", False, _magnitude, "prune smallest |W| per layer; bits by RTN", _magnitude_many),
+    "rtn": Backend("rtn", False, _magnitude, "round-to-nearest bits; sparsity by magnitude", _magnitude_many),
+    "wanda": Backend(
+        "wanda",
+        True,
+        _prune_then_rtn(wanda_prune),
+        "prune by |W|·||X|| per row; bits by RTN",
+        _prune_then_rtn_many(wanda_score, per_row=True),
+    ),  # fmt: skip
     "sparsegpt": Backend(
         "sparsegpt", True, _obs, "OBS pruning (and quantization) with the input Hessian", _obs_many, hessian=True
     ),

@@ -9,7 +9,11 @@ from allocator.backends.stats import LayerStats
 from allocator.levels import Level
 
 
+def wanda_score(W: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """|W_ij| * ||X_j||: what Wanda removes the lowest of, within each output row."""
+    return W.abs().float() * stats.col_norms.to(W.device)[None, :]  # [rows, cols]
+
+
 def wanda_prune(W: torch.Tensor, level: Level, stats: LayerStats) -> torch.Tensor:
     """Return ``W`` ([rows, cols]) with the lowest |W| * ||X|| weights of each row (or N:M group) zeroed."""
-    score = W.abs().float() * stats.col_norms.to(W.device)[None, :]  # [rows, cols]
-    return W.masked_fill(prune_mask(score, level, per_row=True), 0)
+    return W.masked_fill(prune_mask(wanda_score(W, stats), level, per_row=True), 0)
