@@ -78,8 +78,7 @@ def test_a_plan_copied_alone_applies_and_exports_bit_for_bit_as_in_its_run_folde
     assert "WandaPruningModifier" in (alone.parent / "exports" / "llmcompressor" / "recipe.yaml").read_text()
 
 
-def test_wanda_plans_of_one_session_share_one_input_pass_and_equal_a_fresh_calibration(tiny_model_dir, text_files,
-                                                                                       tmp_path, monkeypatch):  # fmt: skip
+def test_wanda_plans_of_one_session_share_one_input_pass(tiny_model_dir, text_files, tmp_path, monkeypatch):
     """Wanda reads only column norms of the dense inputs: a session gathers them once (compare's uniform and
     knapsack cells, a run's plan after OWL's pass), and the weights equal a fresh calibration pass's, bit for bit."""
     import torch
