@@ -36,7 +36,7 @@ from allocator.levels import Level, with_dense
 from allocator.sensitivity import SENSITIVITIES
 from allocator.sensitivity.fisher import fisher_error, output_fisher, row_energy
 
-PROFILE_VERSION = 3  # 2: the fisher column; 3: column norms from their own sums, activation noise
+PROFILE_VERSION = 4  # 2: the fisher column; 3: column norms from their own sums, activation noise; 4: labels
 FISHER_SEQS = 32  # calibration windows the Fisher pass uses (its estimate settles well before 128)
 OWL_M = 5.0  # OWL's outlier threshold: scores above M x the block mean (paper default)
 COLUMNS = ("layer", "block", "role", "level", "params", "kept_params", "bits", "error", "fisher", "outlier_ratio")

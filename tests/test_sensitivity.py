@@ -16,7 +16,7 @@ from allocator.levels import parse_grid
 from allocator.search.additive import fit
 from allocator.search.fitted import random_plans, refine
 from allocator.search.knapsack import Knapsack
-from allocator.sensitivity.fisher import fisher_error, output_fisher, row_energy
+from allocator.sensitivity.fisher import fisher_error, output_fisher, row_energy, sample_labels
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -50,6 +50,17 @@ def test_output_fisher_converges_to_the_exact_expected_squared_gradient():
     est = output_fisher(model, inv, seq.repeat(800, 1), batch_size=200, seed=0)[name].double()
     assert est.sum().item() == pytest.approx(exact.sum().item(), rel=0.05)  # Monte Carlo over 4,800 labels
     assert np.corrcoef(est.numpy(), exact.numpy())[0, 1] > 0.95
+
+
+def test_sampled_labels_follow_the_softmax_and_are_seeded():
+    """Inverse-CDF sampling: label frequencies over 200,000 draws match the softmax (a binomial 5-sigma band per
+    label, zero-probability labels never drawn), and one seed gives one draw."""
+    logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), 1.0, -3.0]]).repeat(200_000, 1)
+    labels = sample_labels(logits, torch.Generator().manual_seed(0))
+    p = logits[0].softmax(-1).double()
+    freq = torch.bincount(labels, minlength=6).double() / len(labels)
+    assert (freq - p).abs().le(5 * (p * (1 - p) / len(labels)).sqrt() + 1e-12).all() and freq[3] == 0
+    assert torch.equal(labels[:1000], sample_labels(logits[:1000], torch.Generator().manual_seed(0)))
 
 
 def test_fisher_error_equals_the_brute_force_weighted_output_error():

@@ -50,7 +50,7 @@ def output_fisher(
             with torch.enable_grad():
                 logits = model(batch, use_cache=False).logits.float()
                 with torch.no_grad():
-                    labels = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=gen).squeeze(-1)
+                    labels = sample_labels(logits.flatten(0, 1), gen)
                 F.cross_entropy(logits.flatten(0, 1), labels, reduction="sum").backward()
             tokens += batch.numel()
     finally:
@@ -59,6 +59,14 @@ def output_fisher(
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
     return {name: (s / max(tokens, 1)).float() for name, s in sums.items()}
+
+
+def sample_labels(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One label per row of ``logits`` ([N, V]) drawn from its softmax by inverting the cumulative distribution at a
+    uniform draw: exact sampling as ``torch.multinomial``, which on a CPU took 2 s a batch at a 49k vocabulary."""
+    cdf = logits.float().softmax(-1).cumsum(-1)  # [N, V]
+    u = torch.rand(len(cdf), 1, generator=gen, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1).squeeze(-1)
 
 
 def row_energy(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
