@@ -1,8 +1,8 @@
 """The main job end to end: measure what the method needs, allocate under a budget, compress, evaluate, write.
 
 A run measures only what its searcher declares (:attr:`allocator.spec.RunSpec.needs`): uniform nothing, OWL one
-outlier pass, knapsack a profile (and, for the default fitted sensitivity, the level database and the measured
-plans of the fitted search), evolution the level database and the KL fitness.
+outlier pass, knapsack a profile (and, for the fitted sensitivity, a GPU run's default, the level database and
+the measured plans of the fitted search), evolution the level database and the KL fitness.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from allocator.model import cache_dir  # noqa: E402
 from allocator.report import save_figure  # noqa: E402
 
 FIRST = ["compare", "--methods", "uniform,knapsack", "--targets", "sparsity=0.6", "--backend", "wanda",
-         "--calib-samples", "16", "--eval-samples", "16", "--kl-samples", "2", "--dtype", "bfloat16"]  # fmt: skip
+         "--calib-samples", "8", "--eval-samples", "8", "--kl-samples", "2", "--dtype", "bfloat16"]  # fmt: skip
 SMALL = ["--calib-samples", "32", "--eval-samples", "16", "--kl-samples", "4"]  # the sensitivity comparison's sizes
 TARGETS = "sparsity=0.5;sparsity=0.6;sparsity=0.7"
 SETTINGS = {  # label: (methods, extra flags)

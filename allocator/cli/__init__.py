@@ -76,7 +76,8 @@ def _search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensitivity", default=d.sensitivity, choices=list(SENSITIVITIES),
                    help="what knapsack, optuna's compact space and a knapsack start minimise: error (relative "
                    "output error), fisher (Fisher-weighted, in nats), kl (measured per layer), fitted (a prior "
-                   "re-weighted to the measured KL of real plans by the fitted search)")  # fmt: skip
+                   "re-weighted to the measured KL of real plans by the fitted search); default: fisher on a CPU, "
+                   "fitted on a GPU")  # fmt: skip
     p.add_argument(
         "--fit-seqs",
         type=int,
