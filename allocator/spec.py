@@ -109,8 +109,8 @@ def device_defaults(config: RunConfig) -> RunConfig:
     """``config`` with what the device decides filled in where the run left it open, said once a process.
 
     The sensitivity: ``fitted`` on a GPU (~80 measured plans on 8 windows take a minute there), the Fisher prior
-    alone on a CPU, where two cores afford only ~16 plans on 2 windows, too few to fit: that fit made worse plans
-    than its own prior at 2.7x the time (results/first_command.md). What the fitted search measures
+    alone on a CPU, where two cores afford only ~16 plans on 2 windows: that fit kept the prior's plan or bettered
+    it by a few percent at 3x the time (results/first_command.md). What the fitted search measures
     (``--fit-plans``, ``--fit-rounds``, ``--fit-seqs``): the device's amount, also when a CPU run asks for it.
     """
     cuda = str(config.device).startswith("cuda")
