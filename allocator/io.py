@@ -48,10 +48,9 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
 
 def write_error(path: Path, exc: BaseException):
     """The one-line error for a failed write of ``path`` (the temporary is removed by the caller)."""
-    from allocator.errors import AllocatorError
+    from allocator.errors import AllocatorError, first_line
 
-    text = str(exc).strip()
-    why = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+    why = getattr(exc, "strerror", None) or first_line(exc, None)
     fixes = {errno.ENOSPC: "free space or pass a folder on a larger disk (--cache-dir, --output-dir)",
              errno.EROFS: "pass a writable folder", errno.EACCES: "pass a folder you may write into",
              errno.ENAMETOOLONG: "pass a shorter path"}  # fmt: skip

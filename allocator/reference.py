@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
+from allocator.errors import first_line
 from allocator.evaluate import log_probs, window_nll
 from allocator.io import atomic_path, write_json_atomic
 
@@ -165,7 +166,7 @@ def _read_entry(entry: Path, key: dict, shape: tuple[int, ...],
     try:
         hidden = load(raw)["hidden"]
     except (SafetensorError, KeyError) as exc:
-        raise ValueError(f"{tensors.name} does not load: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise ValueError(f"{tensors.name} does not load: {first_line(exc, None)}") from None
     if tuple(hidden.shape) != shape or not hidden.is_floating_point():
         raise ValueError(f"{tensors.name} holds {hidden.dtype} {list(hidden.shape)}, not floats of shape {list(shape)}")
     return float(ppl), hidden, nll

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from allocator.errors import AllocatorError
+from allocator.errors import AllocatorError, first_line
 
 PRESETS: dict[str, dict] = {
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -37,7 +37,7 @@ def config_for(spec: str):
         return AutoConfig.from_pretrained(spec)
     except (OSError, ValueError) as exc:
         raise AllocatorError(
-            f"cannot read a model config from {spec!r} ({str(exc).splitlines()[0][:120]}): pass a preset "
+            f"cannot read a model config from {spec!r} ({first_line(exc, 120)}): pass a preset "
             f"({', '.join(PRESETS)}), a .gguf file, a model folder or a reachable hub id"
         ) from None
 

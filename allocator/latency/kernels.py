@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allocator.errors import first_line
 from allocator.levels import Level
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
@@ -96,7 +97,7 @@ def build(kernel: str, weight: torch.Tensor) -> Kernel:
     except KernelUnavailable:
         raise
     except (RuntimeError, NotImplementedError, ValueError, AttributeError, TypeError) as exc:
-        raise KernelUnavailable(f"{kernel} for {rows}x{cols}: {str(exc).splitlines()[0][:160]}") from exc
+        raise KernelUnavailable(f"{kernel} for {rows}x{cols}: {first_line(exc, 160)}") from exc
     raise ValueError(f"unknown kernel {kernel!r}: one of {', '.join(ALL_KERNELS)}")
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from allocator.errors import first_line
 from allocator.inventory import Inventory
 from allocator.latency.kernels import (
     ALL_KERNELS,
@@ -102,7 +103,7 @@ class Timer:
             with torch.cuda.graph(graph):
                 fn()
         except RuntimeError as exc:
-            self.graph_error = str(exc).splitlines()[0][:160]
+            self.graph_error = first_line(exc, 160)
             log.warning("CUDA graph capture failed (%s): timing eagerly", self.graph_error)
             torch.cuda.synchronize()
             return None
