@@ -12,14 +12,28 @@
 #   (quality did not finish within 8 minutes there; results/llamacpp_offgrid.md was scored on 2 CPU cores here;
 #   each GGUF's row is now kept in \$OUT/llamacpp_offgrid.log as it is scored)
 # issue 31 (no stage call; carry .gpu/tok .whl):                              ... scale
+# issue 30: call 1 (carry .gpu/m.partA): ... stage-latency (stage + SmolLM2's H100 table with the FP8/INT8 W8A8
+# kernels, kept in /tmp/lat for call 2); call 2 (carry .gpu/m.partB .whl): ... formats (the checkpoint table on
+# the GPU, priced on that table, and `allocator latency check` of its knapsack plans); a call cut at the limit is
+# continued by the same call on the warm machine (the table resumes by row)
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks; compressed-tensors and pydantic for checkpoints)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
 MODEL=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
+LAT=/tmp/lat/nvidia-h100-80gb-hbm3/smollm2-135m.csv
 case "$1" in
-stage)
+stage|stage-latency)
   mkdir -p /tmp/model && cp .gpu/m.partA /tmp/model/ && nvidia-smi --query-gpu=name,driver_version --format=csv
+  if [ "$1" = stage-latency ]; then
+    # allocator imports gguf, which the GPU image lacks: the wheel comes with the first half
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      .whl/gguf-0.19.0-py3-none-any.whl
+    mkdir -p "$OUT"
+    PYTHONPATH=$PWD:/tmp/site python3 -m allocator.cli latency measure --model smollm2-135m --out /tmp/lat 2>&1 \
+      | tee "$OUT/latency_measure.log"
+    cp -r /tmp/lat "$OUT/lat"
+  fi
   if [ -f .gpu/llamacpp-bin.tgz ]; then
     mkdir -p /tmp/llamacpp && tar -xzf .gpu/llamacpp-bin.tgz -C /tmp/llamacpp
     lscpu | grep -E "Model name|Flags" | cut -c1-400
@@ -141,6 +155,21 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
         --chunks "${CHUNKS:-100}" --threads 16 --out "$OUT/llamacpp_offgrid" 2>&1 | tee "$OUT/llamacpp_offgrid.log" ;;
     esac
     tar -czf "$OUT/plans.tar.gz" --exclude "*.png" -C /tmp plans ;;
+  formats)
+    # issue 30: uniform BF16/FP8/INT8 W8A8/W4A16/NVFP4/MXFP4 and three knapsacks, each applied, loaded by
+    # transformers + compressed-tensors and scored beside allocator's own figure; latency on the table of call 1
+    [ -f "$LAT" ] || { echo "error: $LAT missing (the machine was not warm): run the stage-latency call again"; exit 3; }
+    python3 scripts/checkpoint_table.py --set issue30 --model "$MODEL" --c4 allocator/texts/c4/validation-2k.parquet \
+      --wikitext allocator/texts/wikitext-2-raw/test.txt --device cuda --batch-size 16 --cache-dir /tmp/profiles \
+      --latency-table "$LAT" --out /tmp/ck/checkpoints_issue30 2>&1 | sed -u "/it\/s\]/d" | tee "$OUT/formats.log"
+    cp /tmp/ck/checkpoints_issue30.{md,csv,json} "$OUT/"
+    for plan in /tmp/ck/checkpoints_issue30_runs/knapsack*/run/plan.json; do
+      echo "== latency check: $plan" | tee -a "$OUT/latency_check.log"
+      python3 -m allocator.cli latency check "$plan" --table "$LAT" --tokens 1,512,2048 2>&1 \
+        | tee -a "$OUT/latency_check.log"
+    done
+    tar -czf "$OUT/plans.tar.gz" --exclude ckpt --exclude "*.parquet" --exclude "*.txt" -C /tmp/ck \
+      checkpoints_issue30_runs ;;
   guided)
     # issue 33: the fitted knapsack, evolution from it and guided evolution from it, at one budget, backend and
     # data, on WikiText-2 and held-out C4 (run folders stay in /tmp; OUT.json is rewritten after every setting)
