@@ -21,7 +21,6 @@
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
 MODEL=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
-LAT=/tmp/lat/nvidia-h100-80gb-hbm3/smollm2-135m.csv
 case "$1" in
 stage|stage-latency)
   mkdir -p /tmp/model && cp .gpu/m.partA /tmp/model/ && nvidia-smi --query-gpu=name,driver_version --format=csv
@@ -158,7 +157,8 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
   formats)
     # issue 30: uniform BF16/FP8/INT8 W8A8/W4A16/NVFP4/MXFP4 and three knapsacks, each applied, loaded by
     # transformers + compressed-tensors and scored beside allocator's own figure; latency on the table of call 1
-    [ -f "$LAT" ] || { echo "error: $LAT missing (the machine was not warm): run the stage-latency call again"; exit 3; }
+    LAT=$(ls /tmp/lat/*/smollm2-135m.csv 2>/dev/null | head -1)
+    [ -n "$LAT" ] || { echo "error: /tmp/lat/*/smollm2-135m.csv missing (the machine was not warm): run the stage-latency call again"; exit 3; }
     python3 scripts/checkpoint_table.py --set issue30 --model "$MODEL" --c4 allocator/texts/c4/validation-2k.parquet \
       --wikitext allocator/texts/wikitext-2-raw/test.txt --device cuda --batch-size 16 --cache-dir /tmp/profiles \
       --latency-table "$LAT" --out /tmp/ck/checkpoints_issue30 2>&1 | sed -u "/it\/s\]/d" | tee "$OUT/formats.log"
