@@ -216,6 +216,17 @@ def test_cli_measure_predict_check_on_cpu(tiny_model_dir, tmp_path, capsys):
     assert "outside the measured range" in capsys.readouterr().err
     assert main(["latency", "predict", str(tmp_path / "plan.json"), "--table", str(tmp_path / "nope.csv")]) == 2
     assert "allocator latency measure" in capsys.readouterr().err
+    # a table measured where int4 ran, checked on a CPU that cannot run it: one line, not a traceback
+    gpu = LatencyTable.load(table_path)
+    gpu.df.loc[gpu.df.kernel == "int4wo-g32", "runs"] = True
+    gpu.meta["gpu"] = "NVIDIA H100 80GB HBM3"
+    gpu.save(tmp_path / "gpu" / "t.csv")
+    argv = ["latency", "check", str(tmp_path / "plan.json"), "--table", str(tmp_path / "gpu" / "t.csv"), "--device",
+            "cpu", "--repeats", "1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.rsplit("\r", 1)[-1]  # after the progress bar
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "ran int4wo-g32 on NVIDIA H100 80GB HBM3, this device cannot" in err and "run the check on that GPU" in err
 
 
 def test_optuna_pareto_front_of_fitness_and_latency(inv, tmp_path):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from allocator.errors import first_line
+from allocator.errors import AllocatorError, first_line
 from allocator.inventory import Inventory
 from allocator.latency.kernels import (
     ALL_KERNELS,
@@ -245,7 +245,13 @@ class Compressor:
             return self.dense[name]
         if (name, kernel) not in self._cache:
             linear = self.dense[name]
-            self._cache[(name, kernel)] = KernelLinear(build(kernel, linear.weight.detach()), linear.bias)
+            try:
+                fn = build(kernel, linear.weight.detach())
+            except KernelUnavailable as exc:  # the table came from another device: its prediction can't be checked
+                gpu = self.table.meta.get("gpu", "the table's device")
+                raise AllocatorError(f"{name}: the table ran {kernel} on {gpu}, this device cannot ({exc}): "
+                                     "run the check on that GPU, or measure a table here") from exc  # fmt: skip
+            self._cache[(name, kernel)] = KernelLinear(fn, linear.bias)
         return self._cache[(name, kernel)]
 
     def _set(self, name: str, module: nn.Module) -> None:
