@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--refuse-levels", default="0:0.9:0.05", help="a larger grid whose database is checked too")
     ap.add_argument("--backend", default="sparsegpt")
     ap.add_argument("--target", default="sparsity=0.5")
+    ap.add_argument("--sensitivity", default=None, help="default: the device's (fitted on a GPU)")
     ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
     ap.add_argument("--calib", default=None)
     ap.add_argument("--eval", default=None)
@@ -113,7 +114,7 @@ def main() -> None:
     config = RunConfig(calib=args.calib, eval=args.eval, backend=args.backend, levels=args.levels, target=args.target,
                        method="knapsack", calib_samples=args.calib_samples, eval_samples=args.eval_samples,
                        seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, dtype=dtype,
-                       cache_dir=str(cache), dense_cache=False)  # fmt: skip
+                       cache_dir=str(cache), dense_cache=False, sensitivity=args.sensitivity)  # fmt: skip
     spec = resolve(config)
     phase = Phases(args.device, cache, out)
     result = {"command": "python " + shlex.join(sys.argv), "device": _device_name(args.device),
@@ -131,7 +132,7 @@ def main() -> None:
     with phase("profile + database", levels=len(grid)):
         session.profile(grid, args.backend, with_database=True)
     problem = build_problem(session.inventory, grid, spec.budget)
-    with phase("fitted sensitivity"):
+    with phase("sensitivity", kind="fitted" if spec.fitter else spec.sensitivity):
         problem, _, _, record = prepare(spec, session, problem)
     result["database_bytes"] = session.find_database(grid, args.backend).manifest["bytes"]
     result["fitted"] = {k: v for k, v in record.items() if k not in ("choices", "kl", "weights")}

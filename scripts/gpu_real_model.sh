@@ -45,8 +45,28 @@ scale)
   export PYTHONPATH=$PWD:/tmp/site
   mkdir -p "$OUT"
   python3 scripts/bench_scale.py --device cuda --tokenizer .gpu/tok --calib allocator/texts/c4/validation-2k.parquet \
-    --eval allocator/texts/wikitext-2-raw/test.txt --cache-dir /tmp/scale --out "$OUT/bench_scale" 2>&1 \
+    --eval allocator/texts/wikitext-2-raw/test.txt --cache-dir /tmp/scale ${SCALE_ARGS:-} --out "$OUT/bench_scale" 2>&1 \
     | sed -u "/it\/s\]/d" | tee "$OUT/bench_scale.log" ;;
+check30)
+  # issue 30 when the formats call cannot run: `allocator latency check` of the table's plans (committed in
+  # results/checkpoints_issue30_plans), no model needed (random weights of its shapes); a GPU other than the H100
+  # of the committed table measures its own first (carry .whl/gguf-0.19.0-py3-none-any.whl)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/gguf-0.19.0-py3-none-any.whl
+  export PYTHONPATH=$PWD:/tmp/site
+  mkdir -p "$OUT"
+  TABLE=profiles/latency/nvidia-h100-80gb-hbm3/smollm2-135m.csv
+  if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q "H100 80GB HBM3"; then
+    python3 -m allocator.cli latency measure --model smollm2-135m --out "$OUT/lat" 2>&1 | sed -u "/it\/s\]/d"
+    TABLE=$(ls "$OUT"/lat/*/smollm2-135m.csv)
+  fi
+  for plan in results/checkpoints_issue30_plans/*.json; do
+    echo "== $plan" && python3 -m allocator.cli latency check "$plan" --table "$TABLE" --tokens 1,512,2048 2>&1 \
+      | sed -u "/it\/s\]/d"
+  done | tee "$OUT/latency_check_issue30.log"
+  # and the W8A8 kernels at Llama-3-8B's shapes, where the matmul outweighs the per-token quantization
+  timeout 240 python3 -m allocator.cli latency measure --model llama-3-8b --kernels dense,fp8,fp8-rowwise,int8-w8a8 \
+    --out "$OUT/lat8b" 2>&1 | sed -u "/it\/s\]/d" | tail -12 ;;
 *)
   [ -f /tmp/model/m.partA ] || { echo "error: first half missing (the machine was not warm): run the stage call again"; exit 3; }
   [ -f "$MODEL" ] || cat /tmp/model/m.partA .gpu/m.partB > "$MODEL"
