@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16", help="the model's dtype, as it is served (scales are stored in it)")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--sensitivity", default=None, help="what the knapsacks minimise (default: the device's)")
     ap.add_argument("--latency-table", default=None)
     ap.add_argument("--llama-bin", default=None, help="folder with llama.cpp's llama-perplexity (GGUF rows)")
     ap.add_argument("--llama-chunks", type=int, default=32)
@@ -134,7 +135,7 @@ def main() -> None:
     config = RunConfig(model=args.model, calib=calib, eval=texts[0], calib_samples=args.calib_samples,
                        eval_samples=args.eval_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                        device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-                       backend=args.backend)  # fmt: skip
+                       backend=args.backend, sensitivity=args.sensitivity)  # fmt: skip
     session = Session(config)
     windows = {t: session.eval_seqs if i == 0 else _windows(session, t, config) for i, t in enumerate(texts)}
     table = LatencyTable.load(args.latency_table) if args.latency_table else None
