@@ -65,8 +65,10 @@ check30)
       | sed -u "/it\/s\]/d"
   done | tee "$OUT/latency_check_issue30.log"
   # and, with LAT8B=1, the W8A8 kernels at Llama-3-8B's shapes, where the matmul outweighs the per-token quantization
-  [ "${LAT8B:-0}" = 1 ] && timeout 240 python3 -m allocator.cli latency measure --model llama-3-8b --kernels dense,fp8,fp8-rowwise,int8-w8a8 \
-    --out "$OUT/lat8b" 2>&1 | sed -u "/it\/s\]/d" | tail -12 ;;
+  if [ "${LAT8B:-0}" = 1 ]; then
+    timeout 240 python3 -m allocator.cli latency measure --model llama-3-8b --kernels dense,fp8,fp8-rowwise,int8-w8a8 \
+      --out "$OUT/lat8b" 2>&1 | sed -u "/it\/s\]/d" | tail -12
+  fi ;;
 *)
   [ -f /tmp/model/m.partA ] || { echo "error: first half missing (the machine was not warm): run the stage call again"; exit 3; }
   [ -f "$MODEL" ] || cat /tmp/model/m.partA .gpu/m.partB > "$MODEL"
