@@ -19,6 +19,8 @@
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks; compressed-tensors and pydantic for checkpoints)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
+# progress bars are erased with \r and what is printed next shares their line: split there, then drop the bars
+bars() { tr '\r' '\n' | grep -v -e 'it/s\]' -e 's/it\]' -e '^ *$' || true; }
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
 MODEL=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
 case "$1" in
@@ -57,17 +59,16 @@ check30)
   mkdir -p "$OUT"
   TABLE=profiles/latency/nvidia-h100-80gb-hbm3/smollm2-135m.csv
   if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q "H100 80GB HBM3"; then
-    python3 -m allocator.cli latency measure --model smollm2-135m --out "$OUT/lat" 2>&1 | sed -u "/it\/s\]/d"
+    python3 -m allocator.cli latency measure --model smollm2-135m --out "$OUT/lat" 2>&1 | bars
     TABLE=$(ls "$OUT"/lat/*/smollm2-135m.csv)
   fi
   for plan in results/checkpoints_issue30_plans/*.json; do
-    echo "== $plan" && python3 -m allocator.cli latency check "$plan" --table "$TABLE" --tokens 1,512,2048 2>&1 \
-      | sed -u "/it\/s\]/d"
+    echo "== $plan" && python3 -m allocator.cli latency check "$plan" --table "$TABLE" --tokens 1,512,2048 2>&1 | bars
   done | tee "$OUT/latency_check_issue30.log"
   # and, with LAT8B=1, the W8A8 kernels at Llama-3-8B's shapes, where the matmul outweighs the per-token quantization
   if [ "${LAT8B:-0}" = 1 ]; then
     timeout 240 python3 -m allocator.cli latency measure --model llama-3-8b --kernels dense,fp8,fp8-rowwise,int8-w8a8 \
-      --out "$OUT/lat8b" 2>&1 | sed -u "/it\/s\]/d" | tail -12
+      --out "$OUT/lat8b" 2>&1 | bars | tail -12
   fi ;;
 *)
   [ -f /tmp/model/m.partA ] || { echo "error: first half missing (the machine was not warm): run the stage call again"; exit 3; }

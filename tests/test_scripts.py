@@ -19,3 +19,17 @@ def test_script_imports(path, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)  # top-level imports only: every script runs its work under __main__
     assert callable(getattr(module, "main", None)), f"{path.name} has no main()"
+
+
+def test_latency_check_log_reads_back_every_plan_and_token_count(monkeypatch):
+    """The committed log of issue 30's check is the table's source: every (plan, token count) line is read."""
+    monkeypatch.syspath_prepend(str(SCRIPTS[0].parent))
+    from latency_check_table import parse
+
+    log = (Path(__file__).resolve().parents[1] / "results" / "latency_check_issue30.log").read_text(encoding="utf-8")
+    df = parse(log)
+    assert len(df) == log.count(" tokens: predicted ") and df.plan.nunique() == log.count("== ")
+    first = df.iloc[0]
+    assert abs(100 * (first.predicted_ms - first.measured_ms) / first.measured_ms - first.error_pct) < 0.01
+    with pytest.raises(SystemExit, match="no `latency check` lines"):
+        parse("== plan.json\n")
