@@ -15,7 +15,8 @@
 # issue 30: call 1 (carry .gpu/m.partA): ... stage-latency (stage + SmolLM2's H100 table with the FP8/INT8 W8A8
 # kernels, kept in /tmp/lat for call 2); call 2 (carry .gpu/m.partB .whl): ... formats (the checkpoint table on
 # the GPU, priced on that table, and `allocator latency check` of its knapsack plans); a call cut at the limit is
-# continued by the same call on the warm machine (the table resumes by row)
+# continued by the same call on the warm machine (the table resumes by row); when formats cannot run there, the
+# table made here and its committed plans are checked with: (carry .whl/gguf-0.19.0-py3-none-any.whl) ... check30
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks; compressed-tensors and pydantic for checkpoints)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
@@ -184,7 +185,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     [ -n "$LAT" ] || { echo "error: /tmp/lat/*/smollm2-135m.csv missing (the machine was not warm): run the stage-latency call again"; exit 3; }
     python3 scripts/checkpoint_table.py --set issue30 --model "$MODEL" --c4 allocator/texts/c4/validation-2k.parquet \
       --wikitext allocator/texts/wikitext-2-raw/test.txt --device cuda --batch-size 16 --cache-dir /tmp/profiles \
-      --latency-table "$LAT" --out /tmp/ck/checkpoints_issue30 2>&1 | sed -u "/it\/s\]/d" | tee "$OUT/formats.log"
+      --latency-table "$LAT" --out /tmp/ck/checkpoints_issue30 2>&1 | bars | tee "$OUT/formats.log"
     cp /tmp/ck/checkpoints_issue30.{md,csv,json} "$OUT/"
     for plan in /tmp/ck/checkpoints_issue30_runs/knapsack*/run/plan.json; do
       echo "== latency check: $plan" | tee -a "$OUT/latency_check.log"
