@@ -21,7 +21,8 @@
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
 # progress bars are erased with \r and what is printed next shares their line: split there, then drop the bars
-bars() { tr '\r' '\n' | grep -v -e 'it/s\]' -e 's/it\]' -e '^ *$' || true; }
+# (line-buffered: a call cut at the time limit keeps every line printed before it)
+bars() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]' -e 's/it\]' -e '^ *$' || true; }
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
 MODEL=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
 case "$1" in
@@ -49,7 +50,7 @@ scale)
   mkdir -p "$OUT"
   python3 scripts/bench_scale.py --device cuda --tokenizer .gpu/tok --calib allocator/texts/c4/validation-2k.parquet \
     --eval allocator/texts/wikitext-2-raw/test.txt --cache-dir /tmp/scale ${SCALE_ARGS:-} --out "$OUT/bench_scale" 2>&1 \
-    | sed -u "/it\/s\]/d" | tee "$OUT/bench_scale.log" ;;
+    | bars | tee "$OUT/bench_scale.log" ;;
 check30)
   # issue 30 when the formats call cannot run: `allocator latency check` of the table's plans (committed in
   # results/checkpoints_issue30_plans), no model needed (random weights of its shapes); a GPU other than the H100
@@ -96,7 +97,7 @@ check30)
       --targets "sparsity=0.4;sparsity=0.5;sparsity=0.6" --backend wanda --levels 0:0.9:0.05 --batch-size 16 \
       --sensitivity "${SENSITIVITY:-fitted}" --methods uniform,owl,knapsack,evolution,evolution:start=knapsack \
       --generations "${GENERATIONS:-150}" --offspring 16 --stages 4@2048,1@8192 --cache-dir /tmp/profiles \
-      -o /tmp/evolution 2>&1 | sed "/it\/s\]/d"
+      -o /tmp/evolution 2>&1 | bars
     bring_back evolution ;;
   optuna)
     # issue 6: optuna (both spaces) vs knapsack vs evolution at equal model evaluations (150 each:
@@ -107,7 +108,7 @@ check30)
       --sensitivity "${SENSITIVITY:-fitted}" --batch-size 16 \
       --methods uniform,knapsack,evolution,optuna,optuna:space=compact --generations 15 --offspring 9 \
       --stages 1@4096 --trials 150 --sampler tpe --probe 8 --cache-dir /tmp/profiles -o /tmp/optuna 2>&1 \
-      | sed "/it\/s\]/d"
+      | bars
     bring_back optuna ;;
   sensitivity)
     # issue 13: sensitivities (error, fisher, kl, fitted) vs uniform/OWL per backend; RUNS lists
@@ -120,7 +121,7 @@ check30)
         --wikitext .gpu/data/test.txt --device cuda --backend "$backend" --levels "$levels" --budgets "$budgets" \
         --seeds "$seeds" --batch-size 16 ${evo:+--evolution "$evo"} --optuna-trials "${OPTUNA_TRIALS:-0}" \
         --cache-dir /tmp/profiles \
-        --out "$OUT/sensitivity_$backend" 2>&1 | sed "/it\\/s\\]/d"
+        --out "$OUT/sensitivity_$backend" 2>&1 | bars
     done ;;
   compare)
     # issue 17: `allocator compare` on the real model: uniform / OWL / knapsack (default fitted sensitivity) at
@@ -133,7 +134,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
       --texts /tmp/texts/wikitext2-test.txt,/tmp/texts/c4-heldout.txt --methods "${METHODS:-uniform,owl,knapsack}" \
       --targets "${TARGETS:-sparsity=0.5;sparsity=0.6;sparsity=0.7}" --backend "${BACKEND:-wanda}" \
       --levels 0:0.9:0.05 --device cuda --batch-size 16 --cache-dir /tmp/profiles -o /tmp/compare 2>&1 \
-      | sed "/it\/s\]/d"
+      | bars
     bring_back compare ;;
   speed)
     # issue 14: evolution's candidate tokens/s against a plain bf16 forward, fast vs reference path; then
@@ -141,10 +142,10 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     python3 scripts/bench_evolution.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet --device cuda \
       --dtype bfloat16 --backend sparsegpt --levels 0:0.9:0.1 --seq-len 2048 --pool 32 --batch-size 8 \
       --generations 10 --offspring 16 --stages 4@8192,1@32768 --out "$OUT/bench_evolution_smollm2_gpu" 2>&1 \
-      | sed "/it\/s\]/d"
+      | bars
     python3 scripts/bench_database.py --model "$MODEL" --calib .gpu/data/validation-2k.parquet --device cuda \
       --dtype bfloat16 --backend sparsegpt --levels 0:0.9:0.05 --calib-samples 128 --seq-len 512 --with-profile \
-      --db-dir /tmp --out "$OUT/bench_database_smollm2_gpu" 2>&1 | sed "/it\/s\]/d" ;;
+      --db-dir /tmp --out "$OUT/bench_database_smollm2_gpu" 2>&1 | bars ;;
   offgrid|plans|quality)
     # issue 19: the embedded model with exact channel rescalings (off the Q4_1 grid it came from), then plans
     # at 4.5 and 5 bits/weight made with --format llamacpp (knapsack, evolution, uniform) and with generic levels
@@ -152,7 +153,7 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     COMMON=(--model /tmp/offgrid/hf --calib /tmp/offgrid/c4-calib.parquet --eval .gpu/data/test.txt --device cuda
             --backend rtn --batch-size 16 --cache-dir /tmp/profiles)
     plan() { python3 -m allocator.cli run "${COMMON[@]}" --target "bits=$1" -o "/tmp/plans/$2-$1" "${@:3}" 2>&1 \
-               | sed "/it\/s\]/d" | tail -5; }
+               | bars | tail -5; }
     case "$1" in
     offgrid)
       rm -rf /tmp/offgrid /tmp/plans /tmp/profiles /tmp/allocator-cache/db /tmp/allocator-cache/dense
@@ -200,20 +201,20 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     python3 scripts/bench_guided.py --model "$MODEL" --c4 allocator/texts/c4/validation-2k.parquet \
       --wikitext allocator/texts/wikitext-2-raw/test.txt --device cuda --settings "${SETTINGS:-sparsegpt:sparsity=0.7}" \
       --seeds "${SEEDS:-0}" --generations "${GENERATIONS:-60}" --cache-dir /tmp/profiles --work /tmp/guided_runs \
-      --out "$OUT/guided" 2>&1 | sed "/it\\/s\\]/d" | tee "$OUT/guided.log" ;;
+      --out "$OUT/guided" 2>&1 | bars | tee "$OUT/guided.log" ;;
   pareto)
     # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
       --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --batch-size 16 \
       --backend wanda --levels 0:0.9:0.05 --target sparsity=0.3 --method optuna --sampler nsga2 \
-      --objectives fitness,bytes --trials 200 --cache-dir /tmp/profiles -o "$OUT/pareto" 2>&1 | sed "/it\\/s\\]/d"
+      --objectives fitness,bytes --trials 200 --cache-dir /tmp/profiles -o "$OUT/pareto" 2>&1 | bars
     tar czf "$OUT/pareto.tgz" -C "$OUT" pareto && rm -rf "$OUT/pareto"  # more files than come back
     # and one NSGA-II study of KL vs predicted decode latency on this GPU's table (int4/int8 kernels)
     python3 -m allocator.cli run --model "$MODEL" --calib .gpu/data/validation-2k.parquet \
       --eval .gpu/data/test.txt --device cuda --calib-samples 64 --eval-samples 32 --batch-size 16 \
       --backend rtn --levels dense,w8,w4g64,w3g64 --target speedup=1 --method optuna --sampler nsga2 \
       --objectives fitness,latency --latency-table profiles/latency/nvidia-h100-80gb-hbm3/smollm2-135m.csv \
-      --latency-tokens 1 --trials 150 --cache-dir /tmp/profiles -o "$OUT/pareto_latency" 2>&1 | sed "/it\\/s\\]/d"
+      --latency-tokens 1 --trials 150 --cache-dir /tmp/profiles -o "$OUT/pareto_latency" 2>&1 | bars
     tar czf "$OUT/pareto_latency.tgz" -C "$OUT" pareto_latency && rm -rf "$OUT/pareto_latency" ;;
   esac ;;
 esac
