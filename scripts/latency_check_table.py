@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from allocator.errors import first_line  # noqa: E402
 from allocator.io import write_text_atomic  # noqa: E402
 from allocator.report import save_figure  # noqa: E402
 
@@ -32,7 +33,7 @@ def parse(text: str) -> pd.DataFrame:
             rows.append({"plan": plan, "tokens": int(m[1]), "predicted_ms": float(m[2]), "measured_ms": float(m[3]),
                          "error_pct": float(m[4]), "measured_speedup": float(m[5])})  # fmt: skip
     if not rows:
-        raise SystemExit("error: no `latency check` lines in the log: pass the log the check30 call wrote")
+        raise ValueError("no `latency check` lines in the log: pass the log the check30 call wrote")
     return pd.DataFrame(rows)
 
 
@@ -41,7 +42,11 @@ def main() -> None:
     ap.add_argument("--log", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    df = parse(Path(args.log).read_text(encoding="utf-8"))
+    try:
+        df = parse(Path(args.log).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        print(f"error: {first_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from exc
     out = Path(args.out)
     write_text_atomic(out.with_suffix(".csv"), df.to_csv(index=False))
     lines = [f"`python {shlex.join(sys.argv)}`\n", "| plan | tokens | predicted ms | measured ms | error % | measured "

@@ -31,5 +31,5 @@ def test_latency_check_log_reads_back_every_plan_and_token_count(monkeypatch):
     assert len(df) == log.count(" tokens: predicted ") and df.plan.nunique() == log.count("== ")
     first = df.iloc[0]
     assert abs(100 * (first.predicted_ms - first.measured_ms) / first.measured_ms - first.error_pct) < 0.01
-    with pytest.raises(SystemExit, match="no `latency check` lines"):
+    with pytest.raises(ValueError, match="no `latency check` lines"):
         parse("== plan.json\n")
