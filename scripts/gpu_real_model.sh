@@ -23,6 +23,8 @@ set -euo pipefail
 # progress bars are erased with \r and what is printed next shares their line: split there, then drop the bars
 # (line-buffered: a call cut at the time limit keeps every line printed before it)
 bars() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]' -e 's/it\]' -e '^ *$' || true; }
+# the wheels the GPU image lacks (carried in .whl/), installed beside the checkout
+wheels() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ALLOCATOR_CACHE=/tmp/allocator-cache
 MODEL=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
 case "$1" in
@@ -30,8 +32,7 @@ stage|stage-latency)
   mkdir -p /tmp/model && cp .gpu/m.partA /tmp/model/ && nvidia-smi --query-gpu=name,driver_version --format=csv
   if [ "$1" = stage-latency ]; then
     # allocator imports gguf, which the GPU image lacks: the wheel comes with the first half
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-      .whl/gguf-0.19.0-py3-none-any.whl
+    wheels .whl/gguf-0.19.0-py3-none-any.whl
     mkdir -p "$OUT"
     PYTHONPATH=$PWD:/tmp/site python3 -m allocator.cli latency measure --model smollm2-135m --out /tmp/lat 2>&1 \
       | tee "$OUT/latency_measure.log"
@@ -45,7 +46,7 @@ stage|stage-latency)
 scale)
   # issue 31: the Llama-3-8B-shaped model (random weights) through the default pipeline; needs no stage call, only
   # the tokenizer and the wheels (carry .gpu/tok .whl: the GPU image lacks gguf, which allocator imports)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  wheels .whl/*.whl
   export PYTHONPATH=$PWD:/tmp/site
   mkdir -p "$OUT"
   python3 scripts/bench_scale.py --device cuda --tokenizer .gpu/tok --calib allocator/texts/c4/validation-2k.parquet \
@@ -55,8 +56,7 @@ check30)
   # issue 30 when the formats call cannot run: `allocator latency check` of the table's plans (committed in
   # results/checkpoints_issue30_plans), no model needed (random weights of its shapes); a GPU other than the H100
   # of the committed table measures its own first (carry .whl/gguf-0.19.0-py3-none-any.whl)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/gguf-0.19.0-py3-none-any.whl
+  wheels .whl/gguf-0.19.0-py3-none-any.whl
   export PYTHONPATH=$PWD:/tmp/site
   mkdir -p "$OUT"
   TABLE=profiles/latency/nvidia-h100-80gb-hbm3/smollm2-135m.csv
@@ -75,7 +75,7 @@ check30)
 *)
   [ -f /tmp/model/m.partA ] || { echo "error: first half missing (the machine was not warm): run the stage call again"; exit 3; }
   [ -f "$MODEL" ] || cat /tmp/model/m.partA .gpu/m.partB > "$MODEL"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  wheels .whl/*.whl
   export PYTHONPATH=$PWD:/tmp/site
   mkdir -p "$OUT"
   # a run cut at the 10-minute limit continues: carry what came back as .gpu/resume (the scripts resume)
