@@ -126,9 +126,10 @@ def main() -> None:
     ap.add_argument("--llama-bin", default=None, help="folder with llama.cpp's llama-perplexity (GGUF rows)")
     ap.add_argument("--llama-chunks", type=int, default=32)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default=None, help="run folders and checkpoints (default: OUT_runs beside the table)")
     args = ap.parse_args()
     out = Path(args.out)
-    work = out.parent / (out.name + "_runs")
+    work = Path(args.work) if args.work else out.parent / (out.name + "_runs")
     work.mkdir(parents=True, exist_ok=True)
     calib, heldout = split_c4(Path(args.c4 or data.default_calibration()), 400, work)
     texts = [args.wikitext or data.default_evaluation(), heldout]

@@ -12,11 +12,12 @@
 #   (quality did not finish within 8 minutes there; results/llamacpp_offgrid.md was scored on 2 CPU cores here;
 #   each GGUF's row is now kept in \$OUT/llamacpp_offgrid.log as it is scored)
 # issue 31 (no stage call; carry .gpu/tok .whl):                              ... scale
-# issue 30: call 1 (carry .gpu/m.partA): ... stage-latency (stage + SmolLM2's H100 table with the FP8/INT8 W8A8
-# kernels, kept in /tmp/lat for call 2); call 2 (carry .gpu/m.partB .whl): ... formats (the checkpoint table on
-# the GPU, priced on that table, and `allocator latency check` of its knapsack plans); a call cut at the limit is
-# continued by the same call on the warm machine (the table resumes by row); when formats cannot run there, the
-# table made here and its committed plans are checked with: (carry .whl/gguf-0.19.0-py3-none-any.whl) ... check30
+# issue 30: call 1 (carry .gpu/m.partA): ... stage on an H100 (its committed latency table is used), else
+# stage-latency (stage + this GPU's SmolLM2 table with the FP8/INT8 W8A8 kernels, kept in /tmp/lat); call 2 (carry
+# .gpu/m.partB .whl): ... formats (the checkpoint table on the GPU, priced on that table, and `allocator latency
+# check` of its plans); the table comes back after every row: a call cut at the limit is continued on the warm
+# machine carrying it as .gpu/resume; without a machine for formats, the committed plans of the table made here
+# are checked with: (carry .whl/gguf-0.19.0-py3-none-any.whl) ... check30
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks; compressed-tensors and pydantic for checkpoints)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
@@ -181,20 +182,23 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     tar -czf "$OUT/plans.tar.gz" --exclude "*.png" -C /tmp plans ;;
   formats)
     # issue 30: uniform BF16/FP8/INT8 W8A8/W4A16/NVFP4/MXFP4 and three knapsacks, each applied, loaded by
-    # transformers + compressed-tensors and scored beside allocator's own figure; latency on the table of call 1
-    LAT=$(ls /tmp/lat/*/smollm2-135m.csv 2>/dev/null | head -1)
-    [ -n "$LAT" ] || { echo "error: /tmp/lat/*/smollm2-135m.csv missing (the machine was not warm): run the stage-latency call again"; exit 3; }
+    # transformers + compressed-tensors and scored beside allocator's own figure, priced on the latency table of
+    # this GPU (stage-latency's, else the committed one on an H100); the table is written under $OUT after every
+    # row, so a call cut at the limit keeps its rows: carry them back as .gpu/resume (ONLY= picks recipes)
+    LAT=$(ls /tmp/lat/*/smollm2-135m.csv 2>/dev/null | head -1 || true)
+    if [ -z "$LAT" ] && nvidia-smi --query-gpu=name --format=csv,noheader | grep -q "H100 80GB HBM3"; then
+      LAT=profiles/latency/nvidia-h100-80gb-hbm3/smollm2-135m.csv
+    fi
+    [ -n "$LAT" ] || { echo "error: no latency table of this GPU (not an H100, not warm): run the stage-latency call again"; exit 3; }
     python3 scripts/checkpoint_table.py --set issue30 --model "$MODEL" --c4 allocator/texts/c4/validation-2k.parquet \
       --wikitext allocator/texts/wikitext-2-raw/test.txt --device cuda --batch-size 16 --cache-dir /tmp/profiles \
-      --latency-table "$LAT" --out /tmp/ck/checkpoints_issue30 2>&1 | bars | tee "$OUT/formats.log"
-    cp /tmp/ck/checkpoints_issue30.{md,csv,json} "$OUT/"
-    for plan in /tmp/ck/checkpoints_issue30_runs/knapsack*/run/plan.json; do
-      echo "== latency check: $plan" | tee -a "$OUT/latency_check.log"
-      python3 -m allocator.cli latency check "$plan" --table "$LAT" --tokens 1,512,2048 2>&1 \
-        | tee -a "$OUT/latency_check.log"
-    done
-    tar -czf "$OUT/plans.tar.gz" --exclude ckpt --exclude "*.parquet" --exclude "*.txt" -C /tmp/ck \
-      checkpoints_issue30_runs ;;
+      --latency-table "$LAT" ${ONLY:+--only "$ONLY"} --work /tmp/ck --out "$OUT/checkpoints_issue30" 2>&1 \
+      | bars | tee -a "$OUT/formats.log"
+    # every plan of this machine, decode (1 token) and prefill, measured against the table's prediction
+    for plan in /tmp/ck/*/run/plan.json; do
+      echo "== $plan" && python3 -m allocator.cli latency check "$plan" --table "$LAT" --tokens 1,512,2048 2>&1 | bars
+    done | tee -a "$OUT/latency_check.log"
+    tar -czf "$OUT/plans.tar.gz" --exclude ckpt --exclude "*.parquet" --exclude "*.txt" -C /tmp ck ;;
   guided)
     # issue 33: the fitted knapsack, evolution from it and guided evolution from it, at one budget, backend and
     # data, on WikiText-2 and held-out C4 (run folders stay in /tmp; OUT.json is rewritten after every setting)
