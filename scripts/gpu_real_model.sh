@@ -12,8 +12,8 @@
 #   (quality did not finish within 8 minutes there; results/llamacpp_offgrid.md was scored on 2 CPU cores here;
 #   each GGUF's row is now kept in \$OUT/llamacpp_offgrid.log as it is scored)
 # issue 31 (no stage call; carry .gpu/tok .whl):                              ... scale
-# issue 30: call 1 (carry .gpu/m.partA): ... stage on an H100 (its committed latency table is used), else
-# stage-latency (stage + this GPU's SmolLM2 table with the FP8/INT8 W8A8 kernels, kept in /tmp/lat); call 2 (carry
+# issue 30: call 1 (carry .gpu/m.partA .whl/gguf-0.19.0-py3-none-any.whl): ... stage-latency (stage + on a GPU other
+# than the H100 of the committed table, this GPU's SmolLM2 table with the FP8/INT8 W8A8 kernels, kept in /tmp/lat); call 2 (carry
 # .gpu/m.partB .whl): ... formats (the checkpoint table on the GPU, priced on that table, and `allocator latency
 # check` of its plans); the table comes back after every row: a call cut at the limit is continued on the warm
 # machine carrying it as .gpu/resume; without a machine for formats, the committed plans of the table made here
@@ -31,7 +31,8 @@ MODEL=/tmp/model/SmolLM2-135M-Instruct.Q4_1.gguf
 case "$1" in
 stage|stage-latency)
   mkdir -p /tmp/model && cp .gpu/m.partA /tmp/model/ && nvidia-smi --query-gpu=name,driver_version --format=csv
-  if [ "$1" = stage-latency ]; then
+  # (an H100 has its committed table: nothing to measure)
+  if [ "$1" = stage-latency ] && ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q "H100 80GB HBM3"; then
     # allocator imports gguf, which the GPU image lacks: the wheel comes with the first half
     wheels .whl/gguf-0.19.0-py3-none-any.whl
     mkdir -p "$OUT"
