@@ -12,12 +12,12 @@
 #   (quality did not finish within 8 minutes there; results/llamacpp_offgrid.md was scored on 2 CPU cores here;
 #   each GGUF's row is now kept in \$OUT/llamacpp_offgrid.log as it is scored)
 # issue 31 (no stage call; carry .gpu/tok .whl):                              ... scale
-# issue 30: call 1 (carry .gpu/m.partA .whl/gguf-0.19.0-py3-none-any.whl): ... stage-latency (stage + on a GPU other
-# than the H100 of the committed table, this GPU's SmolLM2 table with the FP8/INT8 W8A8 kernels, kept in /tmp/lat); call 2 (carry
-# .gpu/m.partB .whl): ... formats (the checkpoint table on the GPU, priced on that table, and `allocator latency
-# check` of its plans); the table comes back after every row: a call cut at the limit is continued on the warm
-# machine carrying it as .gpu/resume; without a machine for formats, the committed plans of the table made here
-# are checked with: (carry .whl/gguf-0.19.0-py3-none-any.whl) ... check30
+# issue 30: call 1 (carry .gpu/m.partA .whl/gguf-0.19.0-py3-none-any.whl): ... stage-latency (the first half; on a
+# GPU other than the committed table's H100, also this GPU's SmolLM2 table with the W8A8 kernels, kept in /tmp/lat);
+# call 2 (carry .gpu/m.partB .whl): ... formats (the checkpoint table on the GPU, priced on the committed H100 table,
+# and `allocator latency check` of its plans on this GPU's table); the table comes back after every row: a call cut
+# at the limit is continued on the warm machine carrying it as .gpu/resume; without a machine for formats, the
+# committed plans of the table made here are checked with: (carry .whl/gguf-0.19.0-py3-none-any.whl) ... check30
 # (.whl holds the gguf, optuna and cmaes wheels the GPU image lacks; compressed-tensors and pydantic for checkpoints)
 # Halves are made here with: head -c 50000000 MODEL.gguf > .gpu/m.partA; tail -c +50000001 MODEL.gguf > .gpu/m.partB
 set -euo pipefail
