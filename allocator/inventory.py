@@ -178,7 +178,8 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def weight_view(module: nn.Module) -> torch.Tensor:
-    """The weight as a ``[out_features, in_features]`` view; writes into it change the module."""
-    w = module.weight.data
+def weight_view(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight (or ``weight``, a tensor of its shape such as a host copy) as a ``[out_features, in_features]``
+    view; writes into it change the module (or ``weight``)."""
+    w = module.weight.data if weight is None else weight
     return w.t() if type(module).__name__ == "Conv1D" else w

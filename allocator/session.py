@@ -21,7 +21,7 @@ from allocator.backends.activations import clear_activations_, needs_state, set_
 from allocator.backends.database import LevelDatabase
 from allocator.budget import achieved
 from allocator.evaluate import kl_divergence, window_nll
-from allocator.inventory import Inventory
+from allocator.inventory import Inventory, weight_view
 from allocator.levels import Level
 from allocator.levels.quantizer import Params
 from allocator.model import DTYPES, LoadedModel, load_model
@@ -92,8 +92,9 @@ class Session:
         """The dense model and the first ``windows`` calibration windows (all by default), for a measurement."""
         self.restore_()
         seqs = self.calib if windows is None else self.calib[:windows]
+        dense = {n: weight_view(self.model.get_submodule(n), p["weight"]) for n, p in self._original.items()}
         return Calibration(self.model, self.inventory, self.loaded.model_id, seqs, self.calib_meta,
-                           self.config.batch_size)  # fmt: skip
+                           self.config.batch_size, dense)  # fmt: skip
 
     # ---- what searches need, measured once (the workspace keeps them) ---------------------------------
     def profile(self, levels: list[Level], backend: str, with_database: bool = False) -> Profile:

@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from allocator.backends import get_backend
-from allocator.backends.database import DatabaseWriter, LevelDatabase, estimate_bytes
+from allocator.backends.database import DatabaseWriter, LevelDatabase
+from allocator.backends.db_files import dense_weights, estimate_bytes
 from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
 from allocator.fitness import KLFitness
@@ -49,6 +51,12 @@ class Calibration:
     seqs: torch.Tensor  # [n, seq_len] token ids
     meta: dict  # the windows' source, count, length, seed, BOS: part of every name
     batch_size: int
+    dense: Mapping[str, torch.Tensor] | None = None  # per layer, its dense [rows, cols] weight: databases decode
+    # against it (they do not store it); None: the model's weights now, copied to the host when a database needs them
+
+    def dense_weights(self) -> Mapping[str, torch.Tensor]:
+        """What a database of this model decodes against."""
+        return self.dense if self.dense is not None else dense_weights(self.model, self.inventory)
 
 
 def artifact_name(model_id: str, backend: str, levels: list[Level], meta: dict) -> str:
@@ -122,7 +130,9 @@ class Workspace:
         if (db := self._open_database(path, cal, levels)) is not None:
             return db
         self._check_database_space(path, cal, levels, backend)
-        db = LevelDatabase.build(cal.model, cal.inventory, levels, backend, path, cal.seqs, cal.batch_size)
+        db = LevelDatabase.build(
+            cal.model, cal.inventory, levels, backend, path, cal.seqs, cal.batch_size, dense=cal.dense_weights()
+        )
         log.info("built level database %s (%.2f GB)", path, db.manifest["bytes"] / 1e9)
         return db
 
@@ -141,7 +151,7 @@ class Workspace:
         """The cached database at ``path`` if it holds every level, else None (a stale one is rebuilt)."""
         if (path / "manifest.json").is_file():
             try:
-                db = LevelDatabase.open(path, cal.inventory)
+                db = LevelDatabase.open(path, cal.inventory, cal.dense_weights())
             except AllocatorError as exc:  # an older format, a damaged manifest or block: built again
                 log.warning("level database %s is unusable (%s): deleted, building it again", path, exc)
                 shutil.rmtree(path, ignore_errors=True)

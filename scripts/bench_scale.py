@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_evolution import forward_rate  # noqa: E402
 
 from allocator.backends import get_backend  # noqa: E402
-from allocator.backends.database import estimate_bytes  # noqa: E402
+from allocator.backends.db_files import estimate_bytes  # noqa: E402
 from allocator.budget import build_problem  # noqa: E402
 from allocator.errors import AllocatorError  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402

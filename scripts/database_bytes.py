@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import synthetic  # noqa: E402
 
-from allocator.backends.database import estimate_bytes  # noqa: E402
+from allocator.backends.db_files import estimate_bytes  # noqa: E402
 from allocator.inventory import Inventory  # noqa: E402
 from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_grid, with_dense  # noqa: E402

@@ -5,6 +5,7 @@ import torch
 
 from allocator.backends import apply_
 from allocator.backends.database import LevelDatabase
+from allocator.backends.db_files import dense_weights
 from allocator.errors import AllocatorError
 from allocator.inventory import Inventory, weight_view
 from allocator.levels import parse_grid, parse_level, with_dense
@@ -19,7 +20,7 @@ def test_database_round_trip_matches_direct_compression(tmp_path):
     db = LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "db", calib, batch_size=2)
     assert db.manifest["bytes"] > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["db"]
     assert [lv.name for lv in db.levels] == ["dense", "s0.3", "s0.6", "2:4", "w4g32"]
-    db = LevelDatabase.open(tmp_path / "db", inv)
+    db = LevelDatabase.open(tmp_path / "db", inv, dense_weights(model, inv))
     # the first block sees the same (dense) inputs either way, so the database equals direct compression there
     target = tiny_model("llama")
     first = {lay.name: grid[1] for lay in inv.layers if lay.block == 0}
@@ -56,7 +57,7 @@ def test_profile_pass_builds_the_same_database(tmp_path):
     alone = LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "alone", calib, batch_size=2)
     with DatabaseWriter(inv, grid, "sparsegpt", tmp_path / "shared", calib) as writer:
         Profile.measure(model, inv, grid, "sparsegpt", calib, batch_size=2, also=[writer])
-    shared = LevelDatabase.open(tmp_path / "shared", inv)
+    shared = LevelDatabase.open(tmp_path / "shared", inv, dense_weights(model, inv))
     assert shared.manifest["levels"] == alone.manifest["levels"] and shared.manifest["bytes"] == alone.manifest["bytes"]
     for layer in inv.layers:
         for level in grid:
@@ -92,7 +93,7 @@ def test_database_files_decode_to_the_pass_outputs(backend, tmp_path):
             writer.visit(layer, level, W, Q, stats, params)
 
         for_each_level(model, inv, grid, backend, calib, visit, writer.on_block, batch_size=2)
-    db = LevelDatabase.open(tmp_path / "db", inv).resident("cpu")
+    db = LevelDatabase.open(tmp_path / "db", inv, dense_weights(model, inv)).resident("cpu")
     assert db.manifest["bytes"] < db.manifest["full_copy_bytes"]
     for (layer, level), Q in seen.items():
         assert torch.equal(db.weight(layer, parse_level(level)), Q), (layer, level)
@@ -104,10 +105,11 @@ def test_database_kept_on_the_host_decodes_the_same_with_a_bounded_cache(tmp_pat
     grid = parse_grid("s0.3,s0.6,w4g16")
     calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "db", calib, batch_size=2)
-    resident = LevelDatabase.open(tmp_path / "db", inv).resident("cpu")
+    resident = LevelDatabase.open(tmp_path / "db", inv, dense_weights(model, inv)).resident("cpu")
     one = inv.layers[0]
     budget = 2 * one.rows * one.cols * 4  # room for two decoded weights of the first layer's size
-    hosted = LevelDatabase.open(tmp_path / "db", inv).resident("cpu", max_bytes=0, cache_bytes=budget)
+    hosted = LevelDatabase.open(tmp_path / "db", inv, dense_weights(model, inv))
+    hosted.resident("cpu", max_bytes=0, cache_bytes=budget)
     assert resident.cache_bytes == 0 and hosted.cache_bytes == budget  # a CPU decodes as it goes
     for layer in inv.layers[:3]:
         for level in grid:
@@ -134,3 +136,35 @@ def test_a_killed_build_leaves_nothing_after_the_next_start(tmp_path):
     calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with DatabaseWriter(inv, parse_grid("s0.5"), "magnitude", tmp_path / "db", calib):
         assert not orphan.exists() and live.exists()
+
+
+def test_the_database_stores_no_dense_weights_and_decodes_only_against_the_ones_it_was_built_from(tmp_path):
+    """The model holds its dense weights: the files keep only their digests, and other weights are refused."""
+    from safetensors import safe_open
+
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    grid = parse_grid("s0.5,w4g16")
+    built = LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "db", calib, batch_size=2)
+    for f in (tmp_path / "db").glob("*.safetensors"):
+        with safe_open(f, framework="pt") as opened:
+            assert not [k for k in opened.keys() if k.endswith("|dense")]
+    dense = dense_weights(model, inv)
+    layer = inv.layers[0].name
+    assert torch.equal(
+        LevelDatabase.open(tmp_path / "db", inv, dense).weight(layer, parse_level("dense")), dense[layer]
+    )
+    assert torch.equal(
+        built.weight(layer, grid[0]), LevelDatabase.open(tmp_path / "db", inv, dense).weight(layer, grid[0])
+    )
+    with pytest.raises(AllocatorError, match="needs the model's dense weights"):
+        LevelDatabase.open(tmp_path / "db", inv).weight(layer, grid[0])
+    other = {**dense, layer: dense[layer].clone()}
+    other[layer][0, 0] += 1  # one weight changed: the digest no longer matches
+    with pytest.raises(AllocatorError, match="built from other weights"):
+        LevelDatabase.open(tmp_path / "db", inv, other).resident("cpu")
+    wider = {n: W.double() for n, W in dense.items()}  # the same weights in float64: stored dtype, same digest
+    assert torch.equal(
+        LevelDatabase.open(tmp_path / "db", inv, wider).weight(layer, grid[0]), built.weight(layer, grid[0])
+    )

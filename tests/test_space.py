@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import allocator.backends.database
 import allocator.io
-from allocator.backends.database import LevelDatabase, estimate_bytes
+from allocator.backends.database import LevelDatabase
+from allocator.backends.db_files import estimate_bytes
 from allocator.cli import main
 from allocator.inventory import Inventory
 from allocator.levels import parse_grid, with_dense

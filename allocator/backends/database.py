@@ -3,7 +3,9 @@
 Built in one calibration pass on dense inputs (the profile's pass can build it too), stored compactly
 (:mod:`allocator.backends.codec`: nested pruning as one order per weight, quantized levels as codes
 into per-group tables, other sparse levels as mask + kept values) as one safetensors file per decoder
-block plus a versioned ``manifest.json``, written in a temporary folder renamed into place when complete.
+block plus a versioned ``manifest.json``, written in a temporary folder renamed into place when complete. The dense
+weights are not stored: the model holds them (a run keeps a host copy), so a database decodes against the model's
+own, checked against the digest it recorded of each layer (an 8B model's database is 15 GB smaller for it).
 
 For a search, :meth:`LevelDatabase.resident` moves the whole database to the GPU when it fits beside the
 model, so setting a layer to a level is a device-side decode into its weight; otherwise the parts stay in
@@ -13,27 +15,29 @@ model, so setting a layer to a level is a device-side decode into its weight; ot
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from allocator.backends.activations import needs_state, set_activations_
 from allocator.backends.all_levels import for_each_level
 from allocator.backends.codec import Parts, decode, encode_layer, grid_of
+from allocator.backends.db_files import DTYPES, damage, dense_weights, digest
 from allocator.errors import AllocatorError
-from allocator.formats import unfit
 from allocator.inventory import Inventory, weight_view
 from allocator.io import atomic_path, write_json_atomic
 from allocator.levels import Level, parse_level, with_dense
 
-DB_VERSION = 3  # 1: a full copy per (layer, level); 2: codebooks for quantized levels, no input scales
-ENTRY = {"block": int, "shape": list, "levels": dict, "input_absmax": float}  # a layer's manifest entry
+DB_VERSION = 4  # 1: a full copy per (layer, level); 2: codebooks for quantized levels, no input scales; 3: dense stored
 
 
 @dataclass
@@ -42,10 +46,12 @@ class LevelDatabase:
 
     path: Path
     manifest: dict
+    dense: Mapping[str, torch.Tensor] | None = None  # layer -> the model's dense [rows, cols] weight (not stored)
     parts: dict[str, Parts] = field(default_factory=dict)  # layer -> its tensors, once loaded
     cache_bytes: int = 0  # decoded weights kept on the device when the parts are not there
     _decoded: OrderedDict = field(default_factory=OrderedDict)
     _device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _checked: dict[str, torch.Tensor] = field(default_factory=dict)  # dense weights whose digest matched
 
     @classmethod
     def build(
@@ -58,18 +64,24 @@ class LevelDatabase:
         calib: torch.Tensor,
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
+        dense: Mapping[str, torch.Tensor] | None = None,
     ) -> LevelDatabase:
-        """Compress every layer at every level (``dense`` always included) and store the results."""
+        """Compress every layer at every level (``dense`` always included) and store the results; ``dense``: the
+        model's dense weights the result decodes against (default: host copies of ``model``'s, taken first)."""
         levels = with_dense(levels)
+        dense = dense if dense is not None else dense_weights(model, inventory)
         with DatabaseWriter(inventory, levels, backend, path, calib, dtype) as writer:
             for_each_level(model, inventory, levels, backend, calib, writer.visit, writer.on_block, batch_size,
                            desc="database")  # fmt: skip
+        writer.result.dense = dense
         return writer.result
 
     @classmethod
-    def open(cls, path: str | Path, inventory: Inventory | None = None) -> LevelDatabase:
+    def open(cls, path: str | Path, inventory: Inventory | None = None,
+             dense: Mapping[str, torch.Tensor] | None = None) -> LevelDatabase:  # fmt: skip
         """Open a built database; with ``inventory``, refuse one built for another model. A damaged one (manifest or
-        block files) is refused in one line, before any search reads it."""
+        block files) is refused in one line, before any search reads it. ``dense``: the model's dense weights, which
+        decoding needs (each layer's is checked against the digest recorded at build when first used)."""
         path = Path(path)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
@@ -81,13 +93,13 @@ class LevelDatabase:
             raise AllocatorError(
                 f"{path}: database version {manifest.get('version')}, expected {DB_VERSION}: rebuild it"
             )
-        if (why := _damage(path, manifest)) is not None:
+        if (why := damage(path, manifest)) is not None:
             raise AllocatorError(f"level database {path} is damaged ({why}): delete the folder and rebuild")
         if inventory is not None and manifest["fingerprint"] != inventory.fingerprint:
             raise AllocatorError(
                 f"{path} was built for another model (fingerprint {manifest['fingerprint']}): rebuild it"
             )
-        return cls(path, manifest)
+        return cls(path, manifest, dense)
 
     @property
     def levels(self) -> list[Level]:
@@ -104,17 +116,21 @@ class LevelDatabase:
         device = torch.device(device)
         if max_bytes is None and device.type == "cuda":
             max_bytes = torch.cuda.mem_get_info(device)[0] // 2
-        on_device = max_bytes is None or self.manifest["bytes"] <= max_bytes
+        dense_bytes = sum(r * c * self._element(n) for n, (r, c) in self._shapes().items())
+        on_device = max_bytes is None or self.manifest["bytes"] + dense_bytes <= max_bytes
         home = device if on_device else torch.device("cpu")
-        self.parts = {}
+        pin = home.type == "cpu" and device.type == "cuda"
+        layers = list(self.manifest["layers"])
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # digests checked in parallel (hashlib frees the GIL)
+            self.parts = {layer: {"dense": W} for layer, W in zip(layers, pool.map(self._dense, layers), strict=True)}
         for block in sorted({entry["block"] for entry in self.manifest["layers"].values()}):
             with safe_open(self._file(block), framework="pt") as f:
                 for key in f.keys():
                     layer, part = key.split("|", 1)
-                    tensor = f.get_tensor(key)
-                    if home.type == "cpu" and device.type == "cuda":
-                        tensor = tensor.pin_memory()
-                    self.parts.setdefault(layer, {})[part] = tensor.to(home)
+                    self.parts[layer][part] = f.get_tensor(key)
+        for layer_parts in self.parts.values():
+            for part, tensor in layer_parts.items():
+                layer_parts[part] = (tensor.pin_memory() if pin else tensor).to(home)
         if cache_bytes is None:
             cache_bytes = 0 if on_device else 2**30
         self._device, self.cache_bytes = device, cache_bytes
@@ -128,7 +144,29 @@ class LevelDatabase:
         if layer in self.parts:
             return self.parts[layer]
         with safe_open(self._file(self.manifest["layers"][layer]["block"]), framework="pt") as f:
-            return {key.split("|", 1)[1]: f.get_tensor(key) for key in f.keys() if key.split("|", 1)[0] == layer}
+            parts = {key.split("|", 1)[1]: f.get_tensor(key) for key in f.keys() if key.split("|", 1)[0] == layer}
+        return {"dense": self._dense(layer), **parts}
+
+    def _shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: tuple(info["shape"]) for n, info in self.manifest["layers"].items()}
+
+    def _element(self, layer: str) -> int:
+        return DTYPES[self.manifest["layers"][layer]["dense"].split(":")[0]].itemsize
+
+    def _dense(self, layer: str) -> torch.Tensor:
+        """The model's dense weight of ``layer`` in the stored dtype, once its digest matched the recorded one."""
+        if layer in self._checked:
+            return self._checked[layer]
+        if self.dense is None or layer not in self.dense:
+            raise AllocatorError(f"level database {self.path}: decoding {layer} needs the model's dense weights "
+                                 "(a database does not store them): open it with the model's")  # fmt: skip
+        recorded = self.manifest["layers"][layer]["dense"]
+        W = self.dense[layer].to(DTYPES[recorded.split(":")[0]])
+        if digest(W) != recorded:
+            raise AllocatorError(f"level database {self.path} was built from other weights of {layer} than the "
+                                 "model's: delete the folder and rebuild")  # fmt: skip
+        self._checked[layer] = W
+        return W
 
     # ---- decoding ------------------------------------------------------------------------------
     def weight(self, layer: str, level: Level) -> torch.Tensor:
@@ -212,18 +250,22 @@ class DatabaseWriter:
 
     def on_block(self, layers, stats) -> None:
         """Encode the block's layers (on the device they were compressed on) and write its file."""
-        tensors = {}
+        tensors, dense = {}, {}
         for layer in layers:
             if layer.name not in self.compressed:
                 continue
             levels = self.compressed.pop(layer.name)
             parts, entries = encode_layer(self.dense.pop(layer.name), levels, self.params.pop(layer.name, {}))
+            dense[layer.name] = parts.pop("dense")  # the model holds it: only its digest is kept
             tensors.update({f"{layer.name}|{k}": v.contiguous().cpu() for k, v in parts.items()})
             self.manifest["layers"][layer.name] = {"block": layer.block, "shape": [layer.rows, layer.cols],
                                                    "levels": entries,
                                                    "input_absmax": float(stats[layer.name].absmax)}  # fmt: skip
             self.manifest["full_copy_bytes"] += sum(Q.numel() * Q.element_size() for Q in levels.values())
-        if tensors:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for name, found in zip(dense, pool.map(digest, dense.values()), strict=True):
+                self.manifest["layers"][name]["dense"] = found
+        if any(layer.name in self.manifest["layers"] for layer in layers):  # a file per block, empty or not
             save_file(tensors, self.tmp / f"block_{layers[0].block:04d}.safetensors")
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -236,54 +278,3 @@ class DatabaseWriter:
         self._atomic.__exit__(exc_type, exc, tb)  # moved into place only without an error
         if manifest is not None:
             self.result = LevelDatabase(self.path, manifest)
-
-
-def _is_entry(entry: object) -> bool:
-    return isinstance(entry, dict) and all(isinstance(entry.get(k), kind) for k, kind in ENTRY.items())
-
-
-def _damage(path: Path, manifest: object) -> str | None:
-    """What makes a database unusable, or None: a manifest that is not a database's, or a block file missing, of
-    another size than its manifest records, or (a manifest from before sizes were recorded) one that does not open."""
-    if not isinstance(manifest, dict):
-        return f"manifest.json is a JSON {type(manifest).__name__}, not an object"
-    levels, layers, files = manifest.get("levels"), manifest.get("layers"), manifest.get("files", {})
-    typed = (isinstance(manifest.get("fingerprint"), str) and isinstance(manifest.get("bytes"), int)
-             and isinstance(levels, list) and all(isinstance(n, str) for n in levels) and isinstance(files, dict)
-             and isinstance(layers, dict) and all(map(_is_entry, layers.values())))  # fmt: skip
-    if not typed:
-        return "manifest.json lacks or mistypes a field"
-    for block in sorted({e["block"] for e in layers.values()}):
-        name = f"block_{block:04d}.safetensors"
-        if not (path / name).is_file():
-            return f"{name} is missing"
-        size = (path / name).stat().st_size
-        if "files" in manifest and size != files.get(name):
-            return f"{name} has {size} bytes, the manifest says {files.get(name)}"
-        try:
-            with safe_open(path / name, framework="pt"):  # reads the header: a truncated file does not open
-                pass
-        except (SafetensorError, OSError) as exc:
-            return f"{name} does not open: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
-    return None
-
-
-def estimate_bytes(inventory: Inventory, levels: list[Level], nested: bool, element_size: int) -> int:
-    """About how many bytes the database of ``levels`` takes (before it is built, to check the disk): the dense
-    weights once; nested pruning (magnitude, Wanda) one byte per weight for the whole chain; other sparse levels a
-    bit mask and about a byte per kept value (steps from the dense value); quantized levels their codes and grid
-    parameters; a drop nothing. An estimate on the high side, measured against built databases in the tests."""
-    total = 0
-    for layer in inventory.layers:
-        n = layer.rows * layer.cols
-        fits = [lv for lv in levels if unfit(lv, layer.rows, layer.cols) is None and not lv.is_dense and not lv.drop]
-        total += n * element_size
-        chain = [lv for lv in fits if lv.weights is None and lv.prune is not None and lv.prune.nm is None]
-        total += n if nested and chain else 0
-        for level in fits:
-            if level.weights is not None:
-                groups = layer.rows * -(-layer.cols // level.weights.code_group(layer.cols))
-                total += n * level.weights.value_bits // 8 + 8 * groups + (n // 8 if level.prune else 0)
-            elif not (nested and level in chain):
-                total += n // 8 + level.kept_params(layer.rows, layer.cols)
-    return int(total * 1.1) + 2**20
