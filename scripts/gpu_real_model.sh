@@ -67,7 +67,8 @@ check30)
     TABLE=$(ls "$OUT"/lat/*/smollm2-135m.csv)
   fi
   for plan in results/checkpoints_issue30_plans/*.json; do
-    echo "== $plan" && python3 -m allocator.cli latency check "$plan" --table "$TABLE" --tokens 1,512,2048 2>&1 | bars
+    echo "== $plan" && python3 -m allocator.cli latency check "$plan" --table "$TABLE" --tokens 1,512,2048 \
+      --out "$OUT/latency_check_issue30.csv" 2>&1 | bars
   done | tee "$OUT/latency_check_issue30.log"
   # and, with LAT8B=1, the W8A8 kernels at Llama-3-8B's shapes, where the matmul outweighs the per-token quantization
   if [ "${LAT8B:-0}" = 1 ]; then
@@ -197,7 +198,8 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q "H100 80GB HBM3" && LAT=$H100
     if [ -n "$LAT" ]; then
       for plan in /tmp/ck/*/run/plan.json; do
-        echo "== $plan" && python3 -m allocator.cli latency check "$plan" --table "$LAT" --tokens 1,512,2048 2>&1 | bars
+        echo "== $plan" && python3 -m allocator.cli latency check "$plan" --table "$LAT" --tokens 1,512,2048 \
+          --out "$OUT/latency_check.csv" 2>&1 | bars
       done | tee -a "$OUT/latency_check.log"
     else
       echo "no latency table of this GPU (stage-latency was not run): no latency check" | tee -a "$OUT/latency_check.log"

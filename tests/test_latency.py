@@ -209,9 +209,18 @@ def test_cli_measure_predict_check_on_cpu(tiny_model_dir, tmp_path, capsys):
     assert main(["latency", "predict", str(tmp_path / "plan.json"), "--table", str(table_path), "--tokens", "1,4"]) == 0
     printed = capsys.readouterr().out
     assert "4 tokens: predicted" in printed and "speed-up 1.000x" in printed  # int4 has no CPU kernel: dense
-    assert main(["latency", "check", str(tmp_path / "plan.json"), "--table", str(table_path), "--device", "cpu",
-                 "--repeats", "3"]) == 0  # fmt: skip
-    assert "measured" in capsys.readouterr().out
+    check = ["latency", "check", str(tmp_path / "plan.json"), "--table", str(table_path), "--device", "cpu",
+             "--repeats", "3", "--tokens", "1,8", "--out", str(tmp_path / "checks.csv")]  # fmt: skip
+    assert main(check) == 0 and main(check) == 0  # two checks: their rows gathered in one CSV
+    printed = capsys.readouterr().out
+    assert "measured" in printed and "added 2 rows" in printed
+    rows = pd.read_csv(tmp_path / "checks.csv")
+    assert len(rows) == 4 and list(rows.tokens) == [1, 8, 1, 8] and set(rows.plan) == {str(tmp_path / "plan.json")}
+    assert (rows.measured_ms > 0).all() and np.allclose(
+        rows.error_pct, 100 * (rows.predicted_ms - rows.measured_ms) / rows.measured_ms
+    )
+    assert main([*check[:-1], str(tmp_path)]) == 2  # a folder where the CSV goes: one line, before any work
+    assert "is a folder: pass a file path" in capsys.readouterr().err
     assert main(["latency", "predict", str(tmp_path / "plan.json"), "--table", str(table_path), "--tokens", "64"]) == 2
     assert "outside the measured range" in capsys.readouterr().err
     assert main(["latency", "predict", str(tmp_path / "plan.json"), "--table", str(tmp_path / "nope.csv")]) == 2

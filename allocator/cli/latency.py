@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from allocator.errors import AllocatorError
 from allocator.inventory import Inventory
-from allocator.io import check_output
+from allocator.io import check_output, write_text_atomic
 from allocator.latency.architectures import PRESETS, config_for, meta_model, random_model
 from allocator.latency.kernels import ALL_KERNELS
 from allocator.latency.measure import (
@@ -59,6 +60,7 @@ def add_parser(sub) -> None:
         if verb == "check":
             p.add_argument("--device", default="cuda")
             p.add_argument("--repeats", type=int, default=30)
+            p.add_argument("--out", default=None, help="a CSV the rows are added to (one per plan and token count)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,6 +130,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     _cuda_or_refuse(args.device)
     _positive(args)
+    if args.out:
+        check_output(args.out, "--out", folder=False)
     plan, table, spec = _plan_and_model(args)
     dtype = DTYPES.get(table.meta.get("dtype", "bfloat16"), torch.bfloat16)
     model = random_model(config_for(spec), dtype, args.device)
@@ -138,4 +142,10 @@ def _check(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"  {r['tokens']:>5} tokens: predicted {r['predicted_ms']:.4f} ms  measured {r['measured_ms']:.4f} ms  "
               f"error {r['error_pct']:+.2f} %  speed-up measured {r['measured_speedup']:.3f}x")  # fmt: skip
+    if args.out:  # the file is rewritten whole (atomically): a check of many plans gathers its rows in one CSV
+        out = Path(args.out)
+        before = pd.read_csv(out) if out.is_file() and out.stat().st_size else pd.DataFrame()
+        new = pd.DataFrame([{**r, "plan": args.plan, "gpu": table.meta.get("gpu", "")} for r in rows])
+        write_text_atomic(out, pd.concat([before, new], ignore_index=True).to_csv(index=False))
+        print(f"added {len(rows)} rows to {out}")
     return 0
