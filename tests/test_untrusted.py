@@ -303,7 +303,8 @@ def test_a_real_sigint_ends_in_one_line_exit_130_and_resume_gives_the_straight_p
     from tests.test_cli import _args
 
     def argv(out):
-        search = ["--method", "evolution", "--generations", "60", "--offspring", "4", "--stages", "1@32"]
+        # long enough (seconds) that the interrupt lands mid-search on a loaded machine too
+        search = ["--method", "evolution", "--generations", "400", "--offspring", "4", "--stages", "1@32"]
         return _args(tiny_model_dir, text_files, out, *search, "--target", "sparsity=0.5", "--cache-dir",
                      str(tmp_path / "c"))  # fmt: skip
 
