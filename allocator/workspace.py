@@ -138,8 +138,8 @@ class Workspace:
 
     def _check_database_space(self, path: Path, cal: Calibration, levels: list[Level], backend: str) -> None:
         """Refuse, before the calibration pass, a database the cache's disk cannot hold."""
-        element = next(cal.model.parameters()).element_size()
-        needed = estimate_bytes(cal.inventory, with_dense(levels), not get_backend(backend).hessian, element)
+        dtype = next(cal.model.parameters()).dtype
+        needed = estimate_bytes(cal.inventory, with_dense(levels), not get_backend(backend).hessian, dtype)
         fixes = "pass --cache-dir on a larger disk, use fewer levels (a coarser --levels), or free space"
         check_space(path, needed, f"the level database of {len(levels)} levels", fixes)
 

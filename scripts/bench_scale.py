@@ -178,8 +178,8 @@ def evolution_phase(args, spec, session: Session, problem, phase: Phases, result
 def refusal(args, session: Session, phase: Phases, result: dict) -> None:
     """The larger grid's database against the free disk: refused before any work when it cannot fit."""
     grid = parse_grid(args.refuse_levels)
-    element = next(session.model.parameters()).element_size()
-    needed = estimate_bytes(session.inventory, with_dense(grid), not get_backend(args.backend).hessian, element)
+    dtype = next(session.model.parameters()).dtype
+    needed = estimate_bytes(session.inventory, with_dense(grid), not get_backend(args.backend).hessian, dtype)
     free = shutil.disk_usage(args.cache_dir).free
     entry = {"levels": args.refuse_levels, "estimated_bytes": needed, "free_bytes": free}
     if needed > free:

@@ -31,14 +31,13 @@ GRIDS = {"sparsity 0:0.9:0.1": "0:0.9:0.1", "sparsity 0:0.9:0.05": "0:0.9:0.05",
 BACKENDS = {"sparsegpt / gptq (a mask and kept values per level)": False, "wanda / magnitude (nested orders)": True}
 
 
-def per_level(inventory: Inventory, grid: str, nested: bool, element: int) -> dict:
-    """The whole estimate and what each level adds to it (the dense weights and a shared order stand alone)."""
+def per_level(inventory: Inventory, grid: str, nested: bool, dtype: torch.dtype) -> dict:
+    """The whole estimate and what each level adds to it (the files' headers and a shared order stand alone)."""
     levels = with_dense(parse_grid(grid))
-    total = estimate_bytes(inventory, levels, nested, element)
-    base = estimate_bytes(inventory, with_dense([]), nested, element)
-    rows = {"dense weights": base}
+    total = estimate_bytes(inventory, levels, nested, dtype)
+    rows = {"headers": estimate_bytes(inventory, with_dense([]), nested, dtype)}
     for level in levels[1:]:
-        rows[level.name] = total - estimate_bytes(inventory, [lv for lv in levels if lv is not level], nested, element)
+        rows[level.name] = total - estimate_bytes(inventory, [lv for lv in levels if lv is not level], nested, dtype)
     rows["shared (nested order, rounding)"] = total - sum(rows.values())
     return {"total": total, "levels": rows}
 
@@ -55,7 +54,7 @@ def main() -> None:
               "disk_gb": args.disk_gb, "estimates": {}}  # fmt: skip
     for backend, nested in BACKENDS.items():
         for label, grid in GRIDS.items():
-            result["estimates"][f"{backend} | {label}"] = per_level(inventory, grid, nested, 2)
+            result["estimates"][f"{backend} | {label}"] = per_level(inventory, grid, nested, torch.bfloat16)
     measured = Path("results/bench_scale.phases.json")
     if measured.is_file():
         phases = {p["phase"]: p for p in json.loads(measured.read_text())}

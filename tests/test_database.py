@@ -168,3 +168,55 @@ def test_the_database_stores_no_dense_weights_and_decodes_only_against_the_ones_
     assert torch.equal(
         LevelDatabase.open(tmp_path / "db", inv, wider).weight(layer, grid[0]), built.weight(layer, grid[0])
     )
+
+
+@pytest.mark.parametrize(
+    "field,value,says",
+    [("shape", [1, 2, 3], "mistypes a field"), ("shape", ["a", "b"], "mistypes a field"),
+     ("shape", [3, 5], "not the model's shape"), ("dense", "float32", "mistypes a field"),
+     ("dense", "int8:" + "0" * 32, "mistypes a field"), ("block", True, "mistypes a field")],
+)  # fmt: skip
+def test_a_hostile_manifest_entry_is_one_line_not_a_traceback(field, value, says, tmp_path):
+    import json
+
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    LevelDatabase.build(model, inv, parse_grid("s0.5"), "sparsegpt", tmp_path / "db", calib, batch_size=2)
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    manifest["layers"][inv.layers[0].name][field] = value
+    (tmp_path / "db" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AllocatorError, match=says):
+        LevelDatabase.open(tmp_path / "db", inv, dense_weights(model, inv)).resident("cpu")
+
+
+def test_a_block_file_holding_a_layer_its_manifest_lacks_is_one_line(tmp_path):
+    import json
+
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    LevelDatabase.build(model, inv, parse_grid("s0.5"), "sparsegpt", tmp_path / "db", calib, batch_size=2)
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    gone = inv.layers[0].name
+    del manifest["layers"][gone]
+    (tmp_path / "db" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AllocatorError, match=f"holds {gone}, which its manifest lacks"):
+        LevelDatabase.open(tmp_path / "db", dense=dense_weights(model, inv)).resident("cpu")
+
+
+def test_a_cached_database_of_other_weights_is_rebuilt_for_the_model_at_hand(tmp_path, caplog):
+    """Two fine-tunes of one architecture under one name share a cache entry's name: the digests tell them apart,
+    so the second model's database is built again rather than decoded against the wrong weights."""
+    from allocator.workspace import Calibration, Workspace
+
+    ws, grid = Workspace(tmp_path / "cache"), parse_grid("s0.5")
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    first, second = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    inv = Inventory.from_model(first)
+    cal = [Calibration(m, inv, "tuned", calib, {"calib": "random"}, 2) for m in (first, second)]
+    ws.database(cal[0], grid, "sparsegpt")
+    db = ws.database(cal[1], grid, "sparsegpt")
+    assert "unusable" in caplog.text and "built from other weights" in caplog.text
+    layer = inv.layers[0].name
+    assert torch.equal(db.weight(layer, parse_level("dense")), weight_view(second.get_submodule(layer)))

@@ -221,6 +221,10 @@ def test_cli_measure_predict_check_on_cpu(tiny_model_dir, tmp_path, capsys):
     )
     assert main([*check[:-1], str(tmp_path)]) == 2  # a folder where the CSV goes: one line, before any work
     assert "is a folder: pass a file path" in capsys.readouterr().err
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")  # someone else's CSV: refused before measuring, left whole
+    assert main([*check[:-1], str(tmp_path / "other.csv")]) == 2
+    assert "holds no `latency check` rows" in capsys.readouterr().err
+    assert (tmp_path / "other.csv").read_text() == "a,b\n1,2\n"
     assert main(["latency", "predict", str(tmp_path / "plan.json"), "--table", str(table_path), "--tokens", "64"]) == 2
     assert "outside the measured range" in capsys.readouterr().err
     assert main(["latency", "predict", str(tmp_path / "plan.json"), "--table", str(tmp_path / "nope.csv")]) == 2

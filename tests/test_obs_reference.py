@@ -86,3 +86,18 @@ def test_stacked_levels_equal_one_level_at_a_time(monkeypatch):
             else:
                 assert torch.equal(a == 0, b == 0), name  # the same mask
                 assert torch.allclose(a, b, rtol=0, atol=tol), name
+
+
+def test_gguf_types_stack_apart_from_integer_formats_of_the_same_grid():
+    """q4_0 rounds through its own quantizer: stacked beside w4g32 (the same 32-wide grid) it is not handed to the
+    integer one, and each level equals its own run."""
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 64, generator=gen)
+    X = torch.randn(200, 64, generator=gen)
+    H = 2 * X.t() @ X / X.shape[0]
+    levels = [parse_level(n) for n in ("w4g32", "q4_0", "q8_0", "w8g32")]
+    one = [obs_compress(W, H, lv, blocksize=16) for lv in levels]
+    stacked = [Q for Q, _ in obs_compress_levels(W, H, levels, blocksize=16)]
+    tol = 50 * torch.finfo(torch.float32).eps * W.abs().max()
+    for level, a, b in zip(levels, one, stacked, strict=True):
+        assert ((a - b).abs() <= tol).float().mean() > 0.97, level.name

@@ -15,7 +15,6 @@ model, so setting a layer to a level is a device-side decode into its weight; ot
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from torch import nn
 from allocator.backends.activations import needs_state, set_activations_
 from allocator.backends.all_levels import for_each_level
 from allocator.backends.codec import Parts, decode, encode_layer, grid_of
-from allocator.backends.db_files import DTYPES, damage, dense_weights, digest
+from allocator.backends.db_files import DTYPES, THREADS, damage, dense_weights, digest
 from allocator.errors import AllocatorError
 from allocator.inventory import Inventory, weight_view
 from allocator.io import atomic_path, write_json_atomic
@@ -99,7 +98,15 @@ class LevelDatabase:
             raise AllocatorError(
                 f"{path} was built for another model (fingerprint {manifest['fingerprint']}): rebuild it"
             )
-        return cls(path, manifest, dense)
+        shapes = inventory.shapes if inventory is not None else {}
+        if inventory is not None and (bad := [n for n, e in manifest["layers"].items() if shapes.get(n) != e["shape"]]):
+            raise AllocatorError(f"level database {path} is damaged (layer {bad[0]}: not the model's shape): "
+                                 "delete the folder and rebuild")  # fmt: skip
+        db = cls(path, manifest, dense)
+        if dense is not None:  # every digest now: a database of other weights is refused before any search reads it
+            with ThreadPoolExecutor(THREADS) as pool:
+                list(pool.map(db._dense, manifest["layers"]))
+        return db
 
     @property
     def levels(self) -> list[Level]:
@@ -121,12 +128,15 @@ class LevelDatabase:
         home = device if on_device else torch.device("cpu")
         pin = home.type == "cpu" and device.type == "cuda"
         layers = list(self.manifest["layers"])
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # digests checked in parallel (hashlib frees the GIL)
+        with ThreadPoolExecutor(THREADS) as pool:  # digests checked in parallel (hashlib frees the GIL)
             self.parts = {layer: {"dense": W} for layer, W in zip(layers, pool.map(self._dense, layers), strict=True)}
         for block in sorted({entry["block"] for entry in self.manifest["layers"].values()}):
             with safe_open(self._file(block), framework="pt") as f:
                 for key in f.keys():
                     layer, part = key.split("|", 1)
+                    if layer not in self.parts:
+                        why = f"{self._file(block).name} holds {layer}, which its manifest lacks"
+                        raise AllocatorError(f"level database {self.path} is damaged ({why}): delete it and rebuild")
                     self.parts[layer][part] = f.get_tensor(key)
         for layer_parts in self.parts.values():
             for part, tensor in layer_parts.items():
@@ -262,7 +272,7 @@ class DatabaseWriter:
                                                    "levels": entries,
                                                    "input_absmax": float(stats[layer.name].absmax)}  # fmt: skip
             self.manifest["full_copy_bytes"] += sum(Q.numel() * Q.element_size() for Q in levels.values())
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(THREADS) as pool:
             for name, found in zip(dense, pool.map(digest, dense.values()), strict=True):
                 self.manifest["layers"][name]["dense"] = found
         if any(layer.name in self.manifest["layers"] for layer in layers):  # a file per block, empty or not

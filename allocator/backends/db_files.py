@@ -8,6 +8,8 @@ model's own: see :mod:`allocator.backends.database`); :func:`estimate_bytes` siz
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,14 +19,19 @@ from torch import nn
 from allocator.formats import unfit
 from allocator.inventory import Inventory, weight_view
 from allocator.levels import Level
+from allocator.levels.base import WeightFormat
 
 ENTRY = {"block": int, "shape": list, "levels": dict, "input_absmax": float, "dense": str}  # a layer's manifest entry
 DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
+DIGEST = re.compile(rf"^({'|'.join(DTYPES)}):[0-9a-f]{{32}}$")
+THREADS = min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _is_entry(entry: object) -> bool:
     typed = isinstance(entry, dict) and all(isinstance(entry.get(k), kind) for k, kind in ENTRY.items())
-    return typed and entry["dense"].split(":")[0] in DTYPES
+    shape = typed and entry["shape"]
+    return (typed and not isinstance(entry["block"], bool) and DIGEST.match(entry["dense"]) is not None
+            and len(shape) == 2 and all(type(n) is int and n > 0 for n in shape))  # fmt: skip
 
 
 def damage(path: Path, manifest: object) -> str | None:
@@ -65,23 +72,26 @@ def digest(W: torch.Tensor) -> str:
     return f"{str(W.dtype).removeprefix('torch.')}:{hashlib.blake2b(raw.data, digest_size=16).hexdigest()}"
 
 
-def estimate_bytes(inventory: Inventory, levels: list[Level], nested: bool, element_size: int) -> int:
-    """About how many bytes the database of ``levels`` takes (before it is built, to check the disk): no dense
-    weights (the model holds them); nested pruning (magnitude, Wanda) one byte per weight for the whole chain; other
-    sparse levels a bit mask, and where the kept values move (not nested) about a byte per 16-bit value (steps from
-    the dense one) or the value itself; quantized levels their codes and grid parameters; a drop nothing. On the
-    high side, measured against built databases in the tests."""
-    total = 0
+def estimate_bytes(inventory: Inventory, levels: list[Level], nested: bool, dtype: torch.dtype) -> int:
+    """About how many bytes the database of ``levels`` takes in ``dtype`` (before it is built, to check the disk): no
+    dense weights (the model holds them); nested pruning (magnitude, Wanda) one byte per weight for the whole chain;
+    other sparse levels a bit mask, and where the kept values move (not nested) about a byte per bfloat16 value (steps
+    from the dense one) or the value itself; quantized levels with codes their codes and grid parameters, others (GGUF
+    types: a codebook, used only where smaller) a mask and every value; a drop nothing. On the high side, measured
+    against built databases in the tests."""
+    element_size, total = dtype.itemsize, 0
     for layer in inventory.layers:
         n = layer.rows * layer.cols
         fits = [lv for lv in levels if unfit(lv, layer.rows, layer.cols) is None and not lv.is_dense and not lv.drop]
         chain = [lv for lv in fits if lv.weights is None and lv.prune is not None and lv.prune.nm is None]
         total += n if nested and chain else 0
         for level in fits:
-            if level.weights is not None:
+            if level.weights is not None and type(level.weights).codes is not WeightFormat.codes:
                 groups = layer.rows * -(-layer.cols // level.weights.code_group(layer.cols))
                 total += n * level.weights.value_bits // 8 + 8 * groups + (n // 8 if level.prune else 0)
-            elif not (nested and level in chain):  # a mask; kept values moved (not nested): 16-bit steps, or as is
+            elif level.weights is not None:  # a codebook, or where it is not smaller a mask and the values
+                total += n // 8 + n * element_size
+            elif not (nested and level in chain):  # a mask; kept values moved (not nested): bf16 steps, or as is
                 moved = 0 if nested else level.kept_params(layer.rows, layer.cols)
-                total += n // 8 + moved * (1 if element_size == 2 else element_size)
+                total += n // 8 + moved * (1 if dtype == torch.bfloat16 else element_size)
     return int(total * 1.1) + 1024 * len(inventory.layers) * len(levels)  # + the files' headers (< 1 KB a part)

@@ -130,8 +130,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     _cuda_or_refuse(args.device)
     _positive(args)
-    if args.out:
-        check_output(args.out, "--out", folder=False)
+    before = _earlier_rows(args.out) if args.out else None  # read first: a bad file costs no measurement
     plan, table, spec = _plan_and_model(args)
     dtype = DTYPES.get(table.meta.get("dtype", "bfloat16"), torch.bfloat16)
     model = random_model(config_for(spec), dtype, args.device)
@@ -142,10 +141,23 @@ def _check(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"  {r['tokens']:>5} tokens: predicted {r['predicted_ms']:.4f} ms  measured {r['measured_ms']:.4f} ms  "
               f"error {r['error_pct']:+.2f} %  speed-up measured {r['measured_speedup']:.3f}x")  # fmt: skip
-    if args.out:  # the file is rewritten whole (atomically): a check of many plans gathers its rows in one CSV
-        out = Path(args.out)
-        before = pd.read_csv(out) if out.is_file() and out.stat().st_size else pd.DataFrame()
+    if before is not None:  # rewritten whole (atomically): a check of many plans gathers its rows in one CSV
         new = pd.DataFrame([{**r, "plan": args.plan, "gpu": table.meta.get("gpu", "")} for r in rows])
-        write_text_atomic(out, pd.concat([before, new], ignore_index=True).to_csv(index=False))
-        print(f"added {len(rows)} rows to {out}")
+        write_text_atomic(args.out, pd.concat([before, new], ignore_index=True).to_csv(index=False))
+        print(f"added {len(rows)} rows to {args.out}")
     return 0
+
+
+def _earlier_rows(out: str) -> pd.DataFrame:
+    """The rows a CSV at ``out`` holds already (none if it is new), refused in one line if it is not one."""
+    check_output(out, "--out", folder=False)
+    path = Path(out)
+    if not path.is_file() or not path.stat().st_size:
+        return pd.DataFrame()
+    try:
+        before = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise AllocatorError(f"--out {out!r} is not a CSV this check can add to ({exc}): pass another file") from None
+    if not {"plan", "tokens", "measured_ms"} <= set(before.columns):
+        raise AllocatorError(f"--out {out!r} holds no `latency check` rows: pass another file")
+    return before

@@ -104,7 +104,8 @@ class GGUFType(WeightFormat):
         return self.nearest.group
 
     def stack_key(self) -> tuple:
-        return self.nearest.stack_key()
+        # GGUF types stack with each other by their nearest grid, never with the integer formats (another quantizer)
+        return (GGUFType, self.nearest.stack_key())
 
     @classmethod
     def quantizer(cls, stack: Sequence[GGUFType], rows: int, device: torch.device) -> Quantizer:
