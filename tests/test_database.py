@@ -138,15 +138,20 @@ def test_a_killed_build_leaves_nothing_after_the_next_start(tmp_path):
         assert not orphan.exists() and live.exists()
 
 
+def _sparsegpt_database(tmp_path, grid: list) -> tuple:
+    """A tiny Llama, its inventory and its SparseGPT database of ``grid`` at ``tmp_path/db``."""
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model, inv, LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "db", calib, batch_size=2)
+
+
 def test_the_database_stores_no_dense_weights_and_decodes_only_against_the_ones_it_was_built_from(tmp_path):
     """The model holds its dense weights: the files keep only their digests, and other weights are refused."""
     from safetensors import safe_open
 
-    model = tiny_model("llama")
-    inv = Inventory.from_model(model)
-    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     grid = parse_grid("s0.5,w4g16")
-    built = LevelDatabase.build(model, inv, grid, "sparsegpt", tmp_path / "db", calib, batch_size=2)
+    model, inv, built = _sparsegpt_database(tmp_path, grid)
     for f in (tmp_path / "db").glob("*.safetensors"):
         with safe_open(f, framework="pt") as opened:
             assert not [k for k in opened.keys() if k.endswith("|dense")]
@@ -179,10 +184,7 @@ def test_the_database_stores_no_dense_weights_and_decodes_only_against_the_ones_
 def test_a_hostile_manifest_entry_is_one_line_not_a_traceback(field, value, says, tmp_path):
     import json
 
-    model = tiny_model("llama")
-    inv = Inventory.from_model(model)
-    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    LevelDatabase.build(model, inv, parse_grid("s0.5"), "sparsegpt", tmp_path / "db", calib, batch_size=2)
+    model, inv, _ = _sparsegpt_database(tmp_path, parse_grid("s0.5"))
     manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
     manifest["layers"][inv.layers[0].name][field] = value
     (tmp_path / "db" / "manifest.json").write_text(json.dumps(manifest))
@@ -193,10 +195,7 @@ def test_a_hostile_manifest_entry_is_one_line_not_a_traceback(field, value, says
 def test_a_block_file_holding_a_layer_its_manifest_lacks_is_one_line(tmp_path):
     import json
 
-    model = tiny_model("llama")
-    inv = Inventory.from_model(model)
-    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    LevelDatabase.build(model, inv, parse_grid("s0.5"), "sparsegpt", tmp_path / "db", calib, batch_size=2)
+    model, inv, _ = _sparsegpt_database(tmp_path, parse_grid("s0.5"))
     manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
     gone = inv.layers[0].name
     del manifest["layers"][gone]

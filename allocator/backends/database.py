@@ -15,6 +15,7 @@ model, so setting a layer to a level is a device-side decode into its weight; ot
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -104,8 +105,7 @@ class LevelDatabase:
                                  "delete the folder and rebuild")  # fmt: skip
         db = cls(path, manifest, dense)
         if dense is not None:  # every digest now: a database of other weights is refused before any search reads it
-            with ThreadPoolExecutor(THREADS) as pool:
-                list(pool.map(db._dense, manifest["layers"]))
+            db._all_dense()
         return db
 
     @property
@@ -123,13 +123,11 @@ class LevelDatabase:
         device = torch.device(device)
         if max_bytes is None and device.type == "cuda":
             max_bytes = torch.cuda.mem_get_info(device)[0] // 2
-        dense_bytes = sum(r * c * self._element(n) for n, (r, c) in self._shapes().items())
+        dense_bytes = sum(math.prod(info["shape"]) * self._element(n) for n, info in self.manifest["layers"].items())
         on_device = max_bytes is None or self.manifest["bytes"] + dense_bytes <= max_bytes
         home = device if on_device else torch.device("cpu")
         pin = home.type == "cpu" and device.type == "cuda"
-        layers = list(self.manifest["layers"])
-        with ThreadPoolExecutor(THREADS) as pool:  # digests checked in parallel (hashlib frees the GIL)
-            self.parts = {layer: {"dense": W} for layer, W in zip(layers, pool.map(self._dense, layers), strict=True)}
+        self.parts = {layer: {"dense": W} for layer, W in self._all_dense().items()}
         for block in sorted({entry["block"] for entry in self.manifest["layers"].values()}):
             with safe_open(self._file(block), framework="pt") as f:
                 for key in f.keys():
@@ -157,11 +155,14 @@ class LevelDatabase:
             parts = {key.split("|", 1)[1]: f.get_tensor(key) for key in f.keys() if key.split("|", 1)[0] == layer}
         return {"dense": self._dense(layer), **parts}
 
-    def _shapes(self) -> dict[str, tuple[int, int]]:
-        return {n: tuple(info["shape"]) for n, info in self.manifest["layers"].items()}
-
     def _element(self, layer: str) -> int:
         return DTYPES[self.manifest["layers"][layer]["dense"].split(":")[0]].itemsize
+
+    def _all_dense(self) -> dict[str, torch.Tensor]:
+        """Every layer's dense weight, the digests checked in parallel (hashlib frees the GIL)."""
+        layers = list(self.manifest["layers"])
+        with ThreadPoolExecutor(THREADS) as pool:
+            return dict(zip(layers, pool.map(self._dense, layers), strict=True))
 
     def _dense(self, layer: str) -> torch.Tensor:
         """The model's dense weight of ``layer`` in the stored dtype, once its digest matched the recorded one."""
