@@ -28,6 +28,7 @@ from allocator.spec import RunConfig, RunSpec, resolve
 from allocator.tasks import parse_tasks, task_accuracy
 
 log = logging.getLogger(__name__)
+KL_AUTO_S = 120.0  # the longest the ``auto`` prior spends measuring the per-layer KL (SmolLM2's 19 levels: ~1 min)
 
 
 @dataclass
@@ -133,19 +134,29 @@ def _sensitivity(spec: RunSpec, session: Session, profile: Profile, problem: Pro
     measured or cheap, on a GPU, else the Fisher-weighted error), or the fitted search's costs."""
     grid, backend = list(spec.grid), spec.backend.name
     if kind == "auto":
-        kind = "kl" if "kl" in profile.table or session.model.device.type == "cuda" else "fisher"
+        kind = _auto(session, profile, grid, backend)
     if kind == "kl":
         session.add_kl(profile, grid, backend)
         return profile.error_matrix(problem.units, problem.levels, "kl"), {"kl_tokens": profile.meta["kl_tokens"]}
     if kind != "fitted":
         return profile.error_matrix(problem.units, problem.levels, kind), {}
     fitter = spec.fitter
-    prior, _ = _sensitivity(spec, session, profile, problem, fitter.sensitivity(kind))
+    kind = fitter.sensitivity(kind)
+    kind = _auto(session, profile, grid, backend) if kind == "auto" else kind
+    prior, _ = _sensitivity(spec, session, profile, problem, kind)
     problem = problem.with_sensitivity(prior)
     fitness, _ = _fitness(spec, session, problem, fitter)
     out = Path(spec.config.output_dir) if spec.config.output_dir else None
     found = allocate(problem, fitter, SearchContext(spec.config.seed, fitness, out, spec.config.resume))
-    return found.costs, found.record
+    return found.costs, {**found.record, "prior": kind}
+
+
+def _auto(session: Session, profile: Profile, grid: list, backend: str) -> str:
+    """``auto``'s prior: the per-layer KL if the profile has it, or on a GPU where measuring it takes at most
+    ``KL_AUTO_S`` (an 8B model's 2,000 entries take minutes), else the Fisher-weighted error."""
+    on_gpu = session.model.device.type == "cuda"
+    measured = "kl" in profile.table or (on_gpu and session.add_kl(profile, grid, backend, limit_s=KL_AUTO_S))
+    return "kl" if measured else "fisher"
 
 
 def plan_of(spec: RunSpec, session: Session, assignment: dict, method: str, timings: dict) -> Plan:

@@ -105,9 +105,11 @@ class Session:
         """The level database of ``levels``."""
         return self.workspace.database(self.calibration(), levels, backend)
 
-    def add_kl(self, found: Profile, levels: list[Level], backend: str) -> None:
-        """The profile's ``kl`` column, measured on ``--fit-seqs`` windows if it lacks one."""
-        self.workspace.add_kl(self.calibration(), found, levels, backend, self.config.fit_seqs)
+    def add_kl(self, found: Profile, levels: list[Level], backend: str, limit_s: float | None = None) -> bool:
+        """The profile's ``kl`` column, measured on ``--fit-seqs`` windows if it lacks one (and, with ``limit_s``,
+        if it takes no longer); whether the profile has it."""
+        return self.workspace.add_kl(self.calibration(), found, levels, backend, self.config.fit_seqs,
+                                     limit_s=limit_s)  # fmt: skip
 
     @cached_property
     def input_stats(self) -> dict:

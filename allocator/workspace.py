@@ -72,6 +72,8 @@ class Workspace:
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = cache_dir(root)
+        # the databases opened here: a reopened one (digests checked again) comes back with its parts still loaded
+        self._opened: dict[Path, LevelDatabase] = {}
         for tmp in self.root.glob("**/.*.tmp-*") if self.root.is_dir() else ():
             remove_orphans(tmp.parent / tmp.name.split(".tmp-")[0].removeprefix("."))
 
@@ -156,28 +158,57 @@ class Workspace:
                 log.warning("level database %s is unusable (%s): deleted, building it again", path, exc)
                 shutil.rmtree(path, ignore_errors=True)
                 return None
+            kept = self._opened.get(path)
+            if kept is not None and kept.manifest == db.manifest:
+                db = kept  # the same files, and the digests matched the weights at hand: its loaded parts hold
+            else:
+                self._opened[path] = db
             if {lv.name for lv in levels} <= set(db.manifest["levels"]):
                 return db
         return None
 
     def add_kl(self, cal: Calibration, found: Profile, levels: list[Level], backend: str, pool: int,
-               again: bool = False) -> None:  # fmt: skip
+               again: bool = False, limit_s: float | None = None) -> bool:  # fmt: skip
         """Measure the profile's ``kl`` column (one layer compressed at a time) on ``pool`` windows, and save it
-        (kept when the profile has one, unless ``again``)."""
+        (kept when the profile has one, unless ``again``). With ``limit_s``, nothing is measured when the column
+        would take longer (one timed forward of the pool times the number of entries: an upper bound, as each
+        entry runs only from its layer's block on). Returns whether the profile has the column."""
         if "kl" in found.table and not again:
-            return
+            return True
         grid = with_dense(levels)
         problem = build_problem(cal.inventory, grid, Budget("sparsity", 0.0))
         db = self.database(cal, grid, backend)
         seqs = cal.seqs[:pool]
+        fitness = KLFitness(cal.model, cal.inventory, problem, db, seqs, cal.batch_size)
+        if limit_s is not None:
+            entries = int(np.isfinite(problem.cost).sum()) - len(problem.units)  # the dense entries cost nothing
+            dense = np.full(len(problem.units), [lv.name for lv in grid].index("dense"))
+            estimate = _forward_s(fitness, dense) * entries
+            found.meta["kl_estimate_s"] = estimate
+            if estimate > limit_s:
+                log.info("per-layer KL profile not measured: %d entries, about %.0f s (more than %.0f s)",
+                         entries, estimate, limit_s)  # fmt: skip
+                return False
         t0 = time.perf_counter()
-        found.add_kl(KLFitness(cal.model, cal.inventory, problem, db, seqs, cal.batch_size), problem,
-                     np.arange(len(seqs)))  # fmt: skip
+        found.add_kl(fitness, problem, np.arange(len(seqs)))
         found.meta["kl_s"] = time.perf_counter() - t0
         self.save_profile(cal, found, levels, backend)
+        return True
 
     # ---- dense references ----------------------------------------------------------------------------
     def dense(self, model: nn.Module, eval_seqs: torch.Tensor, kl_seqs: torch.Tensor, batch_size: int,
               cached: bool = True) -> DenseReference:  # fmt: skip
         """Dense perplexity and KL teacher of ``model`` (holding its dense weights); cached unless not ``cached``."""
         return dense_reference(model, eval_seqs, kl_seqs, batch_size, self.root / "dense" if cached else None)
+
+
+def _forward_s(fitness: KLFitness, dense: np.ndarray) -> float:
+    """Seconds of one dense forward of the fitness pool (the second: the first pays for warm-up)."""
+    fitness.set_parent(dense)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fitness.set_parent(dense)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0

@@ -132,8 +132,9 @@ def main() -> None:
     with phase("profile + database", levels=len(grid)):
         session.profile(grid, args.backend, with_database=True)
     problem = build_problem(session.inventory, grid, spec.budget)
-    with phase("sensitivity", kind="fitted" if spec.fitter else spec.sensitivity):
+    with phase("sensitivity", kind="fitted" if spec.fitter else spec.sensitivity) as row:
         problem, _, _, record = prepare(spec, session, problem)
+        row["prior"] = (record or {}).get("prior")  # what ``auto`` chose
     result["database_bytes"] = session.find_database(grid, args.backend).manifest["bytes"]
     result["fitted"] = {k: v for k, v in record.items() if k not in ("choices", "kl", "weights")}
     with phase("knapsack"):

@@ -219,3 +219,24 @@ def test_a_cached_database_of_other_weights_is_rebuilt_for_the_model_at_hand(tmp
     assert "unusable" in caplog.text and "built from other weights" in caplog.text
     layer = inv.layers[0].name
     assert torch.equal(db.weight(layer, parse_level("dense")), weight_view(second.get_submodule(layer)))
+
+
+def test_a_reopened_database_comes_back_with_its_parts_loaded(tmp_path):
+    """Each search of a run opens the database again (the fitted search, evolution, apply): an 8B model's parts
+    take a minute to read and pin, so a reopened database (its digests checked again) keeps the loaded ones;
+    weights it was not built from still get a rebuild (previous test)."""
+    from allocator.workspace import Calibration, Workspace
+
+    ws, grid = Workspace(tmp_path / "cache"), parse_grid("s0.5")
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    cal = Calibration(model, inv, "tiny", torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)),
+                      {"calib": "random"}, 2)  # fmt: skip
+    ws.database(cal, grid, "sparsegpt")  # built
+    opened = ws.database(cal, grid, "sparsegpt").resident("cpu")
+    parts = opened.parts
+    again = ws.database(cal, grid, "sparsegpt")
+    assert again is opened and again.resident("cpu").parts is parts  # nothing read again
+    assert again.resident("cpu", max_bytes=0).parts is not parts  # asked for another placement: loaded again
+    layer = inv.layers[0].name
+    assert torch.equal(again.weight(layer, parse_level("dense")), weight_view(model.get_submodule(layer)))

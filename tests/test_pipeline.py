@@ -108,3 +108,25 @@ def test_wanda_plans_of_one_session_share_one_input_pass(tiny_model_dir, text_fi
         for n in names:
             assert torch.equal(weight_view(session.model.get_submodule(n)), weight_view(fresh.get_submodule(n))), n
     assert len(passes) == 1
+
+
+def test_auto_prior_measures_the_kl_column_only_within_its_time_limit(tiny_model_dir, text_files, tmp_path):
+    """``auto`` takes the per-layer KL only where measuring it fits ``KL_AUTO_S`` (estimated from a timed forward
+    before any entry is measured): over the limit nothing is measured and the Fisher prior is used."""
+    from allocator.levels import parse_grid, with_dense
+    from allocator.pipeline import _auto
+    from allocator.session import Session
+    from allocator.spec import RunConfig
+
+    session = Session(RunConfig(model=str(tiny_model_dir), calib=str(text_files["calib"]), eval=str(text_files["eval"]),
+                                backend="magnitude", seq_len=16, calib_samples=4, eval_samples=2, kl_samples=2,
+                                batch_size=2, fit_seqs=2, dense_cache=False, cache_dir=str(tmp_path)))  # fmt: skip
+    grid = with_dense(parse_grid("0.3:0.6:0.3"))
+    profile = session.profile(grid, "magnitude", with_database=True)
+    assert not session.add_kl(profile, grid, "magnitude", limit_s=0.0)
+    assert "kl" not in profile.table and profile.meta["kl_estimate_s"] > 0
+    assert _auto(session, profile, grid, "magnitude") == "fisher"  # a CPU never measures it for auto
+    assert session.add_kl(profile, grid, "magnitude", limit_s=1e9)
+    kl = profile.table["kl"]
+    assert (kl[profile.table["level"] == "dense"] == 0).all() and (kl[profile.table["level"] != "dense"] > 0).all()
+    assert _auto(session, profile, grid, "magnitude") == "kl"  # measured once: kept

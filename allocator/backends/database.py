@@ -52,6 +52,7 @@ class LevelDatabase:
     _decoded: OrderedDict = field(default_factory=OrderedDict)
     _device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _checked: dict[str, torch.Tensor] = field(default_factory=dict)  # dense weights whose digest matched
+    _resident: bool = False  # every part loaded by :meth:`resident` for ``_device``
 
     @classmethod
     def build(
@@ -121,6 +122,8 @@ class LevelDatabase:
         free memory), else into host memory (pinned for a GPU). Up to ``cache_bytes`` of the most recently
         decoded weights stay on ``device`` (default: 1 GiB when the parts are on the host, else none)."""
         device = torch.device(device)
+        if self._resident and self._device == device and max_bytes is None and cache_bytes is None:
+            return self  # already loaded for it: an 8B model's parts take a minute to read and pin again
         if max_bytes is None and device.type == "cuda":
             max_bytes = torch.cuda.mem_get_info(device)[0] // 2
         dense_bytes = sum(math.prod(info["shape"]) * self._element(n) for n, info in self.manifest["layers"].items())
@@ -141,7 +144,7 @@ class LevelDatabase:
                 layer_parts[part] = (tensor.pin_memory() if pin else tensor).to(home)
         if cache_bytes is None:
             cache_bytes = 0 if on_device else 2**30
-        self._device, self.cache_bytes = device, cache_bytes
+        self._device, self.cache_bytes, self._resident = device, cache_bytes, True
         self._decoded.clear()
         return self
 

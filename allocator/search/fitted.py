@@ -126,8 +126,8 @@ class Fitted(Searcher):
     """Knapsack on an additive model of the measured KL, refit round by round; the plan that measured best."""
 
     name = "fitted"
-    fit_prior: str = option("auto", "fitted: the prior it re-weights (auto: kl on a GPU or if already measured)",
-                            choices=PRIORS)  # fmt: skip
+    fit_prior: str = option("auto", "fitted: the prior it re-weights (auto: kl if already measured or, on a GPU, "
+                            "if measuring it takes at most 2 min; else fisher)", choices=PRIORS)  # fmt: skip
     fit_plans: int | None = option(
         None,
         "fitted: random feasible plans measured before the first fit (default: "
