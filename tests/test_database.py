@@ -240,3 +240,34 @@ def test_a_reopened_database_comes_back_with_its_parts_loaded(tmp_path):
     assert again.resident("cpu", max_bytes=0).parts is not parts  # asked for another placement: loaded again
     layer = inv.layers[0].name
     assert torch.equal(again.weight(layer, parse_level("dense")), weight_view(model.get_submodule(layer)))
+
+
+@pytest.mark.parametrize("fail_at", [0, -1])
+@pytest.mark.parametrize("error", ["disk", "bug"])
+def test_a_failed_block_write_in_the_background_leaves_nothing(fail_at, error, tmp_path, monkeypatch):
+    """Block files are written by a thread while the next block is compressed: a failed write, the first (seen
+    at the next block) or the last (seen at the end), is still one error and leaves no folder behind."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    import allocator.backends.database as database
+
+    model = tiny_model("llama")
+    inv = Inventory.from_model(model)
+    blocks, calls = len({layer.block for layer in inv.layers}), []
+    assert blocks >= 2
+
+    def failing(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) - 1 == fail_at % blocks:
+            if error == "disk":
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise RuntimeError("a bug in the writer")
+        return save_file(tensors, path, *a, **k)
+
+    monkeypatch.setattr(database, "save_file", failing)
+    calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = (AllocatorError, "could not write") if error == "disk" else (RuntimeError, "a bug in the writer")
+    with pytest.raises(expected[0], match=expected[1]):
+        LevelDatabase.build(model, inv, parse_grid("s0.5"), "magnitude", tmp_path / "db", calib, batch_size=2)
+    assert list(tmp_path.iterdir()) == []

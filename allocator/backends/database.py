@@ -235,7 +235,8 @@ class DatabaseWriter:
 
     A context manager: blocks go to a temporary folder that is renamed into place only when the pass
     completes, so an interrupted pass leaves no half-written database. Profiles use it to build the
-    database in their own calibration pass.
+    database in their own calibration pass. A block's file is written by a thread while the next block is
+    compressed (an 8B model writes 43 GB); its error, a full disk, surfaces at the next block or the end.
     """
 
     def __init__(self, inventory: Inventory, levels: list[Level], backend: str, path: str | Path,
@@ -253,7 +254,14 @@ class DatabaseWriter:
         self._atomic = atomic_path(self.path, folder=True)  # a killed build's folder is removed by the next
         self.tmp = self._atomic.__enter__()
         self.start = time.perf_counter()
+        self._io, self._pending = ThreadPoolExecutor(1), None
         return self
+
+    def _drain(self) -> None:
+        """Wait for the block file being written; its error is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def visit(self, layer, level, W, Q, _stats, params) -> None:
         dtype = self.dtype or W.dtype
@@ -279,16 +287,28 @@ class DatabaseWriter:
         with ThreadPoolExecutor(THREADS) as pool:
             for name, found in zip(dense, pool.map(digest, dense.values()), strict=True):
                 self.manifest["layers"][name]["dense"] = found
+        self._drain()
         if any(layer.name in self.manifest["layers"] for layer in layers):  # a file per block, empty or not
-            save_file(tensors, self.tmp / f"block_{layers[0].block:04d}.safetensors")
+            self._pending = self._io.submit(save_file, tensors, self.tmp / f"block_{layers[0].block:04d}.safetensors")
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        failed = None
+        try:
+            self._drain()
+        except Exception as error:  # the last block's write: handled as an error of the pass
+            failed = error
+            if exc_type is None:
+                exc_type, exc, tb = type(error), error, error.__traceback__
+        finally:
+            self._io.shutdown()
         manifest = None
         if exc_type is None:
             files = {f.name: f.stat().st_size for f in sorted(self.tmp.glob("*.safetensors"))}  # checked on open
             manifest = {**self.manifest, "files": files, "bytes": sum(files.values()),
                         "build_s": time.perf_counter() - self.start}  # fmt: skip
             write_json_atomic(self.tmp / "manifest.json", manifest)
-        self._atomic.__exit__(exc_type, exc, tb)  # moved into place only without an error
+        self._atomic.__exit__(exc_type, exc, tb)  # moved into place only without an error (a write's: one line)
+        if failed is not None and exc is failed:
+            raise failed  # not a write error: the with statement would not see it
         if manifest is not None:
             self.result = LevelDatabase(self.path, manifest)
