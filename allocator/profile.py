@@ -64,7 +64,7 @@ class Profile:
         """Compress each layer at each level on dense inputs and record its relative and Fisher-weighted errors.
 
         ``also``: more receivers of the same pass (``visit``/``on_block`` methods, e.g. a
-        :class:`allocator.backends.database.DatabaseWriter`), so the database costs no second pass.
+        :class:`allocator.backends.db_writer.DatabaseWriter`), so the database costs no second pass.
         """
         levels = with_dense(levels)
         seed = int((meta or {}).get("seed", 0))

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from allocator.backends import get_backend
-from allocator.backends.database import DatabaseWriter, LevelDatabase
+from allocator.backends.database import LevelDatabase
 from allocator.backends.db_files import dense_weights, estimate_bytes
+from allocator.backends.db_writer import DatabaseWriter
 from allocator.budget import Budget, build_problem
 from allocator.errors import AllocatorError
 from allocator.fitness import KLFitness

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from allocator import data
-from allocator.backends.database import DatabaseWriter, LevelDatabase
+from allocator.backends.database import LevelDatabase
+from allocator.backends.db_writer import DatabaseWriter
 from allocator.inventory import Inventory
 from allocator.io import write_json_atomic
 from allocator.levels import parse_grid, with_dense
@@ -97,7 +98,7 @@ def main() -> None:
         if args.with_profile:
             with DatabaseWriter(inventory, with_dense(grid), args.backend, Path(tmp) / "db", calib) as writer:
                 Profile.measure(model, inventory, grid, args.backend, calib, batch_size=4, also=[writer])
-            db = writer.result
+            db = LevelDatabase(Path(tmp) / "db", writer.written)
         else:
             db = LevelDatabase.build(model, inventory, grid, args.backend, Path(tmp) / "db", calib, batch_size=4)
         if args.device.startswith("cuda"):

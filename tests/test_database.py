@@ -47,7 +47,7 @@ def test_database_for_another_model_is_refused(tmp_path):
 
 def test_profile_pass_builds_the_same_database(tmp_path):
     """One per-level pass feeds the profile and the database: equal to a database built on its own."""
-    from allocator.backends.database import DatabaseWriter
+    from allocator.backends.db_writer import DatabaseWriter
     from allocator.profile import Profile
 
     model = tiny_model("llama")
@@ -65,7 +65,7 @@ def test_profile_pass_builds_the_same_database(tmp_path):
 
 
 def test_interrupted_writer_leaves_no_database(tmp_path):
-    from allocator.backends.database import DatabaseWriter
+    from allocator.backends.db_writer import DatabaseWriter
 
     model = tiny_model("llama")
     inv = Inventory.from_model(model)
@@ -79,7 +79,7 @@ def test_interrupted_writer_leaves_no_database(tmp_path):
 def test_database_files_decode_to_the_pass_outputs(backend, tmp_path):
     """Written, reopened and made resident: every (layer, level) equals what the backend produced."""
     from allocator.backends.all_levels import for_each_level
-    from allocator.backends.database import DatabaseWriter
+    from allocator.backends.db_writer import DatabaseWriter
 
     model = tiny_model("llama")
     inv = Inventory.from_model(model)
@@ -123,7 +123,7 @@ def test_a_killed_build_leaves_nothing_after_the_next_start(tmp_path):
     import subprocess
     import sys
 
-    from allocator.backends.database import DatabaseWriter
+    from allocator.backends.db_writer import DatabaseWriter
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     orphan = tmp_path / f".db.tmp-{int(dead.stdout)}-abc"
@@ -250,7 +250,7 @@ def test_a_failed_block_write_in_the_background_leaves_nothing(fail_at, error, t
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    import allocator.backends.database as database
+    import allocator.backends.db_writer as db_writer
 
     model = tiny_model("llama")
     inv = Inventory.from_model(model)
@@ -265,7 +265,7 @@ def test_a_failed_block_write_in_the_background_leaves_nothing(fail_at, error, t
             raise RuntimeError("a bug in the writer")
         return save_file(tensors, path, *a, **k)
 
-    monkeypatch.setattr(database, "save_file", failing)
+    monkeypatch.setattr(db_writer, "save_file", failing)
     calib = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     expected = (AllocatorError, "could not write") if error == "disk" else (RuntimeError, "a bug in the writer")
     with pytest.raises(expected[0], match=expected[1]):

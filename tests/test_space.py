@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import allocator.backends.database
+import allocator.backends.db_writer
 import allocator.io
 from allocator.backends import get_backend
 from allocator.backends.database import LevelDatabase
@@ -46,7 +46,7 @@ def test_a_database_the_disk_cannot_hold_is_refused_before_the_pass(tiny_model_d
 
 def test_an_io_error_while_writing_the_database_is_one_line_and_leaves_nothing(tiny_model_dir, text_files, tmp_path,
                                                                                 capsys, monkeypatch):  # fmt: skip
-    real, written = allocator.backends.database.save_file, []
+    real, written = allocator.backends.db_writer.save_file, []
 
     def fill_the_disk(tensors, path, *a, **k):
         if written:
@@ -54,7 +54,7 @@ def test_an_io_error_while_writing_the_database_is_one_line_and_leaves_nothing(t
         written.append(path)
         real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(allocator.backends.database, "save_file", fill_the_disk)
+    monkeypatch.setattr(allocator.backends.db_writer, "save_file", fill_the_disk)
     cache = tmp_path / "cache"
     argv = _args(tiny_model_dir, text_files, tmp_path / "run", "--method", "evolution", "--generations", "1",
                  "--cache-dir", str(cache))  # fmt: skip

@@ -21,6 +21,7 @@ from allocator.inventory import Inventory, weight_view
 from allocator.levels import Level
 from allocator.levels.base import WeightFormat
 
+DB_VERSION = 4  # 1: a full copy per (layer, level); 2: codebooks for quantized levels, no input scales; 3: dense stored
 ENTRY = {"block": int, "shape": list, "levels": dict, "input_absmax": float, "dense": str}  # a layer's manifest entry
 DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 DIGEST = re.compile(rf"^({'|'.join(DTYPES)}):[0-9a-f]{{32}}$")
