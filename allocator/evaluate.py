@@ -75,11 +75,17 @@ def window_nll(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4, desc: 
 
 
 @torch.no_grad()
-def log_probs(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4, desc: str = "dense log-probs") -> torch.Tensor:
-    """Next-token log-probabilities ``[n, seq_len, V]`` in float32 on the CPU (the KL teacher)."""
-    device = _device(model)
-    out = [F.log_softmax(model(b.to(device)).logits.float(), dim=-1).cpu() for b in _batches(seqs, batch_size, desc)]
-    return torch.cat(out)
+def log_probs(model: nn.Module, seqs: torch.Tensor, batch_size: int = 4, desc: str = "dense log-probs",
+              keep: torch.device | str = "cpu") -> torch.Tensor:  # fmt: skip
+    """Next-token log-probabilities ``[n, seq_len, V]`` in float32 on ``keep`` (the KL teacher), written in place:
+    an 8B model's teacher of 64 windows is 17 GB, and batches joined at the end held it twice on the host."""
+    device, out = _device(model), None
+    for i, batch in zip(range(0, len(seqs), batch_size), _batches(seqs, batch_size, desc), strict=True):
+        found = F.log_softmax(model(batch.to(device)).logits.float(), dim=-1)
+        if out is None:
+            out = torch.empty((len(seqs), *found.shape[1:]), dtype=found.dtype, device=keep)
+        out[i : i + len(found)] = found
+    return out
 
 
 _EXP_SAFE = 20.0  # above this log-ratio, expm1 would overflow float32 where the teacher's mass underflows

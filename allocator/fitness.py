@@ -47,7 +47,7 @@ class KLFitness:
         self.current: np.ndarray | None = None  # the choice the model's weights hold now
         self._set(np.full(len(problem.units), -1))  # dense: every layer at the database's dense level
         # kept on the model's device: copying it per candidate was the GPU search's bottleneck
-        self.teacher = log_probs(model, pool, batch_size, desc="teacher").to(self.device)  # [n, T, V]
+        self.teacher = log_probs(model, pool, batch_size, desc="teacher", keep=self.device)  # [n, T, V]
         self.parent: np.ndarray | None = None
         self.cache: list[torch.Tensor] = []  # per block: its inputs for the whole pool, [n, T, hidden]
         if self.device.type == "cuda":  # warm-up: compiles the KL kernels before any timed search

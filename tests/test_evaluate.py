@@ -87,3 +87,15 @@ def test_window_nll_matches_float64_at_a_real_vocabulary_size():
     nll = window_nll(model, seqs, 4)
     assert np.allclose(nll, ref, rtol=4 * torch.finfo(torch.float32).eps * 8, atol=0)
     assert math.isclose(math.exp(nll.mean()), perplexity(model, seqs, 4), rel_tol=1e-6)
+
+
+def test_log_probs_are_the_float64_reference_whatever_the_batching():
+    """The teacher is written in place batch by batch (a last batch shorter than the others included)."""
+    model, seqs = tiny_model("llama"), _seqs()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(seqs).logits.double(), -1)
+    tol = 8 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    for batch_size in (1, 2, 3, 5):
+        got = log_probs(model, seqs, batch_size)
+        assert got.shape == ref.shape and got.dtype == torch.float32 and got.device.type == "cpu"
+        assert (got.double() - ref).abs().max().item() < tol, batch_size
