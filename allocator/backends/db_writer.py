@@ -26,7 +26,7 @@ class DatabaseWriter:
     A context manager: blocks go to a temporary folder that is renamed into place only when the pass
     completes, so an interrupted pass leaves no half-written database. Profiles use it to build the
     database in their own calibration pass. A block's file is written by a thread while the next block is
-    compressed (an 8B model writes 43 GB); its error, a full disk, surfaces at the next block or the end.
+    compressed (an 8B model writes 37.5 GB); its error, a full disk, surfaces at the next block or the end.
     """
 
     def __init__(self, inventory: Inventory, levels: list[Level], backend: str, path: str | Path,
