@@ -73,8 +73,9 @@ class Workspace:
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = cache_dir(root)
-        # the databases opened here: a reopened one (digests checked again) comes back with its parts still loaded
-        self._opened: dict[Path, LevelDatabase] = {}
+        # the database opened last: reopened (digests checked again), it comes back with its parts still loaded; one
+        # only, so a comparison over backends or grids holds one database's pinned parts at a time
+        self._last: tuple[Path, LevelDatabase] | None = None
         for tmp in self.root.glob("**/.*.tmp-*") if self.root.is_dir() else ():
             remove_orphans(tmp.parent / tmp.name.split(".tmp-")[0].removeprefix("."))
 
@@ -159,11 +160,9 @@ class Workspace:
                 log.warning("level database %s is unusable (%s): deleted, building it again", path, exc)
                 shutil.rmtree(path, ignore_errors=True)
                 return None
-            kept = self._opened.get(path)
-            if kept is not None and kept.manifest == db.manifest:
-                db = kept  # the same files, and the digests matched the weights at hand: its loaded parts hold
-            else:
-                self._opened[path] = db
+            if self._last is not None and self._last[0] == path and self._last[1].manifest == db.manifest:
+                db = self._last[1]  # the same files, and the digests matched the weights at hand: its parts hold
+            self._last = (path, db)
             if {lv.name for lv in levels} <= set(db.manifest["levels"]):
                 return db
         return None

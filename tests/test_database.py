@@ -223,8 +223,8 @@ def test_a_cached_database_of_other_weights_is_rebuilt_for_the_model_at_hand(tmp
 
 def test_a_reopened_database_comes_back_with_its_parts_loaded(tmp_path):
     """Each search of a run opens the database again (the fitted search, evolution, apply): an 8B model's parts
-    take a minute to read and pin, so a reopened database (its digests checked again) keeps the loaded ones;
-    weights it was not built from still get a rebuild (previous test)."""
+    take a minute to read and pin, so a reopened database (its digests checked again) keeps the loaded ones, the
+    last one opened only; weights it was not built from still get a rebuild (previous test)."""
     from allocator.workspace import Calibration, Workspace
 
     ws, grid = Workspace(tmp_path / "cache"), parse_grid("s0.5")
@@ -240,6 +240,9 @@ def test_a_reopened_database_comes_back_with_its_parts_loaded(tmp_path):
     assert again.resident("cpu", max_bytes=0).parts is not parts  # asked for another placement: loaded again
     layer = inv.layers[0].name
     assert torch.equal(again.weight(layer, parse_level("dense")), weight_view(model.get_submodule(layer)))
+    ws.database(cal, parse_grid("s0.3"), "sparsegpt")  # another database opened: the first one's parts are let go
+    ws.database(cal, parse_grid("s0.3"), "sparsegpt")
+    assert ws.database(cal, grid, "sparsegpt") is not opened
 
 
 @pytest.mark.parametrize("fail_at", [0, -1])
