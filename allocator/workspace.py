@@ -204,11 +204,12 @@ class Workspace:
 
 def _forward_s(fitness: KLFitness, dense: np.ndarray) -> float:
     """Seconds of one dense forward of the fitness pool (the second: the first pays for warm-up)."""
+    cuda = fitness.device.type == "cuda"
     fitness.set_parent(dense)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize(fitness.device)
     t0 = time.perf_counter()
     fitness.set_parent(dense)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize(fitness.device)
     return time.perf_counter() - t0

@@ -73,8 +73,8 @@ def main() -> None:
         fits = "yes" if est["total"] <= args.disk_gb * 1e9 else "**no: refused before work**"
         lines.append(f"| {backend} | {label} | {len(est['levels']) - 1} | {est['total'] / 1e9:.1f} | {fits} | {big} |")
     if gb := result.get("measured_h100_sparsegpt_10_levels_gb"):
-        lines.append(f"\nBuilt on the H100 (SparseGPT, sparsity 0:0.9:0.1) by format 3, which stored the dense "
-                     f"weights (15.4 GB): {gb:.1f} GB on disk.")  # fmt: skip
+        lines.append(f"\nBuilt on the H100 (SparseGPT, sparsity 0:0.9:0.1; `results/bench_scale.md`): {gb:.1f} GB "
+                     "on disk (format 3, which also stored the dense weights, took 51.5 GB).")  # fmt: skip
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
