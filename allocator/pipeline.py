@@ -62,7 +62,8 @@ def run(spec: RunSpec | RunConfig, session: Session | None = None, observer=None
         problem = build_problem(session.inventory, list(spec.grid), spec.budget, config.per, list(spec.budgets[1:]),
                                 spec.latency)  # fmt: skip
         problem, fitness, db, record = prepare(spec, session, problem)
-        shared = spec.searcher.fitness_pool(config.fit_seqs) == config.fit_seqs and record and "kl" in record
+        pool = spec.searcher.fitness_pool(config.fit_seqs)  # its first windows are where the fitted search measured
+        shared = (pool is None or pool >= config.fit_seqs) and record and "kl" in record
         measured = tuple(zip(record["choices"], record["kl"], strict=True)) if shared else ()  # one history
         ctx = SearchContext(config.seed, fitness, out, config.resume, measured, observer)
         allocation = allocate(problem, spec.searcher, ctx)

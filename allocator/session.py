@@ -99,7 +99,10 @@ class Session:
     # ---- what searches need, measured once (the workspace keeps them) ---------------------------------
     def profile(self, levels: list[Level], backend: str, with_database: bool = False) -> Profile:
         """The sensitivity profile of ``levels`` (``--profile`` if the run named one)."""
-        return self.workspace.profile(self.calibration(), levels, backend, self.config.profile, with_database)
+        t0 = time.perf_counter()
+        found = self.workspace.profile(self.calibration(), levels, backend, self.config.profile, with_database)
+        self.timings["profile_s"] = time.perf_counter() - t0  # with the level database (0 where both are cached)
+        return found
 
     def database(self, levels: list[Level], backend: str) -> LevelDatabase:
         """The level database of ``levels``."""
@@ -108,8 +111,11 @@ class Session:
     def add_kl(self, found: Profile, levels: list[Level], backend: str, limit_s: float | None = None) -> bool:
         """The profile's ``kl`` column, measured on ``--fit-seqs`` windows if it lacks one (and, with ``limit_s``,
         if it takes no longer); whether the profile has it."""
-        return self.workspace.add_kl(self.calibration(), found, levels, backend, self.config.fit_seqs,
-                                     limit_s=limit_s)  # fmt: skip
+        t0 = time.perf_counter()
+        added = self.workspace.add_kl(self.calibration(), found, levels, backend, self.config.fit_seqs,
+                                      limit_s=limit_s)  # fmt: skip
+        self.timings["kl_profile_s"] = time.perf_counter() - t0
+        return added
 
     @cached_property
     def input_stats(self) -> dict:

@@ -38,6 +38,7 @@ from allocator.io import write_json_atomic, write_text_atomic  # noqa: E402
 from allocator.levels import parse_grid  # noqa: E402
 from allocator.pipeline import run  # noqa: E402
 from allocator.report import save_figure  # noqa: E402
+from allocator.search.fitted import GPU_FIT  # noqa: E402
 from allocator.session import Session  # noqa: E402
 from allocator.spec import RunConfig, resolve  # noqa: E402
 
@@ -45,17 +46,21 @@ LEVELS = {"sparsegpt": "0:0.9:0.05", "wanda": "0:0.9:0.05", "gptq": "dense,w8g12
 
 
 def methods(args) -> dict[str, tuple[str, dict]]:
-    """The three columns: the start, today's evolution from it, guided evolution from it (the same token cap)."""
+    """The columns: the start, today's evolution from it, guided evolution from it (the same generations and
+    stages), each with the fitted search's GPU amount (a CPU run measures as many plans as a GPU one)."""
+    fitted = {"fit_plans": args.fit_plans, "fit_rounds": args.fit_rounds}
     evo = {"start": "knapsack", "generations": args.generations, "offspring": args.offspring, "stages": args.stages}
-    guided = {"start": "knapsack", "generations": args.generations, "offspring": args.offspring}
-    return {"knapsack": ("knapsack", {}), "evolution": ("evolution", evo), "guided": ("guided", guided)}
+    guided = {**evo, "explore": args.explore}
+    every = {"knapsack": ("knapsack", {}), "evolution": ("evolution", evo), "guided": ("guided", guided)}
+    return {label: (method, {**fitted, **options}) for label, (method, options) in every.items()
+            if label == "knapsack" or label in args.methods.split(",")}  # fmt: skip
 
 
 def one_setting(args, backend: str, target: str, seed: int, texts: list[str], out: Path) -> list[dict]:
     config = RunConfig(model=args.model, calib=args.calib, eval=texts[0], backend=backend, levels=LEVELS[backend],
                        target=target, seed=seed, calib_samples=args.calib_samples, eval_samples=args.eval_samples,
                        kl_samples=args.kl_samples, fit_seqs=args.fit_seqs, seq_len=args.seq_len,
-                       batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, sensitivity="fitted",
                        cache_dir=args.cache_dir)  # fmt: skip
     session = Session(config)
     windows = {t: session.eval_seqs if i == 0 else _windows(session, t, config) for i, t in enumerate(texts)}
@@ -83,6 +88,8 @@ def one_setting(args, backend: str, target: str, seed: int, texts: list[str], ou
         curve = held_out_curve(session, spec, parents) if parents else []
         rows.append({"backend": backend, "target": target, "seed": seed, "method": label, "time_s": elapsed,
                      "kl_held_out": result.metrics["kl_to_dense"], "tokens": spent[0], "curve": curve,
+                     "timings": result.metrics["timings"],
+                     "fit_s": result.metrics.get("sensitivity", {}).get("fit_s"),
                      **{f"ppl:{Path(t).name}": v["perplexity"] for t, v in ppl.items()},
                      **{f"ci:{Path(t).name}": [v["lo"], v["hi"]] for t, v in ppl.items()}})  # fmt: skip
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
@@ -99,7 +106,8 @@ def held_out_curve(session: Session, spec, parents: list[tuple[int, np.ndarray]]
 
 
 def summarise(rows: list[dict], out: Path, command: str) -> None:
-    df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("curve",) and not k.startswith("ci:")} for r in rows])
+    df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("curve", "timings") and not k.startswith("ci:")}
+                       for r in rows])  # fmt: skip
     write_text_atomic(out.with_suffix(".csv"), df.to_csv(index=False))
     texts = [c for c in df if c.startswith("ppl:")]
     lines = [f"# Evolution from a strong start (issue 33)\n\n`{command}`\n",
@@ -157,9 +165,13 @@ def main() -> None:
     ap.add_argument("--kl-samples", type=int, default=8)
     ap.add_argument("--fit-seqs", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--methods", default="evolution,guided", help="searches from the knapsack start, comma-separated")
+    ap.add_argument("--fit-plans", type=int, default=GPU_FIT["fit_plans"])
+    ap.add_argument("--fit-rounds", type=int, default=GPU_FIT["fit_rounds"])
     ap.add_argument("--generations", type=int, default=60)
     ap.add_argument("--offspring", type=int, default=16)
-    ap.add_argument("--stages", default="4@2048,1@8192")
+    ap.add_argument("--stages", default="4@2048,1@8192", help="both searches' race")
+    ap.add_argument("--explore", type=float, default=0.25, help="guided: share of children not screened")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")

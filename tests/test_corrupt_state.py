@@ -268,7 +268,8 @@ CHECKPOINTS = {
     "rng garbage": _field("rng", {"bit_generator": "PCG64", "state": "x"}),
     "generation negative": _field("generation", -1),
     "kl mistyped": _field("kl", {"1,2": "low"}),
-    "measured keys not plans": _field("measured", {"a,b": 0.1}),
+    "pairs not plans": _field("pairs", [["a,b", "0", 0.1]]),
+    "pairs mistyped": _field("pairs", [[1, 2]]),
 }
 
 

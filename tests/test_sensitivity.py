@@ -120,6 +120,22 @@ def test_fit_recovers_known_additive_costs_and_predicts_held_out_plans():
         fit(prior, plans[:4], kl[:4])
 
 
+def test_fit_on_paired_differences_cancels_what_the_tokens_share():
+    """Each pair scored on its own tokens: a per-pair offset far larger than the plans' differences cancels in
+    the difference, and the weights come back as from noise-free plans; without the pairing they do not."""
+    problem, prior, w = _synthetic(seed=2)
+    start = np.full(len(w), 2)
+    plans = random_plans(problem, start, 120, seed=3)
+    children, parents = plans[:60], plans[60:]
+    rows = np.arange(len(w))
+    offset = np.random.default_rng(5).normal(0, 50.0, 60)  # the tokens' own difficulty, shared within a pair
+    child_kl = (prior[rows, children] * w).sum(1) + offset
+    parent_kl = (prior[rows, parents] * w).sum(1) + offset
+    paired = fit(prior, children, child_kl - parent_kl, baseline=parents)
+    np.testing.assert_allclose(paired.weights, w, rtol=1e-2)
+    unpaired = fit(prior, children, child_kl)
+    assert np.abs(unpaired.weights - w).max() > 0.1
+
 def test_refine_reaches_the_true_optimum_of_a_known_additive_model():
     problem, prior, w = _synthetic(seed=1)
     truth = prior * w[:, None]

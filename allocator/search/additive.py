@@ -7,8 +7,11 @@ KL is not their plain sum: units interact and each prior is off by its own facto
 
 with one weight per unit fitted by ridge regression (shrunk towards one shared scale, the strength
 chosen by cross-validation) to the measured KL of random feasible plans near the budget, plus every plan
-evaluated later. The fitted costs ``w_u · prior[u, k]`` are what the knapsack then minimises;
-the fitted search (:mod:`allocator.search.fitted`) alternates knapsack → measure → refit → re-solve.
+evaluated later. The model is linear in the weights, so it also fits *differences*: two plans scored on the
+same tokens differ by Σ_u w_u · (prior[u, a_u] − prior[u, b_u]), and the noise the tokens share cancels
+(guided evolution judges each child against its parent on fresh windows). The fitted costs
+``w_u · prior[u, k]`` are what the knapsack then minimises; the fitted search
+(:mod:`allocator.search.fitted`) alternates knapsack → measure → refit → re-solve.
 """
 
 from __future__ import annotations
@@ -50,12 +53,16 @@ def _ridge(X: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
     return np.clip(w, 0.0, None)
 
 
-def fit(prior: np.ndarray, choices: np.ndarray, kl: np.ndarray, folds: int = 5, seed: int = 0) -> AdditiveFit:
-    """Fit per-unit weights to measured KL, choosing the ridge strength by k-fold cross-validation."""
+def fit(prior: np.ndarray, choices: np.ndarray, kl: np.ndarray, folds: int = 5, seed: int = 0,
+        baseline: np.ndarray | None = None) -> AdditiveFit:  # fmt: skip
+    """Fit per-unit weights to measured KL, choosing the ridge strength by k-fold cross-validation.
+
+    ``baseline``: ``kl`` are differences, ``choices[i]``'s KL minus ``baseline[i]``'s on the same tokens."""
     choices, kl = np.asarray(choices), np.asarray(kl, dtype=float)
     if len(kl) < 2 * folds:
         raise AllocatorError(f"a fitted sensitivity needs at least {2 * folds} measured plans, got {len(kl)}")
-    X = _features(np.where(np.isfinite(prior), prior, 0.0), choices)
+    finite = np.where(np.isfinite(prior), prior, 0.0)
+    X = _features(finite, choices) - (0.0 if baseline is None else _features(finite, np.asarray(baseline)))
     fold = np.random.default_rng(seed).permutation(len(kl)) % folds
     best = None
     for lam in _LAMBDAS:

@@ -48,7 +48,7 @@ class SearchContext:
     fitness: Fitness | None = None
     workdir: Path | None = None  # a resumable searcher keeps its checkpoint or study here (None: none kept)
     resume: bool = False  # continue the search killed in ``workdir``
-    measured: tuple = ()  # (choice, KL) of plans already measured on the fitness's pool (the fitted search's)
+    measured: tuple = ()  # (choice, KL) of plans measured on the pool's first windows (the fitted search's), shared
     # called after each generation with its record and the parent; a benchmark scores the parent on held-out
     # windows afterwards (it must not touch the model meanwhile: the fitness owns it)
     observer: Callable[[dict, np.ndarray], None] | None = None

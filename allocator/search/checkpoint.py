@@ -94,6 +94,18 @@ def scores_of(problem: Problem) -> Check:
     return check
 
 
+def pairs_of(problem: Problem) -> Check:
+    """[plan, plan, number] triples (a child, its parent, their difference on shared tokens), plans as keys."""
+    plan = plan_in(problem, within_budget=False)
+
+    def check(value: object) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(p, list) and len(p) == 3 and all(isinstance(k, str) and plan(_indices(k)) for k in p[:2])
+            and number(p[2]) for p in value)  # fmt: skip
+
+    return check
+
+
 def _indices(key: str) -> list[int] | None:
     try:
         return [int(k) for k in key.split(",")]
