@@ -71,7 +71,7 @@ def one_setting(args, backend: str, target: str, seed: int, texts: list[str], ou
         if label != "knapsack" and fitted.is_file():  # the start's fitted plans, resumed: none measured twice
             cell.mkdir(parents=True, exist_ok=True)
             shutil.copy(fitted, cell / "fitted_state.json")
-        resume = label != "knapsack" and fitted.is_file()
+        resume = fitted.is_file()  # a cut-off run measures no plan twice (the start's included)
         spec = resolve(replace(config, method=method, options=options, output_dir=str(cell), resume=resume))
         parents: list[tuple[int, np.ndarray]] = []
         spent = [0]

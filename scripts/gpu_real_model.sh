@@ -210,7 +210,8 @@ from bench_sensitivity import split_c4; split_c4(Path('.gpu/data/validation-2k.p
     # data, on WikiText-2 and held-out C4 (run folders stay in /tmp; OUT.json is rewritten after every setting)
     python3 scripts/bench_guided.py --model "$MODEL" --c4 allocator/texts/c4/validation-2k.parquet \
       --wikitext allocator/texts/wikitext-2-raw/test.txt --device cuda --settings "${SETTINGS:-sparsegpt:sparsity=0.7}" \
-      --seeds "${SEEDS:-0}" --generations "${GENERATIONS:-60}" --cache-dir /tmp/profiles --work /tmp/guided_runs \
+      --seeds "${SEEDS:-0}" --generations "${GENERATIONS:-60}" --methods "${METHODS:-evolution,guided}" \
+      --cache-dir /tmp/profiles --work /tmp/guided_runs \
       --out "$OUT/guided" 2>&1 | bars | tee "$OUT/guided.log" ;;
   pareto)
     # issue 6: one multi-objective (NSGA-II) study, KL vs model bytes, every front plan evaluated
