@@ -136,6 +136,7 @@ def test_fit_on_paired_differences_cancels_what_the_tokens_share():
     unpaired = fit(prior, children, child_kl)
     assert np.abs(unpaired.weights - w).max() > 0.1
 
+
 def test_refine_reaches_the_true_optimum_of_a_known_additive_model():
     problem, prior, w = _synthetic(seed=1)
     truth = prior * w[:, None]
