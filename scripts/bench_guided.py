@@ -143,8 +143,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.axhline(r["kl_held_out"], color="gray", ls=":", lw=1)
                 continue
             xs, ys = zip(*r["curve"], strict=True) if r["curve"] else ((0,), (r["kl_held_out"],))
-            ax.step([x / 1e6 for x in xs] + [r["tokens"] / 1e6], [*ys, ys[-1]], where="post", color=colors[r["method"]],
-                    label=f"{r['method']} (seed {r['seed']})", alpha=0.8)  # fmt: skip
+            ax.step([x / 1e6 for x in xs] + [r["tokens"] / 1e6], [*ys, ys[-1]], where="post",
+                    color=colors.get(r["method"]), label=f"{r['method']} (seed {r['seed']})", alpha=0.8)  # fmt: skip
         ax.set(title=f"{backend} {target}", xlabel="candidate tokens (M)", ylabel="held-out KL to dense")
         ax.legend(fontsize=7)
     fig.suptitle("KL of the parent on held-out windows\n(dotted: the fitted-knapsack start)", fontsize=10)
