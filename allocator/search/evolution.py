@@ -99,10 +99,9 @@ class Evolution(Searcher):
             for s, (survivors, n_tokens) in enumerate(stages):
                 if s == len(stages) - 1:
                     candidates = [*candidates, parent]  # elitism: the parent must be beaten
-                n_seq = min(fitness.pool_size, -(-n_tokens // fitness.seq_len))
-                batch = np.sort(rng.choice(fitness.pool_size, size=n_seq, replace=False))
+                batch = fresh_batch(fitness, n_tokens, rng)
                 scores = score_all(fitness, candidates, batch)
-                tokens += len(candidates) * n_seq * fitness.seq_len
+                tokens += len(candidates) * len(batch) * fitness.seq_len
                 evaluations += len(candidates)
                 order = np.argsort(scores, kind="stable")[:survivors]
                 candidates, best_score = [candidates[i] for i in order], float(scores[order[0]])
@@ -159,6 +158,12 @@ def _start(method: str, problem: Problem) -> np.ndarray:
 
         return Knapsack().search(problem).choice
     return Uniform.choice(problem)
+
+
+def fresh_batch(fitness: Fitness, n_tokens: int, rng) -> np.ndarray:
+    """A stage's windows: enough distinct pool windows for ``n_tokens`` (all of them at most), drawn anew."""
+    n_seq = min(fitness.pool_size, -(-n_tokens // fitness.seq_len))
+    return np.sort(rng.choice(fitness.pool_size, size=n_seq, replace=False))
 
 
 def score_all(fitness: Fitness, choices: list[np.ndarray], batch: np.ndarray) -> list[float]:

@@ -34,7 +34,7 @@ from allocator.io import write_json_atomic
 from allocator.search.additive import AdditiveFit, fit
 from allocator.search.base import SearchContext, Searcher, SearchResult, at_least, one_of, option
 from allocator.search.checkpoint import count, number, pairs_of, plan_in, read_checkpoint, records, rng_state
-from allocator.search.evolution import mutate, parse_stages, score_all
+from allocator.search.evolution import fresh_batch, mutate, parse_stages, score_all
 from allocator.search.repair import level_ladders
 from allocator.search.uniform import Uniform
 
@@ -98,12 +98,11 @@ class Guided(Searcher):
             candidates = self._offspring(problem, parent, ladders, rng, surrogate, seen)
             tokens = evaluations = 0
             for survivors, n_tokens in stages:  # the race: the parent on the same fresh windows in every stage
-                n_seq = min(fitness.pool_size, -(-n_tokens // fitness.seq_len))
-                batch = np.sort(rng.choice(fitness.pool_size, size=n_seq, replace=False))
+                batch = fresh_batch(fitness, n_tokens, rng)
                 scores = score_all(fitness, [*candidates, parent], batch)
                 delta = np.array(scores[:-1]) - scores[-1]
                 pairs += [[_key(c), _key(parent), float(d)] for c, d in zip(candidates, delta, strict=True)]
-                tokens += len(scores) * n_seq * fitness.seq_len
+                tokens += len(scores) * len(batch) * fitness.seq_len
                 evaluations += len(scores)
                 order = np.argsort(delta, kind="stable")[:survivors]
                 candidates, best, parent_score = [candidates[i] for i in order], float(delta[order[0]]), scores[-1]
@@ -171,4 +170,4 @@ def _surrogate(prior: np.ndarray, pairs: list[list], seed: int) -> AdditiveFit |
         return None
     plans = np.array([[[int(k) for k in key.split(",")] for key in pair[:2]] for pair in pairs])  # [P, 2, U]
     deltas = np.array([pair[2] for pair in pairs])
-    return fit(np.where(np.isfinite(prior), prior, 0.0), plans[:, 0], deltas, seed=seed, baseline=plans[:, 1])
+    return fit(prior, plans[:, 0], deltas, seed=seed, baseline=plans[:, 1])  # fit zeroes the prior's +inf itself
